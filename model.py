@@ -1,0 +1,123 @@
+"""The CIFAR-10 classifier that the saliency maps explain.
+
+Input space: every public entry point of this module takes images as float32
+arrays of shape (N, 3, 32, 32) with values in [0, 1], exactly what
+``chainer.datasets.get_cifar10()`` returns.  Per-channel standardisation with the
+training-set mean and standard deviation happens *inside* the network
+(:func:`normalize`), and nowhere else, so training, evaluation and saliency all
+see the same preprocessing and SmoothGrad's noise and gradients live in the
+[0, 1] image space, as in the blog post.
+"""
+import os
+import zipfile
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+import numpy as np
+
+from sgrad import InputError
+from sgrad.ops import convolution_3x3
+
+#: The shipped weights that smoothgrad.py explains by default.
+DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'cifarnet.npz')
+
+#: CIFAR-10 training-set channel statistics (shared/data/README-data.txt).
+CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
+CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
+
+CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer',
+               'dog', 'frog', 'horse', 'ship', 'truck')
+
+
+def normalize(x):
+    """Standardise a [0, 1] image batch channel-wise (the only preprocessing)."""
+    xp = chainer.backend.get_array_module(x)
+    mean = xp.asarray(CIFAR10_MEAN).reshape(1, 3, 1, 1)
+    std = xp.asarray(CIFAR10_STD).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class ConvBN(chainer.Chain):
+    """3x3 convolution (no bias), batch normalisation, ReLU."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        with self.init_scope():
+            self.conv = L.Convolution2D(in_channels, out_channels, ksize=3,
+                                        pad=1, nobias=True)
+            self.bn = L.BatchNormalization(out_channels)
+
+    def __call__(self, x):
+        return F.relu(self.bn(convolution_3x3(x, self.conv.W)))
+
+
+class Residual(chainer.Chain):
+    """Two ConvBN blocks with an identity shortcut: x + f(f(x))."""
+
+    def __init__(self, channels):
+        super().__init__()
+        with self.init_scope():
+            self.block1 = ConvBN(channels, channels)
+            self.block2 = ConvBN(channels, channels)
+
+    def __call__(self, x):
+        return x + self.block2(self.block1(x))
+
+
+class CifarNet(chainer.Chain):
+    """A small ResNet for 32x32 RGB images (the 'ResNet-9' layout of the
+    DAWNBench CIFAR-10 entries, narrowed for a 2-core CPU).
+
+    prep -> [ConvBN, pool, Residual] -> [ConvBN, pool] -> [ConvBN, pool,
+    Residual] -> global max pool -> linear.  ``width`` is the channel count
+    of the prep layer; the stages use 2x, 4x and 8x that.
+    """
+
+    #: Damps the logits of the max-pooled features; without it the initial loss
+    #: is ~7 and early training diverges (the same 0.125 as the DAWNBench net).
+    LOGIT_SCALE = 0.125
+
+    def __init__(self, n_class=10, width=16):
+        super().__init__()
+        w = width
+        with self.init_scope():
+            self.prep = ConvBN(3, w)
+            self.conv1 = ConvBN(w, 2 * w)
+            self.res1 = Residual(2 * w)
+            self.conv2 = ConvBN(2 * w, 4 * w)
+            self.conv3 = ConvBN(4 * w, 8 * w)
+            self.res3 = Residual(8 * w)
+            self.fc = L.Linear(8 * w, n_class)
+
+    def features(self, x):
+        """The last convolutional block's activations, (N, 8w, 4, 4)."""
+        h = self.prep(normalize(x))
+        h = self.res1(F.max_pooling_2d(self.conv1(h), 2))
+        h = F.max_pooling_2d(self.conv2(h), 2)
+        return self.res3(F.max_pooling_2d(self.conv3(h), 2))
+
+    def __call__(self, x):
+        """Class scores (logits) for a [0, 1] image batch of shape (N, 3, 32, 32)."""
+        h = F.max(self.features(x), axis=(2, 3))
+        return self.fc(h) * self.LOGIT_SCALE
+
+    def loss(self, x, t):
+        """Logits and softmax cross-entropy against labels ``t``, like the blog's model."""
+        y = self(x)
+        return y, F.softmax_cross_entropy(y, t)
+
+
+def load_model(path=DEFAULT_MODEL_PATH):
+    """CifarNet with the weights saved in ``path`` (its width is read from the file)."""
+    if not os.path.isfile(path):
+        hint = ' (train one with `python train.py`)' if path == DEFAULT_MODEL_PATH else ''
+        raise InputError('no trained model found at %s%s' % (path, hint))
+    try:
+        with np.load(path) as weights:
+            width = weights['prep/conv/W'].shape[0]
+        model = CifarNet(width=width)
+        chainer.serializers.load_npz(path, model)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise InputError('%s does not hold CifarNet weights (%s)' % (path, str(e).splitlines()[0] if str(e) else type(e).__name__))
+    return model

@@ -1,0 +1,72 @@
+"""CIFAR-10 access: the full dataset through chainer.datasets.get_cifar10(), a
+few shipped test images for offline use, and image files from disk.
+
+All images come back as float32 (3, 32, 32) arrays in [0, 1], the model's input
+space (see model.py).
+"""
+import os
+
+import chainer
+import numpy as np
+
+from sgrad import InputError
+
+#: Test images 0..SAMPLE_COUNT-1 and their labels, cut from the real CIFAR-10.
+SAMPLES_PATH = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'data', 'cifar10_test_samples.npz')
+N_TEST_IMAGES = 10000
+
+
+def to_unit_range(pixels):
+    """uint8 pixels -> float32 in [0, 1], with get_cifar10()'s exact arithmetic."""
+    x = pixels.astype(np.float32)
+    x *= 1. / 255
+    return x
+
+
+def cifar10_cache_path():
+    """Where get_cifar10() looks for its cached copy (honours CHAINER_DATASET_ROOT)."""
+    return os.path.join(chainer.dataset.get_dataset_root(),
+                        'pfnet', 'chainer', 'cifar', 'cifar-10.npz')
+
+
+def have_local_cifar10():
+    return os.path.exists(cifar10_cache_path())
+
+
+def load_cifar10():
+    """(train, test) TupleDatasets of ([0, 1] image, int32 label)."""
+    return chainer.datasets.get_cifar10()
+
+
+def load_test_image(index):
+    """CIFAR-10 test image ``index`` and its label: shipped copy or full dataset."""
+    if not 0 <= index < N_TEST_IMAGES:
+        raise InputError('--index must be in 0..%d, got %d'
+                         % (N_TEST_IMAGES - 1, index))
+    with np.load(SAMPLES_PATH) as samples:
+        if index < len(samples['y']):
+            return to_unit_range(samples["x"][index]), int(samples['y'][index])
+    _, test = load_cifar10()
+    x, t = test[index]
+    return x, int(t)
+
+
+def load_image_file(path):
+    """An RGB image file as a [0, 1] (3, 32, 32) array, resized if needed.
+
+    Returns the array and the original (width, height).
+    """
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise InputError('image file not found: %s' % path)
+    try:
+        with Image.open(path) as img:
+            img = img.convert('RGB')
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError('cannot read %s as an image (%s)' % (path, e))
+    size = img.size
+    if size != (32, 32):
+        img = img.resize((32, 32), Image.BILINEAR)
+    x = to_unit_range(np.asarray(img).transpose(2, 0, 1))
+    return x, size

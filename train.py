@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Train model.py's CifarNet on CIFAR-10 (Chainer Trainer idiom).
+
+    python train.py                         # full run, weights -> models/cifarnet.npz
+    python train.py --train-size 512 -e 1   # quick smoke run
+    python train.py --evaluate models/cifarnet.npz
+
+CIFAR-10 comes from the unchanged chainer.datasets.get_cifar10(); set
+CHAINER_DATASET_ROOT to a folder holding pfnet/chainer/cifar/cifar-10.npz to
+use a local copy instead of downloading it.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import matplotlib
+matplotlib.use('Agg')
+
+import chainer  # noqa: E402
+import chainer.functions as F  # noqa: E402
+import chainer.links as L  # noqa: E402
+import numpy as np  # noqa: E402
+from chainer import training  # noqa: E402
+from chainer.training import extensions  # noqa: E402
+
+from model import CLASS_NAMES, CifarNet, DEFAULT_MODEL_PATH, load_model  # noqa: E402
+from sgrad import InputError  # noqa: E402
+from sgrad.data import load_cifar10  # noqa: E402
+
+
+def random_crop_flip(rng, pad=4):
+    """Standard CIFAR augmentation: random crop of a zero-padded image, random horizontal flip."""
+    def transform(example):
+        x, t = example
+        c, h, w = x.shape
+        padded = np.zeros((c, h + 2 * pad, w + 2 * pad), dtype=x.dtype)
+        padded[:, pad:pad + h, pad:pad + w] = x
+        top, left = rng.randint(0, 2 * pad + 1, size=2)
+        x = padded[:, top:top + h, left:left + w]
+        if rng.randint(2):
+            x = x[:, :, ::-1]
+        return np.ascontiguousarray(x), t
+    return transform
+
+
+def label_smoothing_cross_entropy(eps):
+    """Softmax cross-entropy against (1 - eps) one-hot + eps uniform targets."""
+    def lossfun(y, t):
+        log_p = F.log_softmax(y)
+        nll = -F.select_item(log_p, t)
+        return F.mean((1 - eps) * nll - eps * F.mean(log_p, axis=1))
+    return lossfun
+
+
+def one_cycle_lr(peak, total_iterations, warmup_fraction=0.25):
+    """Linear warm-up from 0 to ``peak``, then linear decay to 0 (stateless, so --resume is exact)."""
+    warmup = max(1, int(total_iterations * warmup_fraction))
+
+    @training.make_extension(trigger=(1, 'iteration'), priority=training.PRIORITY_WRITER)
+    def set_lr(trainer):
+        it = trainer.updater.iteration
+        if it < warmup:
+            lr = peak * it / warmup
+        else:
+            lr = peak * max(0., (total_iterations - it) / (total_iterations - warmup))
+        trainer.updater.get_optimizer('main').lr = lr
+    return set_lr
+
+
+def save_npz_atomic(path, model):
+    """save_npz through a temporary file and a rename: never a half-written model."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.npz.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            chainer.serializers.save_npz(f, model)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def evaluate(model, dataset, batchsize, device):
+    """Accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    confusion = np.zeros((10, 10), dtype=np.int64)
+    with chainer.using_config('train', False), chainer.no_backprop_mode():
+        for start in range(0, len(dataset), batchsize):
+            x, t = chainer.dataset.concat_examples(
+                dataset[start:start + batchsize], device)
+            pred = chainer.backend.CpuDevice().send(model(x).array.argmax(axis=1))
+            np.add.at(confusion, (chainer.backend.CpuDevice().send(t), pred), 1)
+    return np.trace(confusion) / confusion.sum(), confusion
+
+
+def print_evaluation(accuracy, confusion):
+    print('test accuracy: %.2f%% (%d / %d)' % (100 * accuracy, np.trace(confusion), confusion.sum()))
+    print('%-12s %8s   %s' % ('class', 'accuracy', 'most confused with'))
+    for c, name in enumerate(CLASS_NAMES):
+        row = confusion[c].copy()
+        per_class = row[c] / max(1, row.sum())
+        row[c] = -1
+        print('%-12s %7.1f%%   %s (%d)' % (name, 100 * per_class, CLASS_NAMES[row.argmax()], row.max()))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--batchsize', '-b', type=int, default=128, help='minibatch size (default: %(default)s)')
+    p.add_argument('--epoch', '-e', type=int, default=15, help='epochs to train (default: %(default)s)')
+    p.add_argument('--gpu', '-g', type=int, default=-1, help='GPU id, negative for the CPU (default: %(default)s)')
+    p.add_argument('--out', '-o', default='result',
+                   help='folder for logs, plots and snapshots (default: %(default)s)')
+    p.add_argument('--resume', '-r', default='',
+                   help='resume from this snapshot (the latest one in --out is picked up by itself)')
+    p.add_argument('--seed', type=int, default=0, help='random seed for weights, shuffling and augmentation')
+    p.add_argument('--model-out', default=DEFAULT_MODEL_PATH,
+                   help='where the final weights go (default: %(default)s)')
+    p.add_argument('--width', type=int, default=16,
+                   help='channels of the first layer; stages use 2x, 4x, 8x (default: %(default)s)')
+    p.add_argument('--lr', type=float, default=0.2, help='peak learning rate of the one-cycle schedule')
+    p.add_argument('--weight-decay', type=float, default=5e-4)
+    p.add_argument('--label-smoothing', type=float, default=0.1)
+    p.add_argument('--train-size', type=int, default=0, help='train on the first N images only (quick runs)')
+    p.add_argument('--test-size', type=int, default=0, help='evaluate on the first N test images only')
+    p.add_argument('--evaluate', metavar='MODEL', help='only print test accuracy and per-class table of MODEL')
+    args = p.parse_args(argv)
+    for name in ('batchsize', 'epoch', 'width'):
+        if getattr(args, name) <= 0:
+            p.error('--%s must be positive' % name)
+    if args.train_size < 0 or args.test_size < 0:
+        p.error('--train-size and --test-size must be >= 0')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = chainer.get_device(args.gpu if args.gpu >= 0 else '@numpy')
+    train, test = load_cifar10()
+    if args.test_size:
+        test = test[:args.test_size]
+
+    if args.evaluate:
+        try:
+            model = load_model(args.evaluate)
+        except InputError as e:
+            print('error: %s' % e, file=sys.stderr)
+            return 2
+        model.to_device(device)
+        print_evaluation(*evaluate(model, test, 500, device))
+        return 0
+
+    if args.train_size:
+        train = train[:args.train_size]
+    np.random.seed(args.seed)
+    rng = np.random.RandomState(args.seed)
+    device.use()
+    model = CifarNet(width=args.width)
+    model.to_device(device)
+    classifier = L.Classifier(model, lossfun=label_smoothing_cross_entropy(args.label_smoothing))
+
+    optimizer = chainer.optimizers.MomentumSGD(lr=0., momentum=0.9)
+    optimizer.setup(classifier)
+    optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(args.weight_decay))
+
+    train_iter = chainer.iterators.SerialIterator(
+        chainer.datasets.TransformDataset(train, random_crop_flip(rng)), args.batchsize,
+        order_sampler=chainer.iterators.ShuffleOrderSampler(rng))
+    test_iter = chainer.iterators.SerialIterator(test, 500, repeat=False, shuffle=False)
+
+    updater = training.updaters.StandardUpdater(train_iter, optimizer, device=device)
+    trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=args.out)
+    total_iterations = args.epoch * -(-len(train) // args.batchsize)
+
+    trainer.extend(one_cycle_lr(args.lr, total_iterations))
+    trainer.extend(extensions.Evaluator(test_iter, classifier, device=device))
+    trainer.extend(extensions.snapshot(filename='snapshot_epoch_{.updater.epoch}',
+                                       n_retains=1, autoload=True), trigger=(1, 'epoch'))
+    trainer.extend(extensions.LogReport(trigger=(1, 'epoch')))
+    trainer.extend(extensions.observe_lr(), trigger=(1, 'epoch'))
+    trainer.extend(extensions.PlotReport(['main/loss', 'validation/main/loss'], 'epoch', filename='loss.png'))
+    trainer.extend(extensions.PlotReport(['main/accuracy', 'validation/main/accuracy'], 'epoch',
+                                         filename='accuracy.png'))
+    trainer.extend(extensions.PrintReport(['epoch', 'main/loss', 'validation/main/loss', 'main/accuracy',
+                                           'validation/main/accuracy', 'lr', 'elapsed_time']))
+    trainer.extend(extensions.ProgressBar(update_interval=10))
+
+    if args.resume:
+        chainer.serializers.load_npz(args.resume, trainer)
+    trainer.run()
+
+    save_npz_atomic(args.model_out, model)
+    print('saved the trained weights to %s' % args.model_out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
