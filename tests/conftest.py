@@ -1,0 +1,48 @@
+"""Shared fixtures: small CifarNets with random but non-trivial weights."""
+import chainer
+import numpy as np
+import pytest
+
+from model import CifarNet
+from sgrad.data import have_local_cifar10, load_test_image
+
+needs_cifar10 = pytest.mark.skipif(
+    not have_local_cifar10(),
+    reason='no local CIFAR-10 copy (set CHAINER_DATASET_ROOT to a folder with '
+           'pfnet/chainer/cifar/cifar-10.npz); not downloading 170 MB in a test')
+
+
+def random_cifarnet(width=4, seed=0, dtype=np.float32):
+    """A CifarNet with random weights and random BatchNorm statistics, so that
+    eval-mode normalisation is not the identity."""
+    rng = np.random.RandomState(seed)
+    with chainer.using_config('dtype', dtype):
+        np.random.seed(seed)
+        model = CifarNet(width=width)
+    for link in model.links():
+        if isinstance(link, chainer.links.BatchNormalization):
+            size = link.avg_mean.shape
+            link.avg_mean[...] = rng.normal(0, 0.1, size)
+            link.avg_var[...] = rng.uniform(0.5, 2.0, size)
+            link.gamma.array[...] = rng.uniform(0.5, 1.5, size)
+            link.beta.array[...] = rng.normal(0, 0.1, size)
+    return model
+
+
+@pytest.fixture(scope='session')
+def model():
+    return random_cifarnet()
+
+
+@pytest.fixture(scope='session')
+def image():
+    """The blog's image: CIFAR-10 test image #0 (a cat), from the shipped samples."""
+    x, label = load_test_image(0)
+    return x
+
+
+@pytest.fixture
+def model_file(tmp_path, model):
+    path = str(tmp_path / 'model.npz')
+    chainer.serializers.save_npz(path, model)
+    return path

@@ -1,0 +1,100 @@
+"""smoothgrad.py end to end: the figure, the raw maps, and one-line errors on bad input."""
+import os
+import subprocess
+import sys
+
+import chainer
+import numpy as np
+import pytest
+
+import smoothgrad
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(argv, capsys):
+    """smoothgrad.main in-process: (exit code, stdout, stderr)."""
+    try:
+        code = smoothgrad.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_figure_and_maps(tmp_path, model_file, capsys):
+    png, npy = str(tmp_path / 'fig.png'), str(tmp_path / 'maps.npy')
+    code, out, err = run_cli(['--model', model_file, '--noise', '0', '0.1', '0.3', '--samples', '8',
+                              '--batchsize', '3', '--out', png, '--save-map', npy], capsys)
+    assert code == 0, err
+    assert 'top-3 predictions' in out and 'true class: cat' in out
+    with open(png, 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    maps = np.load(npy)
+    assert maps.shape == (3, 32, 32) and (maps >= 0).all()
+    assert sorted(os.listdir(str(tmp_path))) == ['fig.png', 'maps.npy', 'model.npz']  # no temporary files
+
+
+def test_cli_seed_reproduces_the_map(tmp_path, model_file, capsys):
+    maps = []
+    for seed in (1, 1, 2):
+        npy = str(tmp_path / ('m%d.npy' % len(maps)))
+        code, _, err = run_cli(['--model', model_file, '--samples', '6', '--seed', str(seed),
+                                '--out', str(tmp_path / 'f.png'), '--save-map', npy], capsys)
+        assert code == 0, err
+        maps.append(np.load(npy))
+    np.testing.assert_array_equal(maps[0], maps[1])
+    assert not np.allclose(maps[0], maps[2])
+
+
+def test_cli_image_file_is_resized_and_label_by_name(tmp_path, model_file, capsys):
+    from PIL import Image
+    img = str(tmp_path / 'big.png')
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 48, 3), dtype=np.uint8)).save(img)
+    code, out, err = run_cli(['--model', model_file, '--image', img, '--label', 'ship', '--samples', '4',
+                              '--out', str(tmp_path / 'f.png')], capsys)
+    assert code == 0, err
+    assert 'resized to 32x32' in out and 'big.png' in out
+
+
+@pytest.mark.parametrize('case', [
+    'missing model', 'missing image', 'not an image', 'negative noise', 'zero samples',
+    'index out of range', 'other architecture', 'bad label', 'missing output folder'])
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, capsys, case):
+    out_png = str(tmp_path / 'out.png')
+    other = str(tmp_path / 'other.npz')
+    chainer.serializers.save_npz(other, chainer.links.Linear(4, 2))
+    not_image = str(tmp_path / 'notes.png')
+    with open(not_image, 'w') as f:
+        f.write('not a picture')
+    argv = {
+        'missing model': ['--model', str(tmp_path / 'nope.npz')],
+        'missing image': ['--image', str(tmp_path / 'nope.png')],
+        'not an image': ['--image', not_image],
+        'negative noise': ['--noise', '-1'],
+        'zero samples': ['--samples', '0'],
+        'index out of range': ['--index', '10000'],
+        'other architecture': ['--model', other],
+        'bad label': ['--label', 'unicorn'],
+        'missing output folder': ['--out', str(tmp_path / 'no' / 'such' / 'dir.png')],
+    }[case]
+    if '--model' not in argv:
+        argv = ['--model', model_file] + argv
+    if '--out' not in argv:
+        argv = argv + ['--out', out_png, '--save-map', str(tmp_path / 'out.npy')]
+    before = set(os.listdir(str(tmp_path)))
+    code, out, err = run_cli(argv + ['--samples', '2'] if case != 'zero samples' else argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('smoothgrad.py: error: '), err
+    assert set(os.listdir(str(tmp_path))) == before  # nothing written, not even a temporary file
+
+
+def test_cli_as_a_process_reports_missing_model(tmp_path):
+    """The real entry point: exit status 2 and a one-line message, no traceback."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'smoothgrad.py'), '--model',
+                           str(tmp_path / 'none.npz'), '--out', str(tmp_path / 'x.png')],
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count('\n') == 0 and 'no trained model found' in proc.stderr
+    assert not os.path.exists(str(tmp_path / 'x.png'))

@@ -1,0 +1,85 @@
+"""SmoothGrad: batching, chunking, noise scale, seeds, and the blog's own code as reference."""
+import chainer
+import numpy as np
+import pytest
+
+from sgrad import InputError
+from sgrad.saliency import (GradientEngine, SmoothGrad, channel_sum_abs, noise_stdev,
+                            noisy_copies, smoothgrad)
+
+
+@pytest.mark.parametrize('objective', ['score', 'loss'])
+def test_batched_gradients_equal_the_per_sample_loop(model, image, objective):
+    noisy = noisy_copies(image, 0.1, 6, np.random.RandomState(0))
+    engine = GradientEngine(model, objective)
+    batched = engine(noisy, 3)
+    # The 'loss' objective averages over the batch it is given, hence the 1/N.
+    scale = len(noisy) if objective == 'loss' else 1
+    looped = np.concatenate([engine(noisy[i:i + 1], 3) for i in range(len(noisy))]) / scale
+    np.testing.assert_allclose(batched, looped, rtol=1e-5, atol=1e-5 * np.abs(looped).max())
+
+
+@pytest.mark.parametrize('objective', ['score', 'loss'])
+@pytest.mark.parametrize('batchsize', [1, 7, 32])
+def test_chunked_equals_unchunked(model, image, objective, batchsize):
+    args = dict(noise=0.2, samples=32, objective=objective)
+    whole = smoothgrad(model, image, 4, rng=np.random.RandomState(5), **args)
+    chunked = smoothgrad(model, image, 4, rng=np.random.RandomState(5), batchsize=batchsize, **args)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+
+
+def test_zero_noise_is_n_times_the_vanilla_gradient(model, image):
+    engine = GradientEngine(model)
+    vanilla = channel_sum_abs(engine(image[None], 2))
+    assert vanilla.shape == (32, 32) and vanilla.max() > 0
+    # equal up to float32 rounding: BLAS blocks a 10-image batch differently from one image
+    np.testing.assert_allclose(SmoothGrad(engine)(image, 2, noise=0., samples=10), 10 * vanilla, rtol=1e-5)
+
+
+def test_noise_has_the_papers_stdev(image):
+    noise = 0.15
+    noisy = noisy_copies(image, noise, 400, np.random.RandomState(0))
+    eps = noisy - image[None]
+    expected = noise * (image.max() - image.min())
+    assert noise_stdev(image, noise) == pytest.approx(expected)
+    assert eps.std() == pytest.approx(expected, rel=0.01)
+    assert abs(eps.mean()) < 0.01 * expected
+    # independent per sample and per pixel
+    assert abs(np.corrcoef(eps[0].ravel(), eps[1].ravel())[0, 1]) < 0.05
+
+
+def test_seed_reproduces_and_different_seeds_differ(model, image):
+    a = smoothgrad(model, image, 1, 0.1, 8, rng=np.random.RandomState(7))
+    b = smoothgrad(model, image, 1, 0.1, 8, rng=np.random.RandomState(7))
+    c = smoothgrad(model, image, 1, 0.1, 8, rng=np.random.RandomState(8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_loss_objective_equals_the_blogs_code(model, image):
+    """The blog's lines (Chainer 2, global NumPy RNG, loss.backward()) as the reference."""
+    N_sample, noise, t, seed = 20, 0.1, 3, 123
+
+    np.random.seed(seed)
+    x = image
+    xs = np.tile(x, (N_sample, 1, 1, 1))
+    stdev = noise * (np.max(x) - np.min(x))
+    xs = xs + np.random.normal(0, stdev, xs.shape).astype(np.float32)
+    x_var = chainer.Variable(xs)
+    with chainer.using_config('train', False):
+        y, loss = model.loss(x_var, np.full(N_sample, t, dtype=np.int32))
+    model.cleargrads()
+    loss.backward()
+    blog_map = np.sum(np.abs(x_var.grad), axis=(0, 1))
+
+    ours = smoothgrad(model, image, t, noise, N_sample, rng=np.random.RandomState(seed), objective='loss')
+    np.testing.assert_allclose(ours, blog_map, rtol=1e-5)
+
+
+def test_bad_arguments_raise_input_error(model, image):
+    with pytest.raises(InputError):
+        smoothgrad(model, image, 0, noise=-0.1)
+    with pytest.raises(InputError):
+        smoothgrad(model, image, 0, samples=0)
+    with pytest.raises(InputError):
+        GradientEngine(model, objective='logit')
