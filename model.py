@@ -17,7 +17,7 @@ import chainer.links as L
 import numpy as np
 
 from sgrad import InputError
-from sgrad.ops import convolution_3x3
+from sgrad.ops import convolution_3x3, relu
 
 #: The shipped weights that smoothgrad.py explains by default.
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'cifarnet.npz')
@@ -49,7 +49,7 @@ class ConvBN(chainer.Chain):
             self.bn = L.BatchNormalization(out_channels)
 
     def __call__(self, x):
-        return F.relu(self.bn(convolution_3x3(x, self.conv.W)))
+        return relu(self.bn(convolution_3x3(x, self.conv.W)))
 
 
 class Residual(chainer.Chain):
@@ -97,10 +97,13 @@ class CifarNet(chainer.Chain):
         h = F.max_pooling_2d(self.conv2(h), 2)
         return self.res3(F.max_pooling_2d(self.conv3(h), 2))
 
+    def head(self, features):
+        """Class scores (logits) from the last block's activations."""
+        return self.fc(F.max(features, axis=(2, 3))) * self.LOGIT_SCALE
+
     def __call__(self, x):
         """Class scores (logits) for a [0, 1] image batch of shape (N, 3, 32, 32)."""
-        h = F.max(self.features(x), axis=(2, 3))
-        return self.fc(h) * self.LOGIT_SCALE
+        return self.head(self.features(x))
 
     def loss(self, x, t):
         """Logits and softmax cross-entropy against labels ``t``, like the blog's model."""

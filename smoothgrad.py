@@ -31,7 +31,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     from model import CLASS_NAMES, DEFAULT_MODEL_PATH
-    p = OneLineErrorParser(prog='smoothgrad.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sgrad.saliency import AGGREGATIONS, METHODS
+    p = OneLineErrorParser(prog='smoothgrad.py', description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument('--index', '-i', type=int, default=0,
                      help='CIFAR-10 test image to explain (default: %(default)s, the blog\'s image)')
@@ -39,28 +41,42 @@ def parse_args(argv=None):
     p.add_argument('--label', '-l', metavar='C',
                    help='target class, index 0-9 or name (%s); default: the predicted class'
                    % ', '.join(CLASS_NAMES))
+    p.add_argument('--method', choices=('smoothgrad',) + tuple(METHODS) + ('all',), default='smoothgrad',
+                   help='saliency method (default: smoothgrad, i.e. SmoothGrad of the gradient); '
+                   'all: a gallery of every method, plain and smoothed')
+    p.add_argument('--smooth', action='store_true', help='apply SmoothGrad to the chosen method')
+    p.add_argument('--aggregate', choices=tuple(AGGREGATIONS), default='sum_abs',
+                   help='how SmoothGrad combines the samples: sum_abs (the blog, default), mean (the paper), '
+                   'squared (SmoothGrad^2), var (VarGrad)')
     p.add_argument('--noise', '-n', type=float, nargs='+', default=[0.1], metavar='LEVEL',
                    help='noise level(s) sigma / (max(x) - min(x)); several give one map each (default: 0.1)')
     p.add_argument('--samples', '-s', type=int, default=100, help='noisy samples per map (default: %(default)s)')
+    p.add_argument('--steps', type=int, default=50,
+                   help='integrated_gradients: path points (default: %(default)s)')
+    p.add_argument('--baseline', default='black', metavar='black|PATH',
+                   help='integrated_gradients: baseline image (default: black)')
     p.add_argument('--batchsize', '-b', type=int, default=None,
-                   help='forward/backward at most this many samples at once (default: all)')
+                   help='forward/backward at most this many images at once (default: all)')
     p.add_argument('--objective', choices=('score', 'loss'), default='score',
                    help='score: the class logit S_c (the paper, default); loss: the blog\'s softmax '
                    'cross-entropy, against the true label when --label is not given')
     p.add_argument('--seed', type=int, default=0, help='noise seed (default: %(default)s)')
     p.add_argument('--model', '-m', default=DEFAULT_MODEL_PATH, help='weights saved by train.py')
     p.add_argument('--out', '-o', default=DEFAULT_OUT, help='figure to write (default: %(default)s)')
-    p.add_argument('--save-map', metavar='PATH.npy', help='also save the raw maps, shape (len(noise), 32, 32)')
+    p.add_argument('--save-map', metavar='PATH.npy',
+                   help='also save the raw |maps| summed over channels, shape (len(noise), 32, 32)')
     p.add_argument('--gpu', '-g', type=int, default=-1, help='GPU id, negative for the CPU (default: %(default)s)')
     args = p.parse_args(argv)
     if any(n < 0 for n in args.noise):
         p.error('--noise must be >= 0')
-    if args.samples <= 0:
-        p.error('--samples must be positive')
-    if args.batchsize is not None and args.batchsize <= 0:
-        p.error('--batchsize must be positive')
+    for name in ('samples', 'steps', 'batchsize'):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error('--%s must be positive' % name)
     if args.label is not None:
         args.label = parse_label(p, args.label, CLASS_NAMES)
+    if args.method == 'all' and args.save_map:
+        p.error('--save-map takes one method, not --method all')
     for path in (args.out, args.save_map):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error('output folder does not exist: %s' % os.path.dirname(path))
@@ -88,27 +104,36 @@ def write_atomic(path, write):
         raise
 
 
-def visualize(saliency_map, percentile=99):
-    """PAIR's display: |map| scaled to [0, 1], clipped at the given percentile."""
-    m = np.abs(saliency_map)
-    vmax = np.percentile(m, percentile)
-    return np.clip(m / vmax, 0, 1) if vmax > 0 else np.zeros_like(m)
+def visualize(attribution, signed=False, percentile=99):
+    """PAIR's display of a (C, H, W) attribution as a 2-D map in [0, 1] (or [-1, 1] if signed):
+    summed over channels (of |a| unless signed), divided by its 99th percentile, clipped."""
+    m = attribution.sum(axis=0) if signed else np.abs(attribution).sum(axis=0)
+    vmax = np.percentile(np.abs(m), percentile)
+    return np.clip(m / vmax, -1, 1) if vmax > 0 else np.zeros_like(m)
 
 
-def draw_figure(f, image, maps, noises, samples, title):
+def draw_grid(f, rows, title):
+    """A PNG of panels: rows of (heading, kind, data), kind 'image', 'abs' or 'signed'; None is blank."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.4 * (len(maps) + 1), 2.9))
-    axes[0].imshow(image.transpose(1, 2, 0))
-    axes[0].set_title('input')
-    for ax, m, noise in zip(axes[1:], maps, noises):
-        ax.imshow(visualize(m), cmap='gray', vmin=0, vmax=1)
-        ax.set_title('noise %g%%' % (100 * noise))
-    for ax in axes:
-        ax.axis('off')
+    ncols = max(len(row) for row in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(2.3 * ncols, 2.4 * len(rows) + 0.5), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        for ax, panel in zip(ax_row, row + [None] * (ncols - len(row))):
+            ax.axis('off')
+            if panel is None:
+                continue
+            heading, kind, data = panel
+            if kind == 'image':
+                ax.imshow(data.transpose(1, 2, 0))
+            elif kind == 'abs':
+                ax.imshow(visualize(data), cmap='gray', vmin=0, vmax=1)
+            else:
+                ax.imshow(visualize(data, signed=True), cmap='bwr', vmin=-1, vmax=1)
+            ax.set_title(heading, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
 
@@ -117,7 +142,7 @@ def progress_bar(done, total):
     if sys.stderr.isatty():
         width = 30
         filled = width * done // total
-        sys.stderr.write('\r[%s%s] %d/%d samples' % ('#' * filled, '.' * (width - filled), done, total))
+        sys.stderr.write('\r[%s%s] %d/%d images' % ('#' * filled, '.' * (width - filled), done, total))
         if done == total:
             sys.stderr.write('\n')
 
@@ -134,16 +159,47 @@ def load_input(args):
     return x, label, 'CIFAR-10 test #%d' % args.index
 
 
+def load_baseline(args):
+    from sgrad.data import load_image_file
+    return None if args.baseline == 'black' else load_image_file(args.baseline)[0]
+
+
+def method_row(args, engine, x, target, name, smooth):
+    """Panels and |maps| of one method: plain, or smoothed at each noise level."""
+    from sgrad.saliency import IntegratedGradients, SmoothGrad, make_method
+    base = make_method(name, engine, args.steps, load_baseline(args))
+    if not smooth:
+        attribution = base(x, target)
+        if isinstance(base, IntegratedGradients):
+            total, difference = base.completeness(x, target, attribution)
+            print('integrated gradients completeness: sum of attributions %.4f, S_c(x) - S_c(baseline) %.4f '
+                  '(%.2f%% off)' % (total, difference, 100 * abs(total - difference) / max(abs(difference), 1e-12)))
+        panels = [(name, 'abs', attribution)]
+        if base.signed:
+            panels.append(('signed', 'signed', attribution))
+        return panels, [attribution]
+    panels, attributions = [], []
+    for noise in args.noise:
+        method = SmoothGrad(base, noise, args.samples, args.aggregate, np.random.RandomState(args.seed))
+        attribution = method(x, target)
+        label = '%s, noise %g%%' % ('SmoothGrad' if name == 'gradient' else 'smoothed', 100 * noise)
+        panels.append((label, 'abs', attribution))
+        if method.signed:
+            panels.append(('signed', 'signed', attribution))
+        attributions.append(attribution)
+    return panels, attributions
+
+
 def run(args):
     import chainer
     from model import CLASS_NAMES, load_model
-    from sgrad.saliency import GradientEngine, SmoothGrad
+    from sgrad.saliency import METHODS, GradientEngine, channel_sum_abs
 
     x, true_label, name = load_input(args)
     model = load_model(args.model)
     device = chainer.get_device(args.gpu if args.gpu >= 0 else '@numpy')
     model.to_device(device)
-    engine = GradientEngine(model, args.objective, args.batchsize)
+    engine = GradientEngine(model, args.objective, args.batchsize, progress_bar)
 
     probs = engine.probabilities(x[None])[0]
     top = np.argsort(probs)[::-1][:3]
@@ -153,21 +209,31 @@ def run(args):
     target = top[0] if args.label is None else args.label
     if args.objective == 'loss' and args.label is None and true_label is not None:
         target = true_label  # the blog's loss is taken against the true label
+    title = '%s: %s for class "%s" (p=%.2f)' % (
+        name, 'class score S_c' if args.objective == 'score' else 'the loss', CLASS_NAMES[target], probs[target])
 
-    total = len(args.noise) * args.samples
-    maps = []
-    for i, noise in enumerate(args.noise):
-        engine.progress = lambda done, n, base=i * args.samples: progress_bar(base + done, total)
-        maps.append(SmoothGrad(engine)(x, target, noise, args.samples, np.random.RandomState(args.seed)))
-    maps = np.stack(maps)
-
-    title = '%s: %s of class "%s" (p=%.2f), N=%d' % (
-        name, 'SmoothGrad of S_c' if args.objective == 'score' else 'SmoothGrad of the loss',
-        CLASS_NAMES[target], probs[target], args.samples)
-    if args.save_map:
-        write_atomic(args.save_map, lambda f: np.save(f, maps))
-        print('saved maps %s to %s' % (maps.shape, args.save_map))
-    write_atomic(args.out, lambda f: draw_figure(f, x, maps, args.noise, args.samples, title))
+    input_panel = ('input', 'image', x)
+    if args.method == 'all':
+        noise = max(args.noise)
+        args.noise = [noise if noise > 0 else 0.1]
+        rows = []
+        for method in METHODS:
+            plain, _ = method_row(args, engine, x, target, method, smooth=False)
+            smoothed, _ = method_row(args, engine, x, target, method, smooth=True)
+            rows.append([input_panel] + plain + [None] * (2 - len(plain)) + smoothed[:1])
+        title += ', smoothed with noise %g%%, N=%d (%s)' % (100 * args.noise[0], args.samples, args.aggregate)
+    else:
+        smooth = args.smooth or args.method == 'smoothgrad'
+        method = 'gradient' if args.method == 'smoothgrad' else args.method
+        panels, attributions = method_row(args, engine, x, target, method, smooth)
+        rows = [[input_panel] + panels]
+        if smooth:
+            title += ', N=%d (%s)' % (args.samples, args.aggregate)
+        if args.save_map:
+            maps = np.stack([channel_sum_abs(a) for a in attributions])
+            write_atomic(args.save_map, lambda f: np.save(f, maps))
+            print('saved maps %s to %s' % (maps.shape, args.save_map))
+    write_atomic(args.out, lambda f: draw_grid(f, rows, title))
     print('saved the figure to %s' % args.out)
 
 

@@ -1,4 +1,7 @@
-"""Faster CPU kernels for the model's 3x3 convolutions, as Chainer FunctionNodes.
+"""Chainer FunctionNodes behind the model: a faster CPU 3x3 convolution and the
+Guided Backprop ReLU.
+
+Convolution.
 
 Chainer's CPU convolution builds an im2col buffer of shape (N, C, kh, kw, H, W)
 and then calls ``numpy.tensordot``, which first copies that buffer into a
@@ -8,9 +11,14 @@ writes the output directly in NCHW order, so the largest copy of every
 convolution disappears.  Forward and backward compute the same numbers as
 ``F.convolution_2d``; they are used only for NumPy arrays.
 """
+import contextlib
+
 import chainer
+import chainer.functions as F
 import numpy as np
 from chainer.utils import conv
+
+chainer.global_config.guided_relu = False
 
 
 def _im2col(x):
@@ -100,4 +108,36 @@ def convolution_3x3(x, W):
     if isinstance(x.array if isinstance(x, chainer.Variable) else x,
                   np.ndarray) and h * w >= MIN_PIXELS_FOR_BATCHED_GEMM:
         return Convolution3x3().apply((x, W))[0]
-    return chainer.functions.convolution_2d(x, W, pad=1)
+    return F.convolution_2d(x, W, pad=1)
+
+
+class GuidedReLU(chainer.function_node.FunctionNode):
+    """ReLU whose backward passes a gradient only where both the forward input
+    and the incoming gradient are positive (Springenberg et al. 2015)."""
+
+    def forward(self, inputs):
+        x, = inputs
+        self.retain_inputs((0,))
+        return chainer.backend.get_array_module(x).maximum(x, 0),
+
+    def backward(self, indexes, grad_outputs):
+        x, = self.get_retained_inputs()
+        gy, = grad_outputs
+        return gy * ((x.array > 0) & (gy.array > 0)).astype(gy.dtype),
+
+
+def relu(x):
+    """F.relu, or GuidedReLU inside a :func:`guided_backprop` block."""
+    if chainer.config.guided_relu:
+        return GuidedReLU().apply((x,))[0]
+    return F.relu(x)
+
+
+@contextlib.contextmanager
+def guided_backprop():
+    """Within this block the model's ReLUs backpropagate the Guided Backprop way.
+
+    A Chainer config switch (like ``train``): the model object and F.relu stay as they are.
+    """
+    with chainer.using_config('guided_relu', True):
+        yield

@@ -1,8 +1,11 @@
 """Saliency methods on one shared, batched gradient engine.
 
-Every method asks :class:`GradientEngine` for the input gradients of a batch;
-only the engine runs the model, chunks the batch and picks the objective, and
-only :func:`noisy_copies` draws noise.
+The contract (as in PAIR's ``saliency`` library): a method's ``attribute(xs,
+target)`` takes a batch of [0, 1] images (N, C, H, W) and returns one
+attribution per image, (N, C, H, W), or (N, 1, H, W) for methods that give one
+value per pixel.  Only :class:`GradientEngine` runs the model, chunks batches
+and knows the objective; only :func:`noisy_copies` draws noise; so SmoothGrad
+wraps any method by handing it a batch of noisy copies.
 """
 import chainer
 import chainer.functions as F
@@ -14,14 +17,15 @@ OBJECTIVES = ('score', 'loss')
 
 
 class GradientEngine:
-    """Gradients of a class objective with respect to the input, for a whole batch.
+    """Forward and backward passes of a class objective over a batch, in chunks.
 
     objective:
       'score': the class score (logit) S_c(x) of the SmoothGrad paper;
-      'loss':  the blog's ``model.loss``: softmax cross-entropy against class c,
-               averaged over the whole batch (so each sample's gradient carries 1/N).
-    batchsize: forward/backward at most this many images at a time (bounded
-      memory for large N); None runs the whole batch at once.
+      'loss':  the blog's ``model.loss``, softmax cross-entropy against class c.
+    Each image's gradient is that of its own objective (BatchNorm is in
+    inference mode, so the images of a batch do not interact).
+    batchsize: at most this many images per forward/backward (bounded memory);
+      None runs the whole batch at once.
     """
 
     def __init__(self, model, objective='score', batchsize=None, progress=None):
@@ -34,34 +38,196 @@ class GradientEngine:
         self.batchsize = batchsize
         self.progress = progress
 
-    def _objective(self, logits, target, n_total):
+    def _objective(self, logits, target):
+        """Per-image objective values, shape (N,)."""
         if self.objective == 'score':
-            return F.sum(F.select_item(logits, target))
-        return F.sum(F.softmax_cross_entropy(logits, target, reduce='no')) / n_total
+            return F.select_item(logits, target)
+        return F.softmax_cross_entropy(logits, target, reduce='no')
 
-    def __call__(self, x, target):
-        """d objective / d x for x of shape (N, C, H, W); target: a class or one per image."""
+    def _chunks(self, x, target):
+        """Yield (slice, device images, device targets), reporting progress."""
         n = len(x)
         target = np.broadcast_to(np.asarray(target, dtype=np.int32), (n,))
-        step = self.batchsize or n
+        step = self.batchsize or max(n, 1)
         device = self.model.device
+        for start in range(0, n, step):
+            chunk = slice(start, min(n, start + step))
+            yield chunk, device.send(np.ascontiguousarray(x[chunk], dtype=np.float32)), device.send(target[chunk])
+            if self.progress:
+                self.progress(chunk.stop, n)
+
+    def gradients(self, x, target, guided=False):
+        """d objective / d x for every image of x (N, C, H, W); target: one class or one per image.
+
+        guided: backpropagate through the ReLUs the Guided Backprop way.
+        """
         grads = np.empty(x.shape, dtype=np.float32)
-        with chainer.using_config('train', False), chainer.using_config('enable_backprop', True):
-            for start in range(0, n, step):
-                stop = min(n, start + step)
-                xv = chainer.Variable(device.send(np.ascontiguousarray(x[start:stop], dtype=np.float32)))
-                objective = self._objective(self.model(xv), device.send(target[start:stop]), n)
-                gx, = chainer.grad([objective], [xv])
-                grads[start:stop] = chainer.backend.CpuDevice().send(gx.array)
-                if self.progress:
-                    self.progress(stop, n)
+        with chainer.using_config('train', False), chainer.using_config('guided_relu', guided):
+            for chunk, xs, ts in self._chunks(x, target):
+                xv = chainer.Variable(xs)
+                gx, = chainer.grad([F.sum(self._objective(self.model(xv), ts))], [xv])
+                grads[chunk] = chainer.backend.CpuDevice().send(gx.array)
         return grads
+
+    __call__ = gradients
+
+    def feature_gradients(self, x, target):
+        """The last convolutional block's activations and the objective's gradient w.r.t. them."""
+        feats, grads = [], []
+        with chainer.using_config('train', False):
+            for _, xs, ts in self._chunks(x, target):
+                h = self.model.features(xs)
+                gh, = chainer.grad([F.sum(self._objective(self.model.head(h), ts))], [h])
+                feats.append(chainer.backend.CpuDevice().send(h.array))
+                grads.append(chainer.backend.CpuDevice().send(gh.array))
+        return np.concatenate(feats), np.concatenate(grads)
+
+    def objective_values(self, x, target):
+        """The objective of every image of x, forward only, shape (N,)."""
+        values = np.empty(len(x), dtype=np.float32)
+        with chainer.using_config('train', False), chainer.no_backprop_mode():
+            for chunk, xs, ts in self._chunks(x, target):
+                values[chunk] = chainer.backend.CpuDevice().send(self._objective(self.model(xs), ts).array)
+        return values
 
     def probabilities(self, x):
         """Softmax class probabilities for a batch (N, C, H, W)."""
         with chainer.using_config('train', False), chainer.no_backprop_mode():
             y = F.softmax(self.model(self.model.device.send(np.asarray(x, dtype=np.float32))))
         return chainer.backend.CpuDevice().send(y.array)
+
+
+class Method:
+    """A saliency method: ``attribute(xs, target)`` -> one attribution per image."""
+
+    #: whether attributions carry a meaningful sign (drawn with a diverging colormap too)
+    signed = True
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def attribute(self, xs, target):
+        raise NotImplementedError
+
+    def __call__(self, x, target):
+        """The attribution of one image x (C, H, W)."""
+        return self.attribute(x[None], target)[0]
+
+
+class Gradient(Method):
+    """Vanilla gradient dS_c/dx (Simonyan et al. 2014)."""
+
+    def attribute(self, xs, target):
+        return self.engine(xs, target)
+
+
+class GradientXInput(Method):
+    """Gradient times input, x * dS_c/dx (Shrikumar et al. 2016)."""
+
+    def attribute(self, xs, target):
+        return xs * self.engine(xs, target)
+
+
+class GuidedBackprop(Method):
+    """Gradient with ReLUs passing only positive gradients of positive inputs (Springenberg et al. 2015)."""
+
+    def attribute(self, xs, target):
+        return self.engine(xs, target, guided=True)
+
+
+class IntegratedGradients(Method):
+    """Integrated Gradients (Sundararajan et al. 2017), midpoint Riemann sum over ``steps`` points:
+
+        IG(x) = (x - x') * 1/m sum_{k=1..m} dS_c/dx (x' + (k - 1/2)/m * (x - x'))
+
+    with baseline x' (black by default). All m path points of all images go
+    through the engine as one chunked batch.
+    """
+
+    def __init__(self, engine, steps=50, baseline=None):
+        super().__init__(engine)
+        if steps <= 0:
+            raise InputError('--steps must be positive, got %d' % steps)
+        self.steps = steps
+        self.baseline = baseline
+
+    def _baseline(self, xs):
+        return np.zeros_like(xs[0]) if self.baseline is None else self.baseline
+
+    def attribute(self, xs, target):
+        baseline = self._baseline(xs)
+        alphas = ((np.arange(self.steps) + 0.5) / self.steps).astype(np.float32)
+        path = baseline + alphas.reshape((-1,) + (1,) * xs.ndim) * (xs - baseline)[None]   # (m, N, C, H, W)
+        grads = self.engine(path.reshape((-1,) + xs.shape[1:]), np.tile(np.broadcast_to(target, len(xs)),
+                                                                         self.steps))
+        return (xs - baseline) * grads.reshape(path.shape).mean(axis=0)
+
+    def completeness(self, x, target, attribution):
+        """(sum of attributions, S_c(x) - S_c(baseline)): equal for an exact integral."""
+        values = self.engine.objective_values(np.stack([x, self._baseline(x[None])]), target)
+        return float(attribution.sum()), float(values[0] - values[1])
+
+
+def bilinear_matrix(n_in, n_out):
+    """(n_out, n_in) weights of 1-D linear interpolation with pixel centres aligned (as PIL and OpenCV)."""
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    weights = np.zeros((n_out, n_in), dtype=np.float32)
+    np.add.at(weights, (np.arange(n_out), lo), 1 - (src - lo))
+    np.add.at(weights, (np.arange(n_out), hi), src - lo)
+    return weights
+
+
+def upsample(maps, size):
+    """Bilinear upsampling of (..., h, w) maps to (..., size, size)."""
+    rows, cols = bilinear_matrix(maps.shape[-2], size), bilinear_matrix(maps.shape[-1], size)
+    return rows @ maps @ cols.T
+
+
+class GradCAM(Method):
+    """Grad-CAM (Selvaraju et al. 2017) on the last convolutional block:
+    ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of dS_c/dA_k, upsampled to the image."""
+
+    signed = False
+
+    def attribute(self, xs, target):
+        feats, grads = self.engine.feature_gradients(xs, target)
+        cam = np.maximum((grads.mean(axis=(2, 3), keepdims=True) * feats).sum(axis=1, keepdims=True), 0)
+        return upsample(cam, xs.shape[-1])
+
+
+class GuidedGradCAM(Method):
+    """Guided Backprop times the upsampled Grad-CAM map (Selvaraju et al. 2017)."""
+
+    def attribute(self, xs, target):
+        return GuidedBackprop(self.engine).attribute(xs, target) * GradCAM(self.engine).attribute(xs, target)
+
+
+class Occlusion(Method):
+    """Occlusion (Zeiler & Fergus 2014): the drop of the objective when a
+    ``patch``-sized square is set to ``fill``, averaged over the patches that
+    cover each pixel. All patch positions are scored as one batch."""
+
+    def __init__(self, engine, patch=4, stride=2, fill=0.):
+        super().__init__(engine)
+        self.patch, self.stride, self.fill = patch, stride, fill
+
+    def attribute(self, xs, target):
+        n, _, h, w = xs.shape
+        corners = [(i, j) for i in range(0, h - self.patch + 1, self.stride)
+                   for j in range(0, w - self.patch + 1, self.stride)]
+        occluded = np.repeat(xs[:, None], len(corners), axis=1)       # (N, P, C, H, W)
+        cover = np.zeros((len(corners), h, w), dtype=np.float32)
+        for p, (i, j) in enumerate(corners):
+            occluded[:, p, :, i:i + self.patch, j:j + self.patch] = self.fill
+            cover[p, i:i + self.patch, j:j + self.patch] = 1
+        targets = np.repeat(np.broadcast_to(target, n), len(corners))
+        drops = (self.engine.objective_values(xs, target)[:, None]
+                 - self.engine.objective_values(occluded.reshape((-1,) + xs.shape[1:]), targets)
+                 .reshape(n, len(corners)))
+        attribution = np.tensordot(drops, cover, axes=1) / np.maximum(cover.sum(axis=0), 1)
+        return attribution[:, None].astype(np.float32)
 
 
 def noise_stdev(x, noise):
@@ -76,33 +242,68 @@ def noisy_copies(x, noise, samples, rng):
     return np.tile(x.astype(np.float32), (samples, 1, 1, 1)) + eps
 
 
-def channel_sum_abs(grads):
-    """The blog's map: |gradient| summed over samples and channels, (N, C, H, W) -> (H, W)."""
-    return np.abs(grads).sum(axis=(0, 1))
+#: How SmoothGrad combines the n attributions a_i of the noisy copies.
+AGGREGATIONS = {
+    'sum_abs': lambda a: np.abs(a).sum(axis=0),      # the blog: sum of |a_i|
+    'mean': lambda a: a.mean(axis=0),                # the paper, eq. 3
+    'squared': lambda a: (a ** 2).mean(axis=0),      # SmoothGrad^2 (Hooker et al. 2019)
+    'var': lambda a: a.var(axis=0),                  # VarGrad (Adebayo et al. 2018)
+}
 
 
-class SmoothGrad:
-    """SmoothGrad (Smilkov et al. 2017, eq. 3), the blog's way.
+class SmoothGrad(Method):
+    """SmoothGrad (Smilkov et al. 2017) over any base method:
 
-        M_c(x) = sum_{i=1..n} sum_channels | d S_c / dx (x + g_i) |,   g_i ~ N(0, sigma^2),
-        sigma  = noise * (max(x) - min(x))
+        M_c(x) = aggregate_{i=1..n} base(x + g_i),   g_i ~ N(0, sigma^2),   sigma = noise * (max(x) - min(x))
 
-    (the paper's mean, up to the constant 1/n). All n noisy copies go through
-    the engine as one batch, chunked by the engine's batchsize.
+    The n noisy copies go to the base method as one batch (the engine chunks it).
     """
 
-    def __init__(self, engine):
-        self.engine = engine
-
-    def __call__(self, x, target, noise=0.1, samples=100, rng=None):
+    def __init__(self, base, noise=0.1, samples=100, aggregate='sum_abs', rng=None):
+        super().__init__(base.engine)
         if noise < 0:
             raise InputError('noise must be >= 0, got %g' % noise)
         if samples <= 0:
             raise InputError('samples must be positive, got %d' % samples)
-        rng = np.random.RandomState() if rng is None else rng
-        return channel_sum_abs(self.engine(noisy_copies(x, noise, samples, rng), target))
+        if aggregate not in AGGREGATIONS:
+            raise InputError('aggregate must be one of %s' % ', '.join(AGGREGATIONS))
+        self.base, self.noise, self.samples, self.aggregate = base, noise, samples, aggregate
+        self.signed = base.signed and aggregate == 'mean'
+        self.rng = np.random.RandomState() if rng is None else rng
+
+    def attribute(self, xs, target):
+        maps = np.stack([AGGREGATIONS[self.aggregate](
+            self.base.attribute(noisy_copies(x, self.noise, self.samples, self.rng), target)) for x in xs])
+        if self.aggregate == 'sum_abs' and self.engine.objective == 'loss':
+            maps /= self.samples  # the blog's model.loss averages the cross-entropy over the tiled batch
+        return maps
+
+
+def channel_sum_abs(attribution):
+    """The blog's 2-D map: |attribution| summed over channels, (..., C, H, W) -> (..., H, W)."""
+    return np.abs(attribution).sum(axis=-3)
 
 
 def smoothgrad(model, x, target, noise=0.1, samples=100, batchsize=None, rng=None, objective='score'):
-    """SmoothGrad map (H, W) of one [0, 1] image x (C, H, W) for class ``target``."""
-    return SmoothGrad(GradientEngine(model, objective, batchsize))(x, target, noise, samples, rng)
+    """The blog's SmoothGrad map (H, W) of one [0, 1] image x (C, H, W) for class ``target``."""
+    engine = GradientEngine(model, objective, batchsize)
+    return channel_sum_abs(SmoothGrad(Gradient(engine), noise, samples, 'sum_abs', rng)(x, target))
+
+
+#: The methods the command line offers, by name; 'smoothgrad' is SmoothGrad over the gradient.
+METHODS = {
+    'gradient': Gradient,
+    'grad_x_input': GradientXInput,
+    'guided_backprop': GuidedBackprop,
+    'integrated_gradients': IntegratedGradients,
+    'gradcam': GradCAM,
+    'guided_gradcam': GuidedGradCAM,
+    'occlusion': Occlusion,
+}
+
+
+def make_method(name, engine, steps=50, baseline=None):
+    """A base method by its command-line name."""
+    if name == 'integrated_gradients':
+        return IntegratedGradients(engine, steps, baseline)
+    return METHODS[name](engine)

@@ -98,3 +98,29 @@ def test_cli_as_a_process_reports_missing_model(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count('\n') == 0 and 'no trained model found' in proc.stderr
     assert not os.path.exists(str(tmp_path / 'x.png'))
+
+
+def test_cli_methods_and_gallery(tmp_path, model_file, capsys):
+    png = str(tmp_path / 'ig.png')
+    code, out, err = run_cli(['--model', model_file, '--method', 'integrated_gradients', '--steps', '16',
+                              '--out', png], capsys)
+    assert code == 0, err
+    assert 'completeness' in out and os.path.exists(png)
+    npy = str(tmp_path / 'gb.npy')
+    code, _, err = run_cli(['--model', model_file, '--method', 'guided_backprop', '--smooth', '--aggregate', 'var',
+                            '--noise', '0.1', '0.2', '--samples', '4', '--out', png, '--save-map', npy], capsys)
+    assert code == 0, err
+    assert np.load(npy).shape == (2, 32, 32)
+    gallery = str(tmp_path / 'all.png')
+    code, _, err = run_cli(['--model', model_file, '--method', 'all', '--samples', '2', '--steps', '4',
+                            '--out', gallery], capsys)
+    assert code == 0, err
+    from PIL import Image
+    with Image.open(gallery) as img:
+        assert img.size[1] > 1.5 * img.size[0]  # seven method rows, four columns
+
+
+def test_cli_rejects_zero_steps(tmp_path, model_file, capsys):
+    code, _, err = run_cli(['--model', model_file, '--method', 'integrated_gradients', '--steps', '0',
+                            '--out', str(tmp_path / 'x.png')], capsys)
+    assert code == 2 and err.strip().count('\n') == 0 and not os.path.exists(str(tmp_path / 'x.png'))

@@ -1,0 +1,151 @@
+"""Integrated Gradients, Guided Backprop, Grad-CAM, Occlusion and SmoothGrad's
+aggregations, checked against hand-written NumPy references."""
+import chainer
+import chainer.functions as F
+import chainer.links as L
+import numpy as np
+import pytest
+
+from sgrad.ops import guided_backprop, relu
+from sgrad.saliency import (AGGREGATIONS, METHODS, GradCAM, Gradient, GradientEngine, GuidedBackprop,
+                            IntegratedGradients, Method, Occlusion, SmoothGrad, make_method, noisy_copies,
+                            upsample)
+
+
+class TinyMLP(chainer.Chain):
+    """x -> relu(W1 x + b1) -> relu(W2 h + b2) -> W3 h + b3, through the model's own relu."""
+
+    def __init__(self, sizes=(12, 7, 5, 3), seed=0):
+        super().__init__()
+        np.random.seed(seed)
+        with self.init_scope():
+            self.l1 = L.Linear(sizes[0], sizes[1], initial_bias=0.1)
+            self.l2 = L.Linear(sizes[1], sizes[2], initial_bias=0.1)
+            self.l3 = L.Linear(sizes[2], sizes[3])
+
+    def __call__(self, x):
+        return self.l3(relu(self.l2(relu(self.l1(x)))))
+
+
+def numpy_backprop(mlp, x, c, guided):
+    """Hand-written backward pass of TinyMLP for one input vector."""
+    W1, b1, W2, b2, W3 = (a.array for a in (mlp.l1.W, mlp.l1.b, mlp.l2.W, mlp.l2.b, mlp.l3.W))
+    h1 = W1 @ x + b1
+    h2 = W2 @ np.maximum(h1, 0) + b2
+    g = W3[c]
+    g = g * (h2 > 0) * ((g > 0) if guided else 1)
+    g = W2.T @ g
+    g = g * (h1 > 0) * ((g > 0) if guided else 1)
+    return W1.T @ g
+
+
+def test_guided_backprop_equals_numpy_reference_and_relu_is_restored():
+    mlp = TinyMLP()
+    xs = np.random.RandomState(1).randn(5, 12).astype(np.float32)
+    engine = GradientEngine(mlp)
+    relu_before = F.relu
+    guided = GuidedBackprop(engine).attribute(xs, 2)
+    for x, g in zip(xs, guided):
+        np.testing.assert_allclose(g, numpy_backprop(mlp, x, 2, guided=True), rtol=1e-5, atol=1e-7)
+    # afterwards everything is plain again: config, F.relu, and the model's gradients
+    assert chainer.config.guided_relu is False and F.relu is relu_before
+    vanilla = Gradient(engine).attribute(xs, 2)
+    for x, g in zip(xs, vanilla):
+        np.testing.assert_allclose(g, numpy_backprop(mlp, x, 2, guided=False), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(guided, vanilla)
+
+
+def test_guided_backprop_context_manager_is_scoped():
+    mlp = TinyMLP()
+    x = chainer.Variable(np.random.RandomState(2).randn(1, 12).astype(np.float32))
+    with guided_backprop():
+        gx_guided, = chainer.grad([mlp(x)[0, 1]], [x])
+    gx_plain, = chainer.grad([mlp(x)[0, 1]], [x])
+    np.testing.assert_allclose(gx_guided.array[0], numpy_backprop(mlp, x.array[0], 1, True), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gx_plain.array[0], numpy_backprop(mlp, x.array[0], 1, False), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('name', sorted(METHODS))
+def test_every_method_batched_equals_per_image_loop(model, image, name):
+    xs = noisy_copies(image, 0.1, 3, np.random.RandomState(0))
+    method = make_method(name, GradientEngine(model, batchsize=64), steps=8)
+    batched = method.attribute(xs, 3)
+    looped = np.concatenate([method.attribute(xs[i:i + 1], 3) for i in range(len(xs))])
+    assert batched.shape[0] == 3 and batched.shape[-2:] == (32, 32)
+    # atol: occlusion subtracts float32 logits of size ~1, so its drops carry ~1e-7 rounding
+    np.testing.assert_allclose(batched, looped, rtol=1e-4, atol=1e-6)
+
+
+def test_integrated_gradients_completeness_on_a_random_network(model, image):
+    ig = IntegratedGradients(GradientEngine(model, batchsize=100), steps=300)
+    attribution = ig(image, 3)
+    total, difference = ig.completeness(image, 3, attribution)
+    assert abs(difference) > 1e-3
+    assert total == pytest.approx(difference, rel=0.01)
+
+
+def test_integrated_gradients_of_a_linear_model_is_exact():
+    mlp = L.Linear(12, 3)
+    x = np.random.RandomState(3).randn(12).astype(np.float32)
+    baseline = np.random.RandomState(4).randn(12).astype(np.float32)
+    attribution = IntegratedGradients(GradientEngine(mlp), steps=3, baseline=baseline)(x, 1)
+    np.testing.assert_allclose(attribution, (x - baseline) * mlp.W.array[1], rtol=1e-5)
+
+
+def test_feature_gradients_follow_the_global_max_pool(model, image):
+    feats, grads = GradientEngine(model).feature_gradients(image[None], 4)
+    flat_f, flat_g = feats[0].reshape(len(feats[0]), -1), grads[0].reshape(len(grads[0]), -1)
+    winners = flat_f.argmax(axis=1)
+    expected = np.zeros_like(flat_g)
+    expected[np.arange(len(winners)), winners] = model.fc.W.array[4] * model.LOGIT_SCALE
+    np.testing.assert_allclose(flat_g, expected, rtol=1e-6)
+
+
+def test_gradcam_equals_its_formula(model, image):
+    engine = GradientEngine(model)
+    feats, grads = engine.feature_gradients(image[None], 4)
+    cam = np.maximum((grads.mean(axis=(2, 3), keepdims=True) * feats).sum(axis=1, keepdims=True), 0)
+    np.testing.assert_allclose(GradCAM(engine).attribute(image[None], 4), upsample(cam, 32), rtol=1e-6)
+    assert upsample(np.ones((1, 1, 4, 4)), 32) == pytest.approx(np.ones((1, 1, 32, 32)))
+
+
+class PixelSum(chainer.Chain):
+    """Logit 0 = sum of weighted pixels: occlusion drops are then known exactly."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = weights
+
+    def __call__(self, x):
+        return F.concat([F.sum(x * self.weights, axis=(1, 2, 3), keepdims=False)[:, None]] * 2, axis=1)
+
+
+def test_occlusion_equals_mean_patch_drop():
+    rng = np.random.RandomState(5)
+    x, weights = rng.rand(1, 3, 8, 8).astype(np.float32), rng.randn(1, 3, 8, 8).astype(np.float32)
+    attribution = Occlusion(GradientEngine(PixelSum(weights)), patch=4, stride=2).attribute(x, 0)[0, 0]
+    contribution = (x * weights)[0].sum(axis=0)
+    expected = np.zeros((8, 8))
+    for i in range(8):
+        for j in range(8):
+            drops = [contribution[a:a + 4, b:b + 4].sum() for a in range(0, 5, 2) for b in range(0, 5, 2)
+                     if a <= i < a + 4 and b <= j < b + 4]
+            expected[i, j] = np.mean(drops)
+    np.testing.assert_allclose(attribution, expected, rtol=1e-5)
+
+
+class Doubling(Method):
+    """A base method with known attributions: 2 x."""
+
+    def attribute(self, xs, target):
+        return 2 * xs
+
+
+@pytest.mark.parametrize('aggregate', sorted(AGGREGATIONS))
+def test_smoothgrad_aggregations_equal_numpy(image, aggregate):
+    a = 2 * noisy_copies(image, 0.2, 16, np.random.RandomState(9))
+    expected = {'sum_abs': np.abs(a).sum(0), 'mean': a.mean(0), 'squared': (a ** 2).mean(0),
+                'var': ((a - a.mean(0)) ** 2).mean(0)}[aggregate]
+    engine = GradientEngine(None)
+    smoothed = SmoothGrad(Doubling(engine), 0.2, 16, aggregate, np.random.RandomState(9))(image, 0)
+    np.testing.assert_allclose(smoothed, expected, rtol=1e-5, atol=1e-6)
