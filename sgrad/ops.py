@@ -1,143 +1,207 @@
-"""Chainer FunctionNodes behind the model: a faster CPU 3x3 convolution and the
-Guided Backprop ReLU.
+"""Chainer FunctionNodes behind the model: 3x3 convolution and 2x2 max pooling
+on channel-major (C, N, H, W) activations, and the Guided Backprop ReLU.
 
-Convolution.
-
-Chainer's CPU convolution builds an im2col buffer of shape (N, C, kh, kw, H, W)
-and then calls ``numpy.tensordot``, which first copies that buffer into a
-(N*H*W, C*kh*kw) layout.  Multiplying the weight matrix against each image's
-(C*kh*kw, H*W) slice with a batched ``matmul`` uses the buffer as it is and
-writes the output directly in NCHW order, so the largest copy of every
-convolution disappears.  Forward and backward compute the same numbers as
-``F.convolution_2d``; they are used only for NumPy arrays.
+Why channel-major: a 3x3 convolution is one GEMM, W (O, 9C) @ col (9C, N*H*W).
+With activations laid out (C, N, H, W), the im2col buffer is built in exactly
+that (9C, N*H*W) order by nine strided copies, and the GEMM's (O, N*H*W)
+result is already the next layer's (C, N, H, W) input, so neither side needs
+the large transposes that Chainer's NCHW ``convolution_2d`` pays for (about a
+quarter of its CPU time).  Every node passes ``chainer.gradient_check`` (tests)
+and works with NumPy or CuPy arrays.
 """
 import contextlib
 
 import chainer
 import chainer.functions as F
-import numpy as np
-from chainer.utils import conv
+from chainer.backend import get_array_module
 
 chainer.global_config.guided_relu = False
 
 
-def _im2col(x):
-    """(N, C, H, W) -> (N, C*9, H*W) patches of a 3x3, pad-1, stride-1 conv."""
-    n, c, h, w = x.shape
-    padded = np.zeros((n, c, h + 2, w + 2), dtype=x.dtype)
+def im2col(x):
+    """(C, N, H, W) -> (C*9, N*H*W) patches of a 3x3, pad-1, stride-1 convolution."""
+    xp = get_array_module(x)
+    c, n, h, w = x.shape
+    padded = xp.zeros((c, n, h + 2, w + 2), dtype=x.dtype)
     padded[:, :, 1:-1, 1:-1] = x
-    col = np.empty((n, c, 3, 3, h, w), dtype=x.dtype)
+    col = xp.empty((c, 3, 3, n, h, w), dtype=x.dtype)
     for ky in range(3):
         for kx in range(3):
-            col[:, :, ky, kx] = padded[:, :, ky:ky + h, kx:kx + w]
-    return col.reshape(n, c * 9, h * w)
+            col[:, ky, kx] = padded[:, :, ky:ky + h, kx:kx + w]
+    return col.reshape(c * 9, n * h * w)
+
+
+def col2im(col, shape):
+    """The adjoint of :func:`im2col`: (C*9, N*H*W) -> (C, N, H, W), overlapping patches summed."""
+    xp = get_array_module(col)
+    c, n, h, w = shape
+    col = col.reshape(c, 3, 3, n, h, w)
+    padded = xp.zeros((c, n, h + 2, w + 2), dtype=col.dtype)
+    for ky in range(3):
+        for kx in range(3):
+            padded[:, :, ky:ky + h, kx:kx + w] += col[:, ky, kx]
+    return padded[:, :, 1:-1, 1:-1]
+
+
+def _relu_mask(y, gy):
+    """Where a ReLU passes the gradient: y > 0, and also gy > 0 under Guided Backprop."""
+    mask = y > 0
+    if chainer.config.guided_relu:
+        mask &= gy > 0
+    return mask
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):
-    """y = W * x for a 3x3 kernel, pad 1, stride 1, no bias (CPU only)."""
+    """y = W * x (+ b) (then ReLU if ``relu``), 3x3 kernel, pad 1, stride 1, (C, N, H, W) layout.
 
-    def forward_cpu(self, inputs):
-        x, W = inputs
-        n, _, h, w = x.shape
-        col = _im2col(x)
+    The im2col buffer is kept for the weight gradient only in training mode;
+    otherwise (saliency: input gradients only) it is rebuilt if ever needed.
+    """
+
+    def __init__(self, relu=False):
+        self.relu = relu
+
+    def forward(self, inputs):
+        x, W = inputs[:2]
+        c, n, h, w = x.shape
+        o = W.shape[0]
+        col = im2col(x)
+        y = W.reshape(o, -1) @ col
+        if len(inputs) == 3:
+            y += inputs[2][:, None]
+        if self.relu:
+            get_array_module(y).maximum(y, 0, out=y)
+        self.col = col if chainer.config.train else None
+        self.x_shape = x.shape
         self.retain_inputs((0, 1))
-        self._col = col
-        y = np.matmul(W.reshape(W.shape[0], -1), col)
-        return y.reshape(n, W.shape[0], h, w),
+        if self.relu:
+            self.retain_outputs((0,))
+        return y.reshape(o, n, h, w),
 
     def backward(self, indexes, grad_outputs):
         x, W = self.get_retained_inputs()
         gy, = grad_outputs
+        if self.relu:
+            y, = self.get_retained_outputs()
+            gy = gy * _relu_mask(y.array, gy.array).astype(gy.dtype)
         ret = []
         if 0 in indexes:
-            ret.append(Convolution3x3Grad(x.shape).apply((W, gy))[0])
+            ret.append(Convolution3x3InputGrad(self.x_shape).apply((W, gy))[0])
         if 1 in indexes:
-            ret.append(Convolution3x3WeightGrad(self._col, W.shape)
-                       .apply((gy,))[0])
+            col = self.col if self.col is not None else im2col(x.array)
+            ret.append(Convolution3x3WeightGrad(col, W.shape).apply((gy,))[0])
+        if 2 in indexes:
+            ret.append(F.sum(gy, axis=(1, 2, 3)))
         return ret
 
 
-class Convolution3x3Grad(chainer.function_node.FunctionNode):
+class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
     """Gradient with respect to the input: col2im(W^T gy)."""
 
     def __init__(self, x_shape):
         self.x_shape = x_shape
 
-    def forward_cpu(self, inputs):
+    def forward(self, inputs):
         W, gy = inputs
-        n, c, h, w = self.x_shape
         o = W.shape[0]
-        gcol = np.matmul(W.reshape(o, -1).T, gy.reshape(n, o, h * w))
-        gcol = gcol.reshape(n, c, 3, 3, h, w)
-        return conv.col2im_cpu(gcol, 1, 1, 1, 1, h, w),
-
-    def backward(self, indexes, grad_outputs):
-        raise NotImplementedError('double backprop is not supported')
+        return col2im(W.reshape(o, -1).T @ gy.reshape(o, -1), self.x_shape),
 
 
 class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):
-    """Gradient with respect to the weights: sum_n gy[n] col[n]^T."""
+    """Gradient with respect to the weights: gy col^T."""
 
     def __init__(self, col, W_shape):
         self.col = col
         self.W_shape = W_shape
 
-    def forward_cpu(self, inputs):
+    def forward(self, inputs):
         gy, = inputs
-        n, o = gy.shape[:2]
-        gW = np.matmul(gy.reshape(n, o, -1),
-                       self.col.transpose(0, 2, 1)).sum(axis=0)
-        return gW.reshape(self.W_shape),
-
-    def backward(self, indexes, grad_outputs):
-        raise NotImplementedError('double backprop is not supported')
+        return (gy.reshape(gy.shape[0], -1) @ self.col.T).reshape(self.W_shape),
 
 
-#: Below this many output pixels per image, the per-image products are too small
-#: for BLAS and Chainer's single large GEMM is faster (measured on 2 cores).
-MIN_PIXELS_FOR_BATCHED_GEMM = 256
+def convolution_3x3(x, W, b=None, relu=False):
+    """3x3, pad 1, stride 1 convolution of (C, N, H, W) activations, optionally with bias and ReLU."""
+    inputs = (x, W) if b is None else (x, W, b)
+    return Convolution3x3(relu).apply(inputs)[0]
 
 
-def convolution_3x3(x, W):
-    """3x3, pad 1, stride 1 convolution without bias.
+#: The four positions of a 2x2 window, as strided views of the last two axes.
+_WINDOW = [(slice(dy, None, 2), slice(dx, None, 2)) for dy in (0, 1) for dx in (0, 1)]
 
-    Uses :class:`Convolution3x3` for NumPy inputs with large feature maps and
-    ``F.convolution_2d`` otherwise (GPU arrays, small maps).
+
+class MaxPooling2x2(chainer.function_node.FunctionNode):
+    """2x2, stride 2 max pooling over the last two axes (even sizes), as the
+    elementwise maximum of the window's four strided views.
+
+    The gradient goes to every position equal to its window's maximum. Ties
+    other than between zeros have probability zero for real-valued inputs, and
+    in the model a ReLU, which stops the gradient at zeros, precedes each pool,
+    so the input gradient equals F.max_pooling_2d's.
     """
-    h, w = x.shape[2:]
-    if isinstance(x.array if isinstance(x, chainer.Variable) else x,
-                  np.ndarray) and h * w >= MIN_PIXELS_FOR_BATCHED_GEMM:
-        return Convolution3x3().apply((x, W))[0]
-    return F.convolution_2d(x, W, pad=1)
-
-
-class GuidedReLU(chainer.function_node.FunctionNode):
-    """ReLU whose backward passes a gradient only where both the forward input
-    and the incoming gradient are positive (Springenberg et al. 2015)."""
 
     def forward(self, inputs):
         x, = inputs
+        xp = get_array_module(x)
+        views = [x[(Ellipsis,) + w] for w in _WINDOW]
+        y = xp.maximum(xp.maximum(views[0], views[1]), xp.maximum(views[2], views[3]))
         self.retain_inputs((0,))
-        return chainer.backend.get_array_module(x).maximum(x, 0),
+        self.retain_outputs((0,))
+        return y,
 
     def backward(self, indexes, grad_outputs):
         x, = self.get_retained_inputs()
+        y, = self.get_retained_outputs()
+        return MaxPooling2x2Grad(x.array, y.array).apply(grad_outputs)
+
+
+class MaxPooling2x2Grad(chainer.function_node.FunctionNode):
+    """Scatters the pooled gradient to the window maxima."""
+
+    def __init__(self, x, y):
+        self.masks = [x[(Ellipsis,) + w] == y for w in _WINDOW]
+        self.x_shape = x.shape
+
+    def forward(self, inputs):
+        gy, = inputs
+        gx = get_array_module(gy).empty(self.x_shape, dtype=gy.dtype)
+        for w, mask in zip(_WINDOW, self.masks):
+            gx[(Ellipsis,) + w] = gy * mask
+        return gx,
+
+    def backward(self, indexes, grad_outputs):
+        ggx, = grad_outputs
+        return sum(ggx[(Ellipsis,) + w] * mask.astype(ggx.dtype) for w, mask in zip(_WINDOW, self.masks)),
+
+
+def max_pooling_2x2(x):
+    return MaxPooling2x2().apply((x,))[0]
+
+
+class ReLU(chainer.function_node.FunctionNode):
+    """ReLU; inside a Guided Backprop block its backward passes a gradient only
+    where both the forward input and the incoming gradient are positive
+    (Springenberg et al. 2015)."""
+
+    def forward(self, inputs):
+        x, = inputs
+        self.retain_outputs((0,))
+        return get_array_module(x).maximum(x, 0),
+
+    def backward(self, indexes, grad_outputs):
+        y, = self.get_retained_outputs()
         gy, = grad_outputs
-        return gy * ((x.array > 0) & (gy.array > 0)).astype(gy.dtype),
+        return gy * _relu_mask(y.array, gy.array).astype(gy.dtype),
 
 
 def relu(x):
-    """F.relu, or GuidedReLU inside a :func:`guided_backprop` block."""
-    if chainer.config.guided_relu:
-        return GuidedReLU().apply((x,))[0]
-    return F.relu(x)
+    """max(x, 0); backpropagates the Guided Backprop way inside ``using_config('guided_relu', True)``."""
+    return ReLU().apply((x,))[0]
 
 
 @contextlib.contextmanager
 def guided_backprop():
-    """Within this block the model's ReLUs backpropagate the Guided Backprop way.
-
-    A Chainer config switch (like ``train``): the model object and F.relu stay as they are.
-    """
+    """Within this block (forward and backward) the model's ReLUs backpropagate the
+    Guided Backprop way. A Chainer config switch like ``train``: the model object
+    and F.relu stay as they are."""
     with chainer.using_config('guided_relu', True):
         yield

@@ -26,6 +26,8 @@ class GradientEngine:
     inference mode, so the images of a batch do not interact).
     batchsize: at most this many images per forward/backward (bounded memory);
       None runs the whole batch at once.
+    A model that offers ``inference_copy()`` (CifarNet: BatchNorm folded into
+    the convolutions) is used through that copy.
     """
 
     def __init__(self, model, objective='score', batchsize=None, progress=None):
@@ -33,7 +35,7 @@ class GradientEngine:
             raise InputError('objective must be one of %s, got %r' % (', '.join(OBJECTIVES), objective))
         if batchsize is not None and batchsize <= 0:
             raise InputError('--batchsize must be positive, got %d' % batchsize)
-        self.model = model
+        self.model = model.inference_copy() if hasattr(model, 'inference_copy') else model
         self.objective = objective
         self.batchsize = batchsize
         self.progress = progress
@@ -76,7 +78,7 @@ class GradientEngine:
         feats, grads = [], []
         with chainer.using_config('train', False):
             for _, xs, ts in self._chunks(x, target):
-                h = self.model.features(xs)
+                h = self.model.features(chainer.Variable(xs))  # a Variable input, so h is in the graph
                 gh, = chainer.grad([F.sum(self._objective(self.model.head(h), ts))], [h])
                 feats.append(chainer.backend.CpuDevice().send(h.array))
                 grads.append(chainer.backend.CpuDevice().send(gh.array))

@@ -8,9 +8,10 @@ from chainer import gradient_check
 
 from conftest import random_cifarnet
 from model import load_model, normalize
+from sgrad.reference import plain_chainer_forward
 from sgrad import InputError
-from sgrad.ops import Convolution3x3, convolution_3x3
-from sgrad.saliency import GradientEngine
+from sgrad.ops import convolution_3x3, max_pooling_2x2
+from sgrad.saliency import GradientEngine, noisy_copies
 
 
 @pytest.mark.parametrize('objective', ['score', 'loss'])
@@ -39,24 +40,51 @@ def test_input_gradient_matches_central_differences(image, objective):
         assert grad[c, i, j] == pytest.approx(numeric, rel=1e-4, abs=1e-8)
 
 
-@pytest.mark.parametrize('shape', [(2, 3, 16, 16), (1, 4, 17, 20)])
-def test_fast_convolution_matches_chainer_forward_and_backward(shape):
+def nchw_to_cnhw(a):
+    return a.transpose(1, 0, 2, 3)
+
+
+@pytest.mark.parametrize('bias, relu', [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize('shape', [(2, 3, 8, 8), (1, 4, 5, 6)])
+def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, relu):
     rng = np.random.RandomState(0)
     x = rng.randn(*shape)
     W = rng.randn(5, shape[1], 3, 3)
-    gy = rng.randn(shape[0], 5, *shape[2:])
-    y = Convolution3x3().apply((x, W))[0].array
-    np.testing.assert_allclose(y, F.convolution_2d(x, W, pad=1).array, rtol=1e-12)
-    gradient_check.check_backward(lambda x, W: Convolution3x3().apply((x, W)), (x, W), gy,
-                                  dtype=np.float64, atol=1e-6, rtol=1e-6)
+    b = rng.randn(5) if bias else None
+    reference = F.convolution_2d(x, W, b, pad=1)
+    if relu:
+        reference = F.relu(reference)
+    y = convolution_3x3(nchw_to_cnhw(x), W, b, relu=relu).array
+    np.testing.assert_allclose(nchw_to_cnhw(y), reference.array, rtol=1e-12, atol=1e-12)
+
+    inputs = (nchw_to_cnhw(x).copy(), W) + ((b,) if bias else ())
+    gy = rng.randn(5, shape[0], *shape[2:])
+    with chainer.using_config('train', True):  # keeps the im2col buffer for the weight gradient
+        gradient_check.check_backward(lambda *a: convolution_3x3(*a, relu=relu), inputs, gy,
+                                      dtype=np.float64, atol=1e-6, rtol=1e-6)
+    with chainer.using_config('train', False):  # rebuilds it
+        gradient_check.check_backward(lambda *a: convolution_3x3(*a, relu=relu), inputs, gy,
+                                      dtype=np.float64, atol=1e-6, rtol=1e-6)
 
 
-def test_convolution_dispatch_falls_back_on_small_maps():
-    x = np.random.RandomState(0).randn(2, 3, 4, 4).astype(np.float32)
-    W = np.random.RandomState(1).randn(6, 3, 3, 3).astype(np.float32)
-    y = convolution_3x3(x, W)
-    assert not isinstance(y.creator, Convolution3x3)  # Chainer's own kernel
-    np.testing.assert_allclose(y.array, F.convolution_2d(x, W, pad=1).array, rtol=1e-6)
+def test_max_pooling_2x2_matches_chainer_and_passes_gradient_check():
+    rng = np.random.RandomState(0)
+    x = rng.randn(3, 2, 6, 8)
+    np.testing.assert_array_equal(max_pooling_2x2(x).array, F.max_pooling_2d(x, 2).array)
+    gy, ggx = rng.randn(3, 2, 3, 4), rng.randn(3, 2, 6, 8)
+    gradient_check.check_backward(max_pooling_2x2, x, gy, dtype=np.float64)
+    gradient_check.check_double_backward(max_pooling_2x2, x, gy, ggx, dtype=np.float64)
+
+
+def test_folded_batchnorm_copy_gives_the_same_outputs(model, image):
+    x = noisy_copies(image, 0.1, 4, np.random.RandomState(0))
+    folded = model.inference_copy()
+    with chainer.using_config('train', False):
+        np.testing.assert_allclose(folded(x).array, model(x).array, rtol=1e-5, atol=1e-6)
+    assert model.prep.folded is None  # the original is untouched
+    with pytest.raises(RuntimeError):
+        with chainer.using_config('train', True):
+            folded(x)
 
 
 def test_normalize_standardises_the_training_statistics():
@@ -93,3 +121,23 @@ def test_load_model_rejects_other_architectures(tmp_path):
     with pytest.raises(InputError, match='no trained model'):
         load_model(str(tmp_path / 'missing.npz'))
 
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_channel_major_model_equals_plain_chainer_nchw(image, train):
+    """Outputs and parameter gradients of the model equal Chainer's standard layers on the same weights."""
+    model = random_cifarnet(seed=4)  # its own: training mode updates BatchNorm's running averages
+    x = noisy_copies(image, 0.1, 6, np.random.RandomState(0))
+    t = np.arange(6, dtype=np.int32)
+    results = []
+    for forward in (lambda x: model(x), lambda x: plain_chainer_forward(model, x)):
+        model.cleargrads()
+        with chainer.using_config('train', train):
+            y = forward(x)
+            F.softmax_cross_entropy(y, t).backward()
+        results.append((y.array, {name: p.grad.copy() for name, p in model.namedparams()}))
+    (y, grads), (y_ref, grads_ref) = results
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    for name in grads_ref:
+        scale = np.abs(grads_ref[name]).max()
+        np.testing.assert_allclose(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
