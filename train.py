@@ -107,7 +107,7 @@ def print_evaluation(accuracy, confusion):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--batchsize', '-b', type=int, default=128, help='minibatch size (default: %(default)s)')
-    p.add_argument('--epoch', '-e', type=int, default=14, help='epochs to train (default: %(default)s)')
+    p.add_argument('--epoch', '-e', type=int, default=16, help='epochs to train (default: %(default)s)')
     p.add_argument('--gpu', '-g', type=int, default=-1, help='GPU id, negative for the CPU (default: %(default)s)')
     p.add_argument('--out', '-o', default='result',
                    help='folder for logs, plots and snapshots (default: %(default)s)')
