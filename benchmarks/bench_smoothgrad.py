@@ -19,11 +19,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import DEFAULT_MODEL_PATH, CifarNet, load_model  # noqa: E402
 from sgrad.data import load_test_image  # noqa: E402
-from sgrad.saliency import GradientEngine, SmoothGrad, channel_sum_abs, noisy_copies  # noqa: E402
+from sgrad.saliency import smoothgrad, channel_sum_abs, noisy_copies  # noqa: E402
 
 
 def blog_backward(model, x, target, noise, samples, rng):
-    """The blog's way: loss.backward() over the tiled batch, parameter gradients included."""
+    """The blog's way: S_c.backward() over the tiled batch, parameter gradients included."""
     xv = chainer.Variable(noisy_copies(x, noise, samples, rng))
     with chainer.using_config('train', False):
         y = model(xv)
@@ -54,13 +54,12 @@ def main():
     target, noise, n = 3, 0.1, args.samples
 
     def smoothgrad_with(batchsize):
-        return lambda: SmoothGrad(GradientEngine(model, 'score', batchsize))(
-            x, target, noise, n, np.random.RandomState(0))
+        return lambda: smoothgrad(model, x, target, noise, n, batchsize, np.random.RandomState(0))
 
     variants = [('per-sample loop (chunk 1)', smoothgrad_with(1))]
     variants += [('batched, chunks of %d' % c, smoothgrad_with(c)) for c in args.chunks if c < n]
     variants += [('batched, all %d at once' % n, smoothgrad_with(None)),
-                 ('blog: loss.backward(), all at once',
+                 ('blog: .backward(), all at once',
                   lambda: blog_backward(model, x, target, noise, n, np.random.RandomState(0)))]
 
     print('SmoothGrad, one 32x32 image, N=%d, median of %d runs (%s)' % (
