@@ -93,10 +93,12 @@ class GradientEngine:
         return values
 
     def probabilities(self, x):
-        """Softmax class probabilities for a batch (N, C, H, W)."""
+        """Softmax class probabilities for a batch (N, C, H, W), (N, classes)."""
+        probs = []
         with chainer.using_config('train', False), chainer.no_backprop_mode():
-            y = F.softmax(self.model(self.model.device.send(np.asarray(x, dtype=np.float32))))
-        return chainer.backend.CpuDevice().send(y.array)
+            for _, xs, _ in self._chunks(x, 0):
+                probs.append(chainer.backend.CpuDevice().send(F.softmax(self.model(xs)).array))
+        return np.concatenate(probs)
 
 
 class Method:
@@ -275,7 +277,8 @@ class SmoothGrad(Method):
 
     def attribute(self, xs, target):
         maps = np.stack([AGGREGATIONS[self.aggregate](
-            self.base.attribute(noisy_copies(x, self.noise, self.samples, self.rng), target)) for x in xs])
+            self.base.attribute(noisy_copies(x, self.noise, self.samples, self.rng), t))
+            for x, t in zip(xs, np.broadcast_to(target, len(xs)))])
         if self.aggregate == 'sum_abs' and self.engine.objective == 'loss':
             maps /= self.samples  # the blog's model.loss averages the cross-entropy over the tiled batch
         return maps

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Do the maps mean something? Sanity checks and faithfulness on real CIFAR-10.
+
+    python evaluate_saliency.py --images 100 --deletion-images 500     # the full study
+    python evaluate_saliency.py --images 8 --deletion-images 16 --knob-images 4   # a quick look
+
+1. Cascading model randomization (Adebayo et al. 2018): the layers' weights are re-drawn from
+   the logits down; after each step, the Spearman rank correlation (of |map|, and of the signed
+   map for signed methods) and the SSIM between the trained and the randomized model's maps,
+   averaged over the first --images test images.
+2. Deletion and insertion (Petsiuk et al. 2018): the target-class probability as the most salient
+   pixels are blacked out (deletion, lower area is better) or copied onto a blurred image
+   (insertion, higher is better), over --deletion-images test images, with a random order as baseline.
+3. SmoothGrad's two knobs: noise level (deletion AUC) and sample count (stability: the rank
+   correlation of two maps from independent noise draws), with picture grids.
+
+Tables go to stdout and OUT_DIR/results.md, plots to OUT_DIR. The target class is the trained
+model's prediction. Needs a local CIFAR-10 (CHAINER_DATASET_ROOT) and the trained model.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from sgrad import InputError
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, '%s: error: %s\n' % (self.prog, message))
+
+
+LAYERS_FROM_LOGITS = ('fc', 'res3', 'conv3', 'conv2', 'res1', 'conv1', 'prep')
+NOISE_LEVELS = (0., 0.05, 0.1, 0.2, 0.3, 0.5)
+SAMPLE_COUNTS = (1, 5, 10, 25, 50, 100, 200)
+
+
+def make_methods(engine, samples, steps):
+    """name -> method: every method of the project, SmoothGrad being SmoothGrad of the gradient."""
+    from sgrad.saliency import METHODS, Gradient, SmoothGrad, make_method
+    methods = {name: make_method(name, engine, steps) for name in METHODS}
+    methods['smoothgrad'] = SmoothGrad(Gradient(engine), 0.1, samples, 'sum_abs', np.random.RandomState(0))
+    return methods
+
+
+def maps_of(method, images, targets):
+    """|map| and signed map (None for unsigned methods), each (N, H, W)."""
+    attribution = method.attribute(images, targets)
+    return np.abs(attribution).sum(axis=1), attribution.sum(axis=1) if method.signed else None
+
+
+class Report:
+    """Prints tables and collects them for results.md."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.lines = out_dir, []
+
+    def table(self, title, header, rows):
+        text = ['### ' + title, '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+        text += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
+        print('\n'.join(text) + '\n')
+        self.lines += text + ['']
+
+    def figure(self, name):
+        import matplotlib.pyplot as plt
+        path = os.path.join(self.out_dir, name)
+        plt.savefig(path, dpi=100, bbox_inches='tight')
+        plt.close('all')
+        self.lines += ['![%s](%s)' % (name, name), '']
+
+    def save(self):
+        with open(os.path.join(self.out_dir, 'results.md'), 'w') as f:
+            f.write('\n'.join(self.lines) + '\n')
+
+
+def sanity_check(args, model, images, targets, report):
+    import matplotlib.pyplot as plt
+    from sgrad.metrics import cascading_randomization, spearman, ssim
+    from sgrad.saliency import GradientEngine
+    trained = {name: maps_of(m, images, targets)
+               for name, m in make_methods(GradientEngine(model, batchsize=args.batchsize),
+                                           args.samples, args.steps).items()}
+    curves = {name: [(1., 1. if trained[name][1] is not None else None, 1.)] for name in trained}
+    for layer, randomized in cascading_randomization(model, LAYERS_FROM_LOGITS, args.seed):
+        print('randomized down to %s' % layer, file=sys.stderr)
+        methods = make_methods(GradientEngine(randomized, batchsize=args.batchsize), args.samples, args.steps)
+        for name, method in methods.items():
+            (abs_t, signed_t), (abs_r, signed_r) = trained[name], maps_of(method, images, targets)
+            curves[name].append((
+                np.mean([spearman(a, b) for a, b in zip(abs_t, abs_r)]),
+                np.mean([spearman(a, b) for a, b in zip(signed_t, signed_r)]) if signed_t is not None else None,
+                np.mean([ssim(a, b) for a, b in zip(abs_t, abs_r)])))
+    stages = ('trained',) + LAYERS_FROM_LOGITS
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, values in curves.items():
+        axes[0].plot(stages, [v[0] for v in values], marker='o', label=name)
+        axes[1].plot(stages, [v[2] for v in values], marker='o', label=name)
+    for ax, label in zip(axes, ('Spearman rank correlation of |map|', 'SSIM of |map|')):
+        ax.set_xlabel('randomized from the logits down to')
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle('Cascading randomization, %d CIFAR-10 test images' % len(images))
+    report.table('Cascading randomization: Spearman |map| / Spearman signed / SSIM, mean over %d images'
+                 % len(images), ['method'] + list(stages[1:]),
+                 [[name] + ['%.2f / %s / %.2f' % (v[0], '-' if v[1] is None else '%.2f' % v[1], v[2])
+                            for v in values[1:]] for name, values in curves.items()])
+    report.figure('sanity_randomization.png')
+
+
+def deletion_insertion(args, model, images, targets, report):
+    import matplotlib.pyplot as plt
+    from sgrad.metrics import area_under_curve, perturbation_curves
+    from sgrad.saliency import GradientEngine
+    engine = GradientEngine(model, batchsize=args.batchsize)
+    rng = np.random.RandomState(args.seed)
+    orderings = {name: maps_of(m, images, targets)[0]
+                 for name, m in make_methods(engine, args.samples, args.steps).items()}
+    orderings['random (baseline)'] = rng.rand(*orderings['gradient'].shape)
+    rows, fig = [], plt.figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    for name, maps in orderings.items():
+        deletion, insertion = perturbation_curves(engine, images, maps, targets, args.perturbation_steps)
+        d, i = area_under_curve(deletion), area_under_curve(insertion)
+        rows.append([name, '%.3f ± %.3f' % (d.mean(), d.std() / np.sqrt(len(d))),
+                     '%.3f ± %.3f' % (i.mean(), i.std() / np.sqrt(len(i)))])
+        fraction = np.linspace(0, 1, args.perturbation_steps + 1)
+        axes[0].plot(fraction, deletion.mean(axis=0), label=name)
+        axes[1].plot(fraction, insertion.mean(axis=0), label=name)
+    for ax, kind in zip(axes, ('deletion (lower is better)', 'insertion (higher is better)')):
+        ax.set_xlabel('fraction of pixels')
+        ax.set_ylabel('probability of the target class')
+        ax.set_title(kind)
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=8)
+    report.table('Deletion and insertion AUC over %d test images (mean ± s.e.)' % len(images),
+                 ['method', 'deletion AUC (lower is better)', 'insertion AUC (higher is better)'], rows)
+    report.figure('deletion_insertion.png')
+
+
+def knobs(args, model, images, targets, report):
+    import matplotlib.pyplot as plt
+    from sgrad.metrics import area_under_curve, perturbation_curves, spearman
+    from sgrad.saliency import Gradient, GradientEngine, SmoothGrad
+    engine = GradientEngine(model, batchsize=args.batchsize)
+
+    def smoothgrad_maps(noise, samples, seed):
+        method = SmoothGrad(Gradient(engine), noise, samples, 'sum_abs', np.random.RandomState(seed))
+        return maps_of(method, images, targets)[0]
+
+    noise_maps = {noise: smoothgrad_maps(noise, args.samples, args.seed) for noise in NOISE_LEVELS}
+    rows = []
+    for noise, maps in noise_maps.items():
+        auc = area_under_curve(perturbation_curves(engine, images, maps, targets, args.perturbation_steps)[0])
+        rows.append(['%g%%' % (100 * noise), '%.3f ± %.3f' % (auc.mean(), auc.std() / np.sqrt(len(auc)))])
+    report.table('Noise level: deletion AUC of SmoothGrad (N=%d) over %d images' % (args.samples, len(images)),
+                 ['noise', 'deletion AUC (lower is better)'], rows)
+    sample_maps, rows = {}, []
+    for samples in SAMPLE_COUNTS:
+        a, b = smoothgrad_maps(0.1, samples, args.seed), smoothgrad_maps(0.1, samples, args.seed + 1)
+        sample_maps[samples] = a
+        rows.append([samples, '%.3f' % np.mean([spearman(x, y) for x, y in zip(a, b)])])
+    report.table('Sample count: stability of SmoothGrad (noise 10%%), the Spearman correlation of two maps from '
+                 'independent noise, mean over %d images' % len(images), ['samples N', 'stability'], rows)
+
+    from smoothgrad import visualize
+    for title, maps, fmt, name in (('noise level (N=%d)' % args.samples, noise_maps, 'noise %g%%', 'knob_noise.png'),
+                                   ('samples (noise 10%)', sample_maps, 'N=%d', 'knob_samples.png')):
+        shown = min(len(images), 4)
+        fig, axes = plt.subplots(shown, len(maps) + 1, figsize=(1.6 * (len(maps) + 1), 1.7 * shown), squeeze=False)
+        for row in range(shown):
+            axes[row, 0].imshow(images[row].transpose(1, 2, 0))
+            for col, (key, m) in enumerate(maps.items(), start=1):
+                axes[row, col].imshow(visualize(m[row][None]), cmap='gray', vmin=0, vmax=1)
+                if row == 0:
+                    axes[row, col].set_title(fmt % (100 * key if 'noise' in fmt else key), fontsize=8)
+        for ax in axes.ravel():
+            ax.axis('off')
+        fig.suptitle('SmoothGrad, ' + title, fontsize=9)
+        report.figure(name)
+
+
+def main(argv=None):
+    p = OneLineErrorParser(prog='evaluate_saliency.py', description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--images', type=int, default=100, help='test images for the randomization check')
+    p.add_argument('--deletion-images', type=int, default=500, help='test images for deletion/insertion')
+    p.add_argument('--knob-images', type=int, default=50, help='test images for the noise and sample sweeps')
+    p.add_argument('--only', nargs='+', choices=('sanity', 'deletion', 'knobs'),
+                   default=['sanity', 'deletion', 'knobs'])
+    p.add_argument('--samples', type=int, default=25, help='SmoothGrad samples (default: %(default)s)')
+    p.add_argument('--steps', type=int, default=16, help='Integrated Gradients steps (default: %(default)s)')
+    p.add_argument('--perturbation-steps', type=int, default=16, help='points of each deletion/insertion curve')
+    p.add_argument('--batchsize', '-b', type=int, default=500)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--model', '-m', default=None, help='weights (default: the shipped model)')
+    p.add_argument('--out-dir', '-o', default=os.path.join('results', 'saliency'))
+    args = p.parse_args(argv)
+    for name in ('images', 'deletion_images', 'knob_images', 'samples', 'steps', 'perturbation_steps',
+                 'batchsize'):
+        if getattr(args, name) <= 0:
+            p.error('--%s must be positive' % name.replace('_', '-'))
+
+    from model import DEFAULT_MODEL_PATH, load_model
+    from sgrad.data import have_local_cifar10, load_cifar10
+    from sgrad.saliency import GradientEngine
+    try:
+        if not have_local_cifar10():
+            raise InputError('no local CIFAR-10 copy: set CHAINER_DATASET_ROOT (see README)')
+        model = load_model(args.model or DEFAULT_MODEL_PATH)
+    except InputError as e:
+        print('evaluate_saliency.py: error: %s' % e, file=sys.stderr)
+        return 2
+    os.makedirs(args.out_dir, exist_ok=True)
+    _, test = load_cifar10()
+    n_max = max(args.images, args.deletion_images, args.knob_images)
+    images = np.stack([test[i][0] for i in range(n_max)])
+    targets = GradientEngine(model, batchsize=args.batchsize).probabilities(images).argmax(axis=1).astype(np.int32)
+
+    report = Report(args.out_dir)
+    sections = {'sanity': (sanity_check, args.images), 'deletion': (deletion_insertion, args.deletion_images),
+                'knobs': (knobs, args.knob_images)}
+    for name in args.only:
+        section, n = sections[name]
+        start = time.time()
+        section(args, model, images[:n], targets[:n], report)
+        line = '%s: %d images, %.0f s on this machine' % (name, n, time.time() - start)
+        print(line + '\n')
+        report.lines += ['_%s_' % line, '']
+    report.save()
+    print('tables and plots in %s' % args.out_dir)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The saliency metrics on cases whose answer is known."""
+import os
+
+import chainer
+import chainer.functions as F
+import numpy as np
+import pytest
+
+import evaluate_saliency
+from conftest import needs_cifar10, random_cifarnet
+from sgrad.metrics import (area_under_curve, cascading_randomization, perturbation_curves, ranks, spearman,
+                           ssim)
+from sgrad.saliency import Gradient, GradientEngine, channel_sum_abs
+
+
+def test_ranks_average_ties():
+    np.testing.assert_array_equal(ranks(np.array([3., 1., 3., 2.])), [2.5, 0, 2.5, 1])
+
+
+def test_identical_maps_have_correlation_and_ssim_one():
+    m = np.random.RandomState(0).rand(32, 32)
+    assert spearman(m, m) == pytest.approx(1)
+    assert spearman(m, 3 * m ** 2 + 1) == pytest.approx(1)  # monotone transforms keep the ranks
+    assert spearman(m, -m) == pytest.approx(-1)
+    assert ssim(m, m) == pytest.approx(1)
+    assert ssim(m, np.random.RandomState(1).rand(32, 32)) < 0.2
+
+
+class WeightedPixels(chainer.Chain):
+    """Logit 0 = sum(w * x) - bias, logit 1 = 0: class 0's probability falls as its evidence goes."""
+
+    def __init__(self, w, bias):
+        super().__init__()
+        self.w, self.bias = w, bias
+
+    def __call__(self, x):
+        s = F.sum(x * self.w, axis=(1, 2, 3)) - self.bias
+        return F.stack([s, s * 0], axis=1)
+
+
+def test_oracle_ordering_beats_random_on_deletion_and_insertion():
+    rng = np.random.RandomState(0)
+    images = rng.rand(8, 3, 16, 16).astype(np.float32)
+    w = np.zeros((1, 3, 16, 16), np.float32)
+    w[..., 2:9, 4:12] = rng.rand(1, 3, 7, 8) * 0.5  # only one region matters
+    engine = GradientEngine(WeightedPixels(w, 10.))
+    targets = np.zeros(8, np.int32)
+    oracle = channel_sum_abs(images * w)
+    random = rng.rand(8, 16, 16)
+    oracle_del, oracle_ins = perturbation_curves(engine, images, oracle, targets, steps=8)
+    random_del, random_ins = perturbation_curves(engine, images, random, targets, steps=8)
+    assert (oracle_del[:, 0] > 0.99).all()  # the untouched images are confidently class 0
+    assert area_under_curve(oracle_del).mean() < area_under_curve(random_del).mean() - 0.1
+    # the curves end where they must: everything deleted / everything restored
+    np.testing.assert_allclose(oracle_del[:, -1], random_del[:, -1])
+    np.testing.assert_allclose(oracle_ins[:, -1], oracle_del[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(random_ins[:, -1], oracle_del[:, 0], rtol=1e-5)
+
+
+def test_area_under_curve_of_known_curves():
+    curves = np.array([[1., 1., 1.], [1., 0.5, 0.], [0., 0., 0.]])
+    np.testing.assert_allclose(area_under_curve(curves), [1., 0.5, 0.])
+
+
+def test_cascading_randomization_is_cumulative_and_decorrelates_gradients(image):
+    model = random_cifarnet(width=4, seed=2)
+    before = model.fc.W.array.copy()
+    stages = list(cascading_randomization(model, evaluate_saliency.LAYERS_FROM_LOGITS))
+    np.testing.assert_array_equal(model.fc.W.array, before)  # the model itself is untouched
+    (first_name, first), (last_name, last) = stages[0], stages[-1]
+    assert first_name == 'fc' and last_name == 'prep'
+    assert not np.allclose(first.fc.W.array, before)
+    np.testing.assert_array_equal(first.prep.conv.W.array, model.prep.conv.W.array)
+    assert not np.allclose(last.prep.conv.W.array, model.prep.conv.W.array)
+    np.testing.assert_array_equal(last.fc.W.array, first.fc.W.array)  # earlier steps stay randomized
+
+    def gradient_map(m):
+        return channel_sum_abs(Gradient(GradientEngine(m))(image, 3))
+    assert spearman(gradient_map(model), gradient_map(model)) == pytest.approx(1)
+    assert spearman(gradient_map(model), gradient_map(last)) < 0.5
+
+
+def test_evaluate_saliency_rejects_bad_arguments():
+    with pytest.raises(SystemExit) as e:
+        evaluate_saliency.main(['--images', '0'])
+    assert e.value.code == 2
+
+
+@needs_cifar10
+def test_evaluate_saliency_end_to_end(tmp_path, model_file):
+    out = str(tmp_path / 'eval')
+    assert evaluate_saliency.main(['--model', model_file, '--images', '2', '--deletion-images', '3',
+                                   '--knob-images', '1', '--samples', '2', '--steps', '2',
+                                   '--perturbation-steps', '4', '-o', out]) == 0
+    assert sorted(os.listdir(out)) == ['deletion_insertion.png', 'knob_noise.png', 'knob_samples.png',
+                                       'results.md', 'sanity_randomization.png']
+    text = open(os.path.join(out, 'results.md')).read()
+    assert 'random (baseline)' in text and 'Cascading randomization' in text
