@@ -24,12 +24,7 @@ import time
 
 import numpy as np
 
-from sgrad import InputError
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, '%s: error: %s\n' % (self.prog, message))
+from sgrad import InputError, OneLineErrorParser
 
 
 LAYERS_FROM_LOGITS = ('fc', 'res3', 'conv3', 'conv2', 'res1', 'conv1', 'prep')

@@ -146,5 +146,6 @@ def load_model(path=DEFAULT_MODEL_PATH):
         model = CifarNet(width=width)
         chainer.serializers.load_npz(path, model)
     except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise InputError('%s does not hold CifarNet weights (%s)' % (path, str(e).splitlines()[0] if str(e) else type(e).__name__))
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError('%s does not hold CifarNet weights (%s)' % (path, reason))
     return model

@@ -17,16 +17,9 @@ import tempfile
 
 import numpy as np
 
-from sgrad import InputError
+from sgrad import InputError, OneLineErrorParser
 
 DEFAULT_OUT = 'smoothgrad.png'
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports bad input in one line (exit code 2), usage left to --help."""
-
-    def error(self, message):
-        self.exit(2, '%s: error: %s\n' % (self.prog, message))
 
 
 def parse_args(argv=None):

@@ -146,6 +146,7 @@ def main(argv=None):
         except InputError as e:
             print('error: %s' % e, file=sys.stderr)
             return 2
+        model = model.inference_copy()  # BatchNorm folded: same predictions, faster
         model.to_device(device)
         print_evaluation(*evaluate(model, test, 500, device))
         return 0

@@ -16,39 +16,22 @@ without them their rows are skipped with a message.
 """
 import argparse
 import os
-import sys
-import time
 import tracemalloc
 
 import chainer
 import chainer.functions as F
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_MODEL_PATH, CifarNet, ConvBN, load_model  # noqa: E402
-from sgrad.data import load_test_image  # noqa: E402
-from sgrad.reference import plain_chainer_forward  # noqa: E402
-from sgrad.saliency import GradientEngine, channel_sum_abs, noise_stdev, noisy_copies, smoothgrad  # noqa: E402
-
-
-def median_ms(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+from common import blog_smoothgrad, median_ms
+from model import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_MODEL_PATH, CifarNet, load_model
+from sgrad.data import load_test_image
+from sgrad.reference import plain_chainer_forward
+from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
 
 
 def naive_chainer_smoothgrad(model, x, target, noise, samples, rng):
-    """The blog's code on Chainer's standard layers: one .backward() over the tiled batch."""
-    xv = chainer.Variable(noisy_copies(x, noise, samples, rng))
-    with chainer.using_config('train', False):
-        y = plain_chainer_forward(model, xv)
-    model.cleargrads()
-    F.sum(F.select_item(y, np.full(samples, target, np.int32))).backward()
-    return channel_sum_abs(xv.grad)
+    """The blog's code on Chainer's standard NCHW layers."""
+    return blog_smoothgrad(plain_chainer_forward, model, x, target, noise, samples, rng)
 
 
 def forward_flops(model):

@@ -10,36 +10,13 @@ no trained model exists.
 """
 import argparse
 import os
-import sys
-import time
 
-import chainer
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import DEFAULT_MODEL_PATH, CifarNet, load_model  # noqa: E402
-from sgrad.data import load_test_image  # noqa: E402
-from sgrad.saliency import smoothgrad, channel_sum_abs, noisy_copies  # noqa: E402
-
-
-def blog_backward(model, x, target, noise, samples, rng):
-    """The blog's way: S_c.backward() over the tiled batch, parameter gradients included."""
-    xv = chainer.Variable(noisy_copies(x, noise, samples, rng))
-    with chainer.using_config('train', False):
-        y = model(xv)
-    model.cleargrads()
-    chainer.functions.sum(chainer.functions.select_item(y, np.full(samples, target, np.int32))).backward()
-    return channel_sum_abs(xv.grad)
-
-
-def median_ms(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+from common import blog_smoothgrad, median_ms
+from model import DEFAULT_MODEL_PATH, CifarNet, load_model
+from sgrad.data import load_test_image
+from sgrad.saliency import smoothgrad
 
 
 def main():
@@ -60,7 +37,7 @@ def main():
     variants += [('batched, chunks of %d' % c, smoothgrad_with(c)) for c in args.chunks if c < n]
     variants += [('batched, all %d at once' % n, smoothgrad_with(None)),
                  ('blog: .backward(), all at once',
-                  lambda: blog_backward(model, x, target, noise, n, np.random.RandomState(0)))]
+                  lambda: blog_smoothgrad(CifarNet.__call__, model, x, target, noise, n, np.random.RandomState(0)))]
 
     print('SmoothGrad, one 32x32 image, N=%d, median of %d runs (%s)' % (
         n, args.repeats, 'trained model' if os.path.exists(DEFAULT_MODEL_PATH) else 'random weights'))
