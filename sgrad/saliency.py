@@ -54,7 +54,7 @@ class GradientEngine:
         device = self.model.device
         for start in range(0, n, step):
             chunk = slice(start, min(n, start + step))
-            yield chunk, device.send(np.ascontiguousarray(x[chunk], dtype=np.float32)), device.send(target[chunk])
+            yield chunk, device.send(np.ascontiguousarray(x[chunk])), device.send(target[chunk])
             if self.progress:
                 self.progress(chunk.stop, n)
 
@@ -63,7 +63,7 @@ class GradientEngine:
 
         guided: backpropagate through the ReLUs the Guided Backprop way.
         """
-        grads = np.empty(x.shape, dtype=np.float32)
+        grads = np.empty(x.shape, dtype=x.dtype)
         with chainer.using_config('train', False), chainer.using_config('guided_relu', guided):
             for chunk, xs, ts in self._chunks(x, target):
                 xv = chainer.Variable(xs)
@@ -86,7 +86,7 @@ class GradientEngine:
 
     def objective_values(self, x, target):
         """The objective of every image of x, forward only, shape (N,)."""
-        values = np.empty(len(x), dtype=np.float32)
+        values = np.empty(len(x), dtype=x.dtype)
         with chainer.using_config('train', False), chainer.no_backprop_mode():
             for chunk, xs, ts in self._chunks(x, target):
                 values[chunk] = chainer.backend.CpuDevice().send(self._objective(self.model(xs), ts).array)

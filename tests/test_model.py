@@ -37,7 +37,7 @@ def test_input_gradient_matches_central_differences(image, objective):
         plus[0, c, i, j] += eps
         minus[0, c, i, j] -= eps
         numeric = (objective_value(plus) - objective_value(minus)) / (2 * eps)
-        assert grad[c, i, j] == pytest.approx(numeric, rel=1e-4, abs=1e-8)
+        assert grad[c, i, j] == pytest.approx(numeric, rel=1e-6, abs=1e-10)
 
 
 def nchw_to_cnhw(a):
