@@ -40,7 +40,7 @@ def normalize(x):
 
 
 class ConvBN(chainer.Chain):
-    """3x3 convolution (no bias), batch normalisation, ReLU, on (C, N, H, W) activations."""
+    """3x3 convolution (no bias), batch normalisation, ReLU, on (C, H, W, N) activations."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
@@ -106,12 +106,12 @@ class CifarNet(chainer.Chain):
 
     def features(self, x):
         """The last convolutional block's activations, (N, 8w, 4, 4)."""
-        h = F.transpose(normalize(x), (1, 0, 2, 3))   # (C, N, H, W) inside, see sgrad/ops.py
+        h = F.transpose(normalize(x), (1, 2, 3, 0))   # (C, H, W, N) inside, see sgrad/ops.py
         h = self.prep(h)
         h = self.res1(max_pooling_2x2(self.conv1(h)))
         h = max_pooling_2x2(self.conv2(h))
         h = self.res3(max_pooling_2x2(self.conv3(h)))
-        return F.transpose(h, (1, 0, 2, 3))
+        return F.transpose(h, (3, 0, 1, 2))
 
     def inference_copy(self):
         """A copy for saliency maps: BatchNorm folded into the convolutions (same outputs, faster)."""

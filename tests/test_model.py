@@ -40,8 +40,12 @@ def test_input_gradient_matches_central_differences(image, objective):
         assert grad[c, i, j] == pytest.approx(numeric, rel=1e-6, abs=1e-10)
 
 
-def nchw_to_cnhw(a):
-    return a.transpose(1, 0, 2, 3)
+def nchw_to_chwn(a):
+    return a.transpose(1, 2, 3, 0)
+
+
+def chwn_to_nchw(a):
+    return a.transpose(3, 0, 1, 2)
 
 
 @pytest.mark.parametrize('bias, relu', [(False, False), (True, False), (True, True)])
@@ -54,11 +58,11 @@ def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, 
     reference = F.convolution_2d(x, W, b, pad=1)
     if relu:
         reference = F.relu(reference)
-    y = convolution_3x3(nchw_to_cnhw(x), W, b, relu=relu).array
-    np.testing.assert_allclose(nchw_to_cnhw(y), reference.array, rtol=1e-12, atol=1e-12)
+    y = convolution_3x3(nchw_to_chwn(x), W, b, relu=relu).array
+    np.testing.assert_allclose(chwn_to_nchw(y), reference.array, rtol=1e-12, atol=1e-12)
 
-    inputs = (nchw_to_cnhw(x).copy(), W) + ((b,) if bias else ())
-    gy = rng.randn(5, shape[0], *shape[2:])
+    inputs = (nchw_to_chwn(x).copy(), W) + ((b,) if bias else ())
+    gy = rng.randn(5, *shape[2:], shape[0])
     with chainer.using_config('train', True):  # keeps the im2col buffer for the weight gradient
         gradient_check.check_backward(lambda *a: convolution_3x3(*a, relu=relu), inputs, gy,
                                       dtype=np.float64, atol=1e-6, rtol=1e-6)
@@ -70,8 +74,9 @@ def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, 
 def test_max_pooling_2x2_matches_chainer_and_passes_gradient_check():
     rng = np.random.RandomState(0)
     x = rng.randn(3, 2, 6, 8)
-    np.testing.assert_array_equal(max_pooling_2x2(x).array, F.max_pooling_2d(x, 2).array)
-    gy, ggx = rng.randn(3, 2, 3, 4), rng.randn(3, 2, 6, 8)
+    np.testing.assert_array_equal(chwn_to_nchw(max_pooling_2x2(nchw_to_chwn(x)).array), F.max_pooling_2d(x, 2).array)
+    x = nchw_to_chwn(x).copy()
+    gy, ggx = rng.randn(2, 3, 4, 3), rng.randn(*x.shape)
     gradient_check.check_backward(max_pooling_2x2, x, gy, dtype=np.float64)
     gradient_check.check_double_backward(max_pooling_2x2, x, gy, ggx, dtype=np.float64)
 
