@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from sgrad import InputError, OneLineErrorParser
+from sgrad import InputError, OneLineErrorParser, get_device
 
 DEFAULT_OUT = 'smoothgrad.png'
 
@@ -157,10 +157,10 @@ def load_baseline(args):
     return None if args.baseline == 'black' else load_image_file(args.baseline)[0]
 
 
-def method_row(args, engine, x, target, name, smooth):
+def method_row(args, engine, x, target, name, smooth, baseline=None):
     """Panels and |maps| of one method: plain, or smoothed at each noise level."""
     from sgrad.saliency import IntegratedGradients, SmoothGrad, make_method
-    base = make_method(name, engine, args.steps, load_baseline(args))
+    base = make_method(name, engine, args.steps, baseline)
     if not smooth:
         attribution = base(x, target)
         if isinstance(base, IntegratedGradients):
@@ -184,14 +184,13 @@ def method_row(args, engine, x, target, name, smooth):
 
 
 def run(args):
-    import chainer
     from model import CLASS_NAMES, load_model
     from sgrad.saliency import METHODS, GradientEngine, channel_sum_abs
 
     x, true_label, name = load_input(args)
+    baseline = load_baseline(args)
     model = load_model(args.model)
-    device = chainer.get_device(args.gpu if args.gpu >= 0 else '@numpy')
-    model.to_device(device)
+    model.to_device(get_device(args.gpu))
     engine = GradientEngine(model, args.objective, args.batchsize, progress_bar)
 
     probs = engine.probabilities(x[None])[0]
@@ -211,14 +210,14 @@ def run(args):
         args.noise = [noise if noise > 0 else 0.1]
         rows = []
         for method in METHODS:
-            plain, _ = method_row(args, engine, x, target, method, smooth=False)
-            smoothed, _ = method_row(args, engine, x, target, method, smooth=True)
+            plain, _ = method_row(args, engine, x, target, method, False, baseline)
+            smoothed, _ = method_row(args, engine, x, target, method, True, baseline)
             rows.append([input_panel] + plain + [None] * (2 - len(plain)) + smoothed[:1])
         title += ', smoothed with noise %g%%, N=%d (%s)' % (100 * args.noise[0], args.samples, args.aggregate)
     else:
         smooth = args.smooth or args.method == 'smoothgrad'
         method = 'gradient' if args.method == 'smoothgrad' else args.method
-        panels, attributions = method_row(args, engine, x, target, method, smooth)
+        panels, attributions = method_row(args, engine, x, target, method, smooth, baseline)
         rows = [[input_panel] + panels]
         if smooth:
             title += ', N=%d (%s)' % (args.samples, args.aggregate)

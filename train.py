@@ -25,7 +25,7 @@ from chainer import training  # noqa: E402
 from chainer.training import extensions  # noqa: E402
 
 from model import CLASS_NAMES, CifarNet, DEFAULT_MODEL_PATH, load_model  # noqa: E402
-from sgrad import InputError  # noqa: E402
+from sgrad import InputError, get_device  # noqa: E402
 from sgrad.data import load_cifar10  # noqa: E402
 
 
@@ -135,17 +135,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = chainer.get_device(args.gpu if args.gpu >= 0 else '@numpy')
+    try:
+        device = get_device(args.gpu)
+        model = load_model(args.evaluate) if args.evaluate else None
+    except InputError as e:
+        print('train.py: error: %s' % e, file=sys.stderr)
+        return 2
     train, test = load_cifar10()
     if args.test_size:
         test = test[:args.test_size]
 
     if args.evaluate:
-        try:
-            model = load_model(args.evaluate)
-        except InputError as e:
-            print('error: %s' % e, file=sys.stderr)
-            return 2
         model = model.inference_copy()  # BatchNorm folded: same predictions, faster
         model.to_device(device)
         print_evaluation(*evaluate(model, test, 500, device))

@@ -11,3 +11,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, '%s: error: %s\n' % (self.prog, message))
+
+
+def get_device(gpu):
+    """Chainer's device for a --gpu flag (negative: the CPU), or an InputError."""
+    import chainer
+    try:
+        return chainer.get_device(gpu if gpu >= 0 else '@numpy')
+    except Exception as e:  # CuPy missing, no such GPU: Chainer raises several kinds
+        raise InputError('cannot use GPU %d (%s)' % (gpu, ' '.join(str(e).split())))
