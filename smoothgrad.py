@@ -13,11 +13,10 @@ channels into a 32x32 map.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
-from sgrad import InputError, OneLineErrorParser, get_device
+from sgrad import InputError, OneLineErrorParser, get_device, write_atomic
 
 DEFAULT_OUT = 'smoothgrad.png'
 
@@ -82,19 +81,6 @@ def parse_label(parser, label, names):
     if label in names:
         return names.index(label)
     parser.error('--label must be 0-%d or a class name, got %r' % (len(names) - 1, label))
-
-
-def write_atomic(path, write):
-    """Call write(file) on a temporary file beside ``path``, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def visualize(attribution, signed=False, percentile=99):

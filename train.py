@@ -12,7 +12,6 @@ use a local copy instead of downloading it.
 import argparse
 import os
 import sys
-import tempfile
 
 import matplotlib
 matplotlib.use('Agg')
@@ -25,7 +24,7 @@ from chainer import training  # noqa: E402
 from chainer.training import extensions  # noqa: E402
 
 from model import CLASS_NAMES, CifarNet, DEFAULT_MODEL_PATH, load_model  # noqa: E402
-from sgrad import InputError, get_device  # noqa: E402
+from sgrad import InputError, get_device, write_atomic  # noqa: E402
 from sgrad.data import load_cifar10  # noqa: E402
 
 
@@ -70,16 +69,8 @@ def one_cycle_lr(peak, total_iterations, warmup_fraction=0.25):
 
 def save_npz_atomic(path, model):
     """save_npz through a temporary file and a rename: never a half-written model."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.npz.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            chainer.serializers.save_npz(f, model)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda f: chainer.serializers.save_npz(f, model))
 
 
 def evaluate(model, dataset, batchsize, device):

@@ -1,5 +1,7 @@
 """Helpers behind smoothgrad.py, model.py, train.py and evaluate_saliency.py."""
 import argparse
+import os
+import tempfile
 
 
 class InputError(ValueError):
@@ -20,3 +22,16 @@ def get_device(gpu):
         return chainer.get_device(gpu if gpu >= 0 else '@numpy')
     except Exception as e:  # CuPy missing, no such GPU: Chainer raises several kinds
         raise InputError('cannot use GPU %d (%s)' % (gpu, ' '.join(str(e).split())))
+
+
+def write_atomic(path, write):
+    """Call write(file) on a temporary file beside ``path``, then rename it into place:
+    an interrupted write never leaves a half-written ``path`` (nor the temporary file)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
