@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from sgrad import InputError, OneLineErrorParser
+from sgrad import InputError, OneLineErrorParser, write_atomic
 
 
 LAYERS_FROM_LOGITS = ('fc', 'res3', 'conv3', 'conv2', 'res1', 'conv1', 'prep')
@@ -60,14 +60,14 @@ class Report:
 
     def figure(self, name):
         import matplotlib.pyplot as plt
-        path = os.path.join(self.out_dir, name)
-        plt.savefig(path, dpi=100, bbox_inches='tight')
+        write_atomic(os.path.join(self.out_dir, name),
+                     lambda f: plt.savefig(f, format='png', dpi=100, bbox_inches='tight'))
         plt.close('all')
         self.lines += ['![%s](%s)' % (name, name), '']
 
     def save(self):
-        with open(os.path.join(self.out_dir, 'results.md'), 'w') as f:
-            f.write('\n'.join(self.lines) + '\n')
+        text = '\n'.join(self.lines) + '\n'
+        write_atomic(os.path.join(self.out_dir, 'results.md'), lambda f: f.write(text.encode()))
 
 
 def sanity_check(args, model, images, targets, report):
