@@ -224,7 +224,7 @@ def main(argv=None):
         line = '%s: %d images, %.0f s on this machine' % (name, n, time.time() - start)
         print(line + '\n')
         report.lines += ['_%s_' % line, '']
-    report.save()
+        report.save()  # after every section, so a long run that is cut keeps what it finished
     print('tables and plots in %s' % args.out_dir)
     return 0
 
