@@ -28,7 +28,10 @@ def write_atomic(path, write):
     """Call write(file) on a temporary file beside ``path``, then rename it into place:
     an interrupted write never leaves a half-written ``path`` (nor the temporary file)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
         with os.fdopen(fd, 'wb') as f:
             write(f)
         os.replace(tmp, path)
