@@ -43,7 +43,8 @@ def make_methods(engine, samples, steps):
 def maps_of(method, images, targets):
     """|map| and signed map (None for unsigned methods), each (N, H, W)."""
     attribution = method.attribute(images, targets)
-    return np.abs(attribution).sum(axis=1), attribution.sum(axis=1) if method.signed else None
+    from sgrad.saliency import channel_sum_abs
+    return channel_sum_abs(attribution), attribution.sum(axis=1) if method.signed else None
 
 
 class Report:

@@ -86,7 +86,8 @@ def parse_label(parser, label, names):
 def visualize(attribution, signed=False, percentile=99):
     """PAIR's display of a (C, H, W) attribution as a 2-D map in [0, 1] (or [-1, 1] if signed):
     summed over channels (of |a| unless signed), divided by its 99th percentile, clipped."""
-    m = attribution.sum(axis=0) if signed else np.abs(attribution).sum(axis=0)
+    from sgrad.saliency import channel_sum_abs
+    m = attribution.sum(axis=0) if signed else channel_sum_abs(attribution)
     vmax = np.percentile(np.abs(m), percentile)
     return np.clip(m / vmax, -1, 1) if vmax > 0 else np.zeros_like(m)
 
