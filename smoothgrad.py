@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from sgrad import InputError, OneLineErrorParser, get_device, write_atomic
+from sgrad import InputError, OneLineErrorParser, get_device, progress_bar, write_atomic
 
 DEFAULT_OUT = 'smoothgrad.png'
 
@@ -116,15 +116,6 @@ def draw_grid(f, rows, title):
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
-
-
-def progress_bar(done, total):
-    if sys.stderr.isatty():
-        width = 30
-        filled = width * done // total
-        sys.stderr.write('\r[%s%s] %d/%d images' % ('#' * filled, '.' * (width - filled), done, total))
-        if done == total:
-            sys.stderr.write('\n')
 
 
 def load_input(args):

@@ -1,6 +1,7 @@
 """Helpers behind smoothgrad.py, model.py, train.py and evaluate_saliency.py."""
 import argparse
 import os
+import sys
 import tempfile
 
 
@@ -38,3 +39,13 @@ def write_atomic(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def progress_bar(done, total, unit='images'):
+    """Redraw ``[####......] done/total unit`` on stderr when it is a terminal (logs stay clean)."""
+    if sys.stderr.isatty():
+        width = 30
+        filled = width * done // total
+        sys.stderr.write('\r[%s%s] %d/%d %s' % ('#' * filled, '.' * (width - filled), done, total, unit))
+        if done == total:
+            sys.stderr.write('\n')
