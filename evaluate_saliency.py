@@ -9,10 +9,11 @@
    map for signed methods) and the SSIM between the trained and the randomized model's maps,
    averaged over the first --images test images.
 2. Deletion and insertion (Petsiuk et al. 2018): the target-class probability as the most salient
-   pixels are blacked out (deletion, lower area is better) or copied onto a blurred image
-   (insertion, higher is better), over --deletion-images test images, with a random order as baseline.
-3. SmoothGrad's two knobs: noise level (deletion AUC) and sample count (stability: the rank
-   correlation of two maps from independent noise draws), with picture grids.
+   pixels are blacked out (deletion) or replaced by a blurred copy (blurred deletion), lower area
+   is better, or copied onto a blurred image (insertion, higher is better), over --deletion-images
+   test images, with a random order as baseline.
+3. SmoothGrad's two knobs: noise level (the three areas above) and sample count (stability: the
+   rank correlation of two maps from independent noise draws), with picture grids.
 
 Tables go to stdout and OUT_DIR/results.md, plots to OUT_DIR. The target class is the trained
 model's prediction. Needs a local CIFAR-10 (CHAINER_DATASET_ROOT) and the trained model.
@@ -24,12 +25,15 @@ import time
 
 import numpy as np
 
-from sgrad import InputError, OneLineErrorParser, write_atomic
+from sgrad import InputError, OneLineErrorParser, progress_bar, write_atomic
 
 
 LAYERS_FROM_LOGITS = ('fc', 'res3', 'conv3', 'conv2', 'res1', 'conv1', 'prep')
 NOISE_LEVELS = (0., 0.05, 0.1, 0.2, 0.3, 0.5)
 SAMPLE_COUNTS = (1, 5, 10, 25, 50, 100, 200)
+PERTURBATION_HEADERS = {'deletion': 'deletion AUC (lower is better)',
+                        'blurred deletion': 'blurred deletion AUC (lower is better)',
+                        'insertion': 'insertion AUC (higher is better)'}
 
 
 def make_methods(engine, samples, steps):
@@ -75,12 +79,16 @@ def sanity_check(args, model, images, targets, report):
     import matplotlib.pyplot as plt
     from sgrad.metrics import cascading_randomization, spearman, ssim
     from sgrad.saliency import GradientEngine
+    stages = ('trained',) + LAYERS_FROM_LOGITS
+    progress = lambda done: progress_bar(done, len(stages), 'models mapped (trained, then randomized)')
+    progress(0)
     trained = {name: maps_of(m, images, targets)
                for name, m in make_methods(GradientEngine(model, batchsize=args.batchsize),
                                            args.samples, args.steps).items()}
+    progress(1)
     curves = {name: [(1., 1. if trained[name][1] is not None else None, 1.)] for name in trained}
-    for layer, randomized in cascading_randomization(model, LAYERS_FROM_LOGITS, args.seed):
-        print('randomized down to %s' % layer, file=sys.stderr)
+    randomized_models = cascading_randomization(model, LAYERS_FROM_LOGITS, args.seed)
+    for done, (_, randomized) in enumerate(randomized_models, start=2):
         methods = make_methods(GradientEngine(randomized, batchsize=args.batchsize), args.samples, args.steps)
         for name, method in methods.items():
             (abs_t, signed_t), (abs_r, signed_r) = trained[name], maps_of(method, images, targets)
@@ -88,7 +96,7 @@ def sanity_check(args, model, images, targets, report):
                 np.mean([spearman(a, b) for a, b in zip(abs_t, abs_r)]),
                 np.mean([spearman(a, b) for a, b in zip(signed_t, signed_r)]) if signed_t is not None else None,
                 np.mean([ssim(a, b) for a, b in zip(abs_t, abs_r)])))
-    stages = ('trained',) + LAYERS_FROM_LOGITS
+        progress(done)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, values in curves.items():
         axes[0].plot(stages, [v[0] for v in values], marker='o', label=name)
@@ -106,39 +114,50 @@ def sanity_check(args, model, images, targets, report):
     report.figure('sanity_randomization.png')
 
 
+def auc_cells(curves):
+    """The area under each kind of perturbation curve as 'mean ± standard error' table cells."""
+    from sgrad.metrics import area_under_curve
+    areas = [area_under_curve(curves[kind]) for kind in PERTURBATION_HEADERS]
+    return ['%.3f ± %.3f' % (a.mean(), a.std() / np.sqrt(len(a))) for a in areas]
+
+
 def deletion_insertion(args, model, images, targets, report):
     import matplotlib.pyplot as plt
-    from sgrad.metrics import area_under_curve, perturbation_curves
+    from sgrad.metrics import perturbation_curves
     from sgrad.saliency import GradientEngine
     engine = GradientEngine(model, batchsize=args.batchsize)
-    rng = np.random.RandomState(args.seed)
-    orderings = {name: maps_of(m, images, targets)[0]
-                 for name, m in make_methods(engine, args.samples, args.steps).items()}
-    orderings['random (baseline)'] = rng.rand(*orderings['gradient'].shape)
-    rows, fig = [], plt.figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2)
-    for name, maps in orderings.items():
-        deletion, insertion = perturbation_curves(engine, images, maps, targets, args.perturbation_steps)
-        d, i = area_under_curve(deletion), area_under_curve(insertion)
-        rows.append([name, '%.3f ± %.3f' % (d.mean(), d.std() / np.sqrt(len(d))),
-                     '%.3f ± %.3f' % (i.mean(), i.std() / np.sqrt(len(i)))])
-        fraction = np.linspace(0, 1, args.perturbation_steps + 1)
-        axes[0].plot(fraction, deletion.mean(axis=0), label=name)
-        axes[1].plot(fraction, insertion.mean(axis=0), label=name)
-    for ax, kind in zip(axes, ('deletion (lower is better)', 'insertion (higher is better)')):
+    methods = make_methods(engine, args.samples, args.steps)
+    steps = 2 * len(methods) + 1  # each method's maps, then every ordering's curves
+    progress = lambda done: progress_bar(done, steps, 'steps (maps, then curves)')
+    orderings = {}
+    for done, (name, method) in enumerate(methods.items()):
+        progress(done)
+        orderings[name] = maps_of(method, images, targets)[0]
+    orderings['random (baseline)'] = np.random.RandomState(args.seed).rand(*orderings['gradient'].shape)
+    rows, fig = [], plt.figure(figsize=(15, 4))
+    axes = dict(zip(PERTURBATION_HEADERS, fig.subplots(1, len(PERTURBATION_HEADERS))))
+    fraction = np.linspace(0, 1, args.perturbation_steps + 1)
+    for done, (name, maps) in enumerate(orderings.items(), start=len(methods)):
+        progress(done)
+        curves = perturbation_curves(engine, images, maps, targets, args.perturbation_steps)
+        rows.append([name] + auc_cells(curves))
+        for kind, ax in axes.items():
+            ax.plot(fraction, curves[kind].mean(axis=0), label=name)
+    progress(steps)
+    for kind, ax in axes.items():
         ax.set_xlabel('fraction of pixels')
         ax.set_ylabel('probability of the target class')
-        ax.set_title(kind)
+        ax.set_title(kind + (' (higher is better)' if kind == 'insertion' else ' (lower is better)'))
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes['insertion'].legend(fontsize=8)
     report.table('Deletion and insertion AUC over %d test images (mean ± s.e.)' % len(images),
-                 ['method', 'deletion AUC (lower is better)', 'insertion AUC (higher is better)'], rows)
+                 ['method'] + list(PERTURBATION_HEADERS.values()), rows)
     report.figure('deletion_insertion.png')
 
 
 def knobs(args, model, images, targets, report):
     import matplotlib.pyplot as plt
-    from sgrad.metrics import area_under_curve, perturbation_curves, spearman
+    from sgrad.metrics import perturbation_curves, spearman
     from sgrad.saliency import Gradient, GradientEngine, SmoothGrad
     engine = GradientEngine(model, batchsize=args.batchsize)
 
@@ -146,18 +165,23 @@ def knobs(args, model, images, targets, report):
         method = SmoothGrad(Gradient(engine), noise, samples, 'sum_abs', np.random.RandomState(seed))
         return maps_of(method, images, targets)[0]
 
-    noise_maps = {noise: smoothgrad_maps(noise, args.samples, args.seed) for noise in NOISE_LEVELS}
-    rows = []
-    for noise, maps in noise_maps.items():
-        auc = area_under_curve(perturbation_curves(engine, images, maps, targets, args.perturbation_steps)[0])
-        rows.append(['%g%%' % (100 * noise), '%.3f ± %.3f' % (auc.mean(), auc.std() / np.sqrt(len(auc)))])
-    report.table('Noise level: deletion AUC of SmoothGrad (N=%d) over %d images' % (args.samples, len(images)),
-                 ['noise', 'deletion AUC (lower is better)'], rows)
+    steps = len(NOISE_LEVELS) + len(SAMPLE_COUNTS)
+    progress = lambda done: progress_bar(done, steps, 'settings (noise levels, then sample counts)')
+    noise_maps, rows = {}, []
+    for done, noise in enumerate(NOISE_LEVELS):
+        progress(done)
+        noise_maps[noise] = maps = smoothgrad_maps(noise, args.samples, args.seed)
+        curves = perturbation_curves(engine, images, maps, targets, args.perturbation_steps)
+        rows.append(['%g%%' % (100 * noise)] + auc_cells(curves))
+    report.table('Noise level: SmoothGrad (N=%d) over %d images' % (args.samples, len(images)),
+                 ['noise'] + list(PERTURBATION_HEADERS.values()), rows)
     sample_maps, rows = {}, []
-    for samples in SAMPLE_COUNTS:
+    for done, samples in enumerate(SAMPLE_COUNTS, start=len(NOISE_LEVELS)):
+        progress(done)
         a, b = smoothgrad_maps(0.1, samples, args.seed), smoothgrad_maps(0.1, samples, args.seed + 1)
         sample_maps[samples] = a
         rows.append([samples, '%.3f' % np.mean([spearman(x, y) for x, y in zip(a, b)])])
+    progress(steps)
     report.table('Sample count: stability of SmoothGrad (noise 10%%), the Spearman correlation of two maps from '
                  'independent noise, mean over %d images' % len(images), ['samples N', 'stability'], rows)
 

@@ -70,25 +70,27 @@ def blur(x, k=5):
 
 
 def perturbation_curves(engine, images, maps, targets, steps=16):
-    """Deletion and insertion curves: the softmax probability of the target class as the
-    most salient pixels are set to black (deletion) or copied onto a blurred canvas
-    (insertion), 1/steps of the pixels at a time. Returns two (N, steps + 1) arrays."""
+    """The softmax probability of the target class as the most salient pixels, 1/steps of
+    them at a time, are set to black ('deletion', as in the paper), replaced by a blurred copy
+    ('blurred deletion': no black holes, which a CNN may react to whatever their place), or
+    restored onto a blurred canvas ('insertion'). Returns {kind: (N, steps + 1) array}."""
     n, c, h, w = images.shape
     order = np.argsort(-maps.reshape(n, -1), axis=1, kind='stable')
     counts = np.linspace(0, h * w, steps + 1).astype(int)
-    revealed = np.zeros((n, steps + 1, h * w), dtype=bool)
+    salient = np.zeros((n, steps + 1, h * w), dtype=bool)
     for k, count in enumerate(counts):
-        np.put_along_axis(revealed[:, k], order[:, :count], True, axis=1)
-    revealed = revealed.reshape(n, steps + 1, 1, h, w)
-    canvases = {'deletion': np.zeros_like(images), 'insertion': blur(images)}
+        np.put_along_axis(salient[:, k], order[:, :count], True, axis=1)
+    salient = salient.reshape(n, steps + 1, 1, h, w)
+    blurred = blur(images)
+    perturbations = {'deletion': (np.zeros_like(images), ~salient),
+                     'blurred deletion': (blurred, ~salient),
+                     'insertion': (blurred, salient)}
     curves = {}
-    for kind, canvas in canvases.items():
-        # deletion: salient pixels replaced by the canvas; insertion: salient pixels restored
-        keep_image = ~revealed if kind == 'deletion' else revealed
+    for kind, (canvas, keep_image) in perturbations.items():
         batch = np.where(keep_image, images[:, None], canvas[:, None]).reshape(-1, c, h, w)
         probs = engine.probabilities(batch)[np.arange(len(batch)), np.repeat(targets, steps + 1)]
         curves[kind] = probs.reshape(n, steps + 1)
-    return curves['deletion'], curves['insertion']
+    return curves
 
 
 def area_under_curve(curves):

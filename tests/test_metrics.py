@@ -40,21 +40,29 @@ class WeightedPixels(chainer.Chain):
 
 def test_oracle_ordering_beats_random_on_deletion_and_insertion():
     rng = np.random.RandomState(0)
+    # Only one region matters, through a checkerboard pattern: black and blur both erase it.
+    checkerboard = (-1.) ** np.add.outer(np.arange(7), np.arange(8))
     images = rng.rand(8, 3, 16, 16).astype(np.float32)
+    images[..., 2:9, 4:12] = 0.5 + rng.uniform(0.3, 0.45, (8, 3, 1, 1)) * checkerboard
     w = np.zeros((1, 3, 16, 16), np.float32)
-    w[..., 2:9, 4:12] = rng.rand(1, 3, 7, 8) * 0.5  # only one region matters
-    engine = GradientEngine(WeightedPixels(w, 10.))
+    w[..., 2:9, 4:12] = rng.rand(1, 3, 7, 8) * 0.5 * checkerboard
+    engine = GradientEngine(WeightedPixels(w, 8.))
     targets = np.zeros(8, np.int32)
-    oracle = channel_sum_abs(images * w)
-    random = rng.rand(8, 16, 16)
-    oracle_del, oracle_ins = perturbation_curves(engine, images, oracle, targets, steps=8)
-    random_del, random_ins = perturbation_curves(engine, images, random, targets, steps=8)
-    assert (oracle_del[:, 0] > 0.99).all()  # the untouched images are confidently class 0
-    assert area_under_curve(oracle_del).mean() < area_under_curve(random_del).mean() - 0.1
+    oracle_maps, random_maps = channel_sum_abs(images * w), rng.rand(8, 16, 16)
+    oracle = perturbation_curves(engine, images, oracle_maps, targets, steps=8)
+    random = perturbation_curves(engine, images, random_maps, targets, steps=8)
+    assert sorted(oracle) == ['blurred deletion', 'deletion', 'insertion']
+    untouched = oracle['deletion'][:, 0]
+    assert (untouched > 0.99).all()  # the untouched images are confidently class 0
+    for kind in ('deletion', 'blurred deletion'):
+        assert area_under_curve(oracle[kind]).mean() < area_under_curve(random[kind]).mean() - 0.1
+        np.testing.assert_allclose(oracle[kind][:, 0], untouched)
+    assert area_under_curve(oracle['insertion']).mean() > area_under_curve(random['insertion']).mean() + 0.1
     # the curves end where they must: everything deleted / everything restored
-    np.testing.assert_allclose(oracle_del[:, -1], random_del[:, -1])
-    np.testing.assert_allclose(oracle_ins[:, -1], oracle_del[:, 0], rtol=1e-5)
-    np.testing.assert_allclose(random_ins[:, -1], oracle_del[:, 0], rtol=1e-5)
+    for kind in oracle:
+        np.testing.assert_allclose(oracle[kind][:, -1], random[kind][:, -1])
+    np.testing.assert_allclose(oracle['insertion'][:, -1], untouched, rtol=1e-5)
+    np.testing.assert_allclose(oracle['blurred deletion'][:, -1], oracle['insertion'][:, 0])
 
 
 def test_area_under_curve_of_known_curves():
