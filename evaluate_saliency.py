@@ -11,7 +11,8 @@
 2. Deletion and insertion (Petsiuk et al. 2018): the target-class probability as the most salient
    pixels are blacked out (deletion) or replaced by a blurred copy (blurred deletion), lower area
    is better, or copied onto a blurred image (insertion, higher is better), over --deletion-images
-   test images, with a random order as baseline.
+   test images. Pixels are ordered by |map|, and also by the signed map (most positive first) for
+   signed methods, with a random order as baseline.
 3. SmoothGrad's two knobs: noise level (the three areas above) and sample count (stability: the
    rank correlation of two maps from independent noise draws), with picture grids.
 
@@ -86,17 +87,26 @@ def sanity_check(args, model, images, targets, report):
                for name, m in make_methods(GradientEngine(model, batchsize=args.batchsize),
                                            args.samples, args.steps).items()}
     progress(1)
-    curves = {name: [(1., 1. if trained[name][1] is not None else None, 1.)] for name in trained}
+
+    def similarity(maps_a, maps_b):
+        """Mean over images of Spearman(|map|), Spearman(signed map) (None if unsigned), SSIM(|map|)."""
+        (abs_a, signed_a), (abs_b, signed_b) = maps_a, maps_b
+        return (np.mean([spearman(a, b) for a, b in zip(abs_a, abs_b)]),
+                np.mean([spearman(a, b) for a, b in zip(signed_a, signed_b)]) if signed_a is not None else None,
+                np.mean([ssim(a, b) for a, b in zip(abs_a, abs_b)]))
+
+    curves = {name: [similarity(maps, maps)] for name, maps in trained.items()}
     randomized_models = cascading_randomization(model, LAYERS_FROM_LOGITS, args.seed)
     for done, (_, randomized) in enumerate(randomized_models, start=2):
         methods = make_methods(GradientEngine(randomized, batchsize=args.batchsize), args.samples, args.steps)
-        for name, method in methods.items():
-            (abs_t, signed_t), (abs_r, signed_r) = trained[name], maps_of(method, images, targets)
-            curves[name].append((
-                np.mean([spearman(a, b) for a, b in zip(abs_t, abs_r)]),
-                np.mean([spearman(a, b) for a, b in zip(signed_t, signed_r)]) if signed_t is not None else None,
-                np.mean([ssim(a, b) for a, b in zip(abs_t, abs_r)])))
+        randomized_maps = {name: maps_of(method, images, targets) for name, method in methods.items()}
+        for name, maps in randomized_maps.items():
+            curves[name].append(similarity(trained[name], maps))
         progress(done)
+    # Control: the fully randomized model's map of the *next* image. What the same-image
+    # correlation has beyond this is about the image; this part is a spatial prior of the method.
+    other_image = {name: similarity(trained[name], [None if m is None else np.roll(m, 1, axis=0) for m in maps])
+                   for name, maps in randomized_maps.items()}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, values in curves.items():
         axes[0].plot(stages, [v[0] for v in values], marker='o', label=name)
@@ -107,10 +117,11 @@ def sanity_check(args, model, images, targets, report):
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle('Cascading randomization, %d CIFAR-10 test images' % len(images))
+    cell = lambda v: '%.2f / %s / %.2f' % (v[0], '-' if v[1] is None else '%.2f' % v[1], v[2])
     report.table('Cascading randomization: Spearman |map| / Spearman signed / SSIM, mean over %d images'
-                 % len(images), ['method'] + list(stages[1:]),
-                 [[name] + ['%.2f / %s / %.2f' % (v[0], '-' if v[1] is None else '%.2f' % v[1], v[2])
-                            for v in values[1:]] for name, values in curves.items()])
+                 % len(images), ['method'] + list(stages[1:]) + ['%s, next image (control)' % stages[-1]],
+                 [[name] + [cell(v) for v in values[1:]] + [cell(other_image[name])]
+                  for name, values in curves.items()])
     report.figure('sanity_randomization.png')
 
 
@@ -127,31 +138,36 @@ def deletion_insertion(args, model, images, targets, report):
     from sgrad.saliency import GradientEngine
     engine = GradientEngine(model, batchsize=args.batchsize)
     methods = make_methods(engine, args.samples, args.steps)
-    steps = 2 * len(methods) + 1  # each method's maps, then every ordering's curves
+    # each method's maps, then the curves of every ordering: |map|, the signed map and random
+    steps = 2 * len(methods) + sum(m.signed for m in methods.values()) + 1
     progress = lambda done: progress_bar(done, steps, 'steps (maps, then curves)')
-    orderings = {}
+    orderings = []  # (label, maps, line style)
     for done, (name, method) in enumerate(methods.items()):
         progress(done)
-        orderings[name] = maps_of(method, images, targets)[0]
-    orderings['random (baseline)'] = np.random.RandomState(args.seed).rand(*orderings['gradient'].shape)
-    rows, fig = [], plt.figure(figsize=(15, 4))
+        abs_maps, signed_maps = maps_of(method, images, targets)
+        orderings.append((name, abs_maps, dict(color='C%d' % done)))
+        if signed_maps is not None:  # evidence for the class first, evidence against it last
+            orderings.append((name + ' (signed)', signed_maps, dict(color='C%d' % done, linestyle='--')))
+    random_maps = np.random.RandomState(args.seed).rand(*abs_maps.shape)
+    orderings.append(('random (baseline)', random_maps, dict(color='black', linestyle=':')))
+    rows, fig = [], plt.figure(figsize=(17, 4))
     axes = dict(zip(PERTURBATION_HEADERS, fig.subplots(1, len(PERTURBATION_HEADERS))))
     fraction = np.linspace(0, 1, args.perturbation_steps + 1)
-    for done, (name, maps) in enumerate(orderings.items(), start=len(methods)):
+    for done, (name, maps, style) in enumerate(orderings, start=len(methods)):
         progress(done)
         curves = perturbation_curves(engine, images, maps, targets, args.perturbation_steps)
         rows.append([name] + auc_cells(curves))
         for kind, ax in axes.items():
-            ax.plot(fraction, curves[kind].mean(axis=0), label=name)
+            ax.plot(fraction, curves[kind].mean(axis=0), label=name, **style)
     progress(steps)
     for kind, ax in axes.items():
         ax.set_xlabel('fraction of pixels')
         ax.set_ylabel('probability of the target class')
         ax.set_title(kind + (' (higher is better)' if kind == 'insertion' else ' (lower is better)'))
         ax.grid(True, alpha=0.3)
-    axes['insertion'].legend(fontsize=8)
+    axes['insertion'].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
     report.table('Deletion and insertion AUC over %d test images (mean ± s.e.)' % len(images),
-                 ['method'] + list(PERTURBATION_HEADERS.values()), rows)
+                 ['pixel order'] + list(PERTURBATION_HEADERS.values()), rows)
     report.figure('deletion_insertion.png')
 
 
