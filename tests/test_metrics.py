@@ -103,4 +103,6 @@ def test_evaluate_saliency_end_to_end(tmp_path, model_file):
     assert sorted(os.listdir(out)) == ['deletion_insertion.png', 'knob_noise.png', 'knob_samples.png',
                                        'results.md', 'sanity_randomization.png']
     text = open(os.path.join(out, 'results.md')).read()
-    assert 'random (baseline)' in text and 'Cascading randomization' in text
+    for expected in ('Cascading randomization', 'next image (control)', 'random (baseline)',
+                     'integrated_gradients (signed)', 'blurred deletion AUC', 'Sample count'):
+        assert expected in text
