@@ -103,8 +103,8 @@ def sanity_check(args, model, images, targets, report):
         for name, maps in randomized_maps.items():
             curves[name].append(similarity(trained[name], maps))
         progress(done)
-    # Control: the fully randomized model's map of the *next* image. What the same-image
-    # correlation has beyond this is about the image; this part is a spatial prior of the method.
+    # Control: the fully randomized model's map of the *next* image. The same-image correlation
+    # beyond this level comes from the image; up to it, from a pattern the method draws everywhere.
     other_image = {name: similarity(trained[name], [None if m is None else np.roll(m, 1, axis=0) for m in maps])
                    for name, maps in randomized_maps.items()}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
