@@ -32,9 +32,9 @@ from sgrad import InputError, OneLineErrorParser, progress_bar, write_atomic
 LAYERS_FROM_LOGITS = ('fc', 'res3', 'conv3', 'conv2', 'res1', 'conv1', 'prep')
 NOISE_LEVELS = (0., 0.05, 0.1, 0.2, 0.3, 0.5)
 SAMPLE_COUNTS = (1, 5, 10, 25, 50, 100, 200)
-PERTURBATION_HEADERS = {'deletion': 'deletion AUC (lower is better)',
-                        'blurred deletion': 'blurred deletion AUC (lower is better)',
-                        'insertion': 'insertion AUC (higher is better)'}
+#: The curves of sgrad.metrics.perturbation_curves, and which way their area is better.
+BETTER_AREA = {'deletion': 'lower', 'blurred deletion': 'lower', 'insertion': 'higher'}
+AREA_HEADERS = ['%s AUC (%s is better)' % item for item in BETTER_AREA.items()]
 
 
 def make_methods(engine, samples, steps):
@@ -47,8 +47,8 @@ def make_methods(engine, samples, steps):
 
 def maps_of(method, images, targets):
     """|map| and signed map (None for unsigned methods), each (N, H, W)."""
-    attribution = method.attribute(images, targets)
     from sgrad.saliency import channel_sum_abs
+    attribution = method.attribute(images, targets)
     return channel_sum_abs(attribution), attribution.sum(axis=1) if method.signed else None
 
 
@@ -128,7 +128,7 @@ def sanity_check(args, model, images, targets, report):
 def auc_cells(curves):
     """The area under each kind of perturbation curve as 'mean ± standard error' table cells."""
     from sgrad.metrics import area_under_curve
-    areas = [area_under_curve(curves[kind]) for kind in PERTURBATION_HEADERS]
+    areas = [area_under_curve(curves[kind]) for kind in BETTER_AREA]
     return ['%.3f ± %.3f' % (a.mean(), a.std() / np.sqrt(len(a))) for a in areas]
 
 
@@ -151,7 +151,7 @@ def deletion_insertion(args, model, images, targets, report):
     random_maps = np.random.RandomState(args.seed).rand(*abs_maps.shape)
     orderings.append(('random (baseline)', random_maps, dict(color='black', linestyle=':')))
     rows, fig = [], plt.figure(figsize=(17, 4))
-    axes = dict(zip(PERTURBATION_HEADERS, fig.subplots(1, len(PERTURBATION_HEADERS))))
+    axes = dict(zip(BETTER_AREA, fig.subplots(1, len(BETTER_AREA))))
     fraction = np.linspace(0, 1, args.perturbation_steps + 1)
     for done, (name, maps, style) in enumerate(orderings, start=len(methods)):
         progress(done)
@@ -163,11 +163,11 @@ def deletion_insertion(args, model, images, targets, report):
     for kind, ax in axes.items():
         ax.set_xlabel('fraction of pixels')
         ax.set_ylabel('probability of the target class')
-        ax.set_title(kind + (' (higher is better)' if kind == 'insertion' else ' (lower is better)'))
+        ax.set_title('%s (%s is better)' % (kind, BETTER_AREA[kind]))
         ax.grid(True, alpha=0.3)
     axes['insertion'].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
     report.table('Deletion and insertion AUC over %d test images (mean ± s.e.)' % len(images),
-                 ['pixel order'] + list(PERTURBATION_HEADERS.values()), rows)
+                 ['pixel order'] + AREA_HEADERS, rows)
     report.figure('deletion_insertion.png')
 
 
@@ -190,7 +190,7 @@ def knobs(args, model, images, targets, report):
         curves = perturbation_curves(engine, images, maps, targets, args.perturbation_steps)
         rows.append(['%g%%' % (100 * noise)] + auc_cells(curves))
     report.table('Noise level: SmoothGrad (N=%d) over %d images' % (args.samples, len(images)),
-                 ['noise'] + list(PERTURBATION_HEADERS.values()), rows)
+                 ['noise'] + AREA_HEADERS, rows)
     sample_maps, rows = {}, []
     for done, samples in enumerate(SAMPLE_COUNTS, start=len(NOISE_LEVELS)):
         progress(done)
