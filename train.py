@@ -24,7 +24,7 @@ from chainer import training  # noqa: E402
 from chainer.training import extensions  # noqa: E402
 
 from model import CLASS_NAMES, CifarNet, DEFAULT_MODEL_PATH, load_model  # noqa: E402
-from sgrad import InputError, get_device, write_atomic  # noqa: E402
+from sgrad import InputError, OneLineErrorParser, get_device, write_atomic  # noqa: E402
 from sgrad.data import load_cifar10  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def print_evaluation(accuracy, confusion):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(prog='train.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--batchsize', '-b', type=int, default=128, help='minibatch size (default: %(default)s)')
     p.add_argument('--epoch', '-e', type=int, default=16, help='epochs to train (default: %(default)s)')
     p.add_argument('--gpu', '-g', type=int, default=-1, help='GPU id, negative for the CPU (default: %(default)s)')

@@ -75,7 +75,8 @@ def test_one_cycle_schedule_warms_up_and_decays():
     assert np.all(np.diff(lrs[:26]) > 0) and np.all(np.diff(lrs[25:]) < 0)
 
 
-def test_bad_training_flags_exit_2():
+def test_bad_training_flags_exit_2_with_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         train.main(['--epoch', '0'])
     assert e.value.code == 2
+    assert capsys.readouterr().err == 'train.py: error: --epoch must be positive\n'
