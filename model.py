@@ -39,6 +39,13 @@ def normalize(x):
     return (x - mean) / std
 
 
+def global_max_pool(h):
+    """(N, C, H, W) -> (N, C), the maximum of each feature map. Its gradient goes to one
+    position, the first maximum (F.max would give it to every tied position: on flat
+    images whole feature maps tie)."""
+    return F.reshape(F.max_pooling_2d(h, h.shape[2:]), h.shape[:2])
+
+
 class ConvBN(chainer.Chain):
     """3x3 convolution (no bias), batch normalisation, ReLU, on (C, H, W, N) activations."""
 
@@ -123,7 +130,7 @@ class CifarNet(chainer.Chain):
 
     def head(self, features):
         """Class scores (logits) from the last block's activations."""
-        return self.fc(F.max(features, axis=(2, 3))) * self.LOGIT_SCALE
+        return self.fc(global_max_pool(features)) * self.LOGIT_SCALE
 
     def __call__(self, x):
         """Class scores (logits) for a [0, 1] image batch of shape (N, 3, 32, 32)."""

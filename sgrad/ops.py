@@ -134,10 +134,10 @@ class MaxPooling2x2(chainer.function_node.FunctionNode):
     """2x2, stride 2 max pooling of (C, H, W, N) activations (even H, W), as the
     elementwise maximum of the window's four strided views.
 
-    The gradient goes to every position equal to its window's maximum. Ties
-    other than between zeros have probability zero for real-valued inputs, and
-    in the model a ReLU, which stops the gradient at zeros, precedes each pool,
-    so the input gradient equals F.max_pooling_2d's.
+    The gradient goes to one input per window: the first maximum in window
+    order (row by row), the rule of F.max_pooling_2d and the other frameworks.
+    Ties are common on photographs: flat regions (sky, backgrounds, borders)
+    give identical neighbourhoods, hence identical convolution outputs.
     """
 
     def forward(self, inputs):
@@ -155,11 +155,26 @@ class MaxPooling2x2(chainer.function_node.FunctionNode):
         return MaxPooling2x2Grad(x.array, y.array).apply(grad_outputs)
 
 
+def first_maximum_masks(x, y):
+    """For each window position, where it holds the window's first maximum (exactly one per window)."""
+    masks, taken = [], None
+    for w in _WINDOW:
+        mask = x[w] == y
+        if taken is None:
+            taken = mask.copy()
+        else:
+            mask &= ~taken
+            taken |= mask
+        masks.append(mask)
+    return masks
+
+
 class MaxPooling2x2Grad(chainer.function_node.FunctionNode):
-    """Scatters the pooled gradient to the window maxima."""
+    """Scatters the pooled gradient to each window's first maximum; linear in the
+    gradient, so its own backward gathers with the same masks."""
 
     def __init__(self, x, y):
-        self.masks = [x[w] == y for w in _WINDOW]
+        self.masks = first_maximum_masks(x, y)
         self.x_shape = x.shape
 
     def forward(self, inputs):

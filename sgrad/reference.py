@@ -30,4 +30,5 @@ def plain_chainer_forward(model, x):
     h = _residual(model.res1, F.max_pooling_2d(_conv_bn(model.conv1, h), 2))
     h = F.max_pooling_2d(_conv_bn(model.conv2, h), 2)
     h = _residual(model.res3, F.max_pooling_2d(_conv_bn(model.conv3, h), 2))
-    return model.fc(F.max(h, axis=(2, 3))) * model.LOGIT_SCALE
+    h = F.max_pooling_2d(h, h.shape[2:])  # global max pool, the gradient to the first maximum
+    return model.fc(h) * model.LOGIT_SCALE

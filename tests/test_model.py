@@ -7,7 +7,7 @@ import pytest
 from chainer import gradient_check
 
 from conftest import random_cifarnet
-from model import load_model, normalize
+from model import global_max_pool, load_model, normalize
 from sgrad.reference import plain_chainer_forward
 from sgrad import InputError
 from sgrad.ops import convolution_3x3, max_pooling_2x2
@@ -79,6 +79,44 @@ def test_max_pooling_2x2_matches_chainer_and_passes_gradient_check():
     gy, ggx = rng.randn(2, 3, 4, 3), rng.randn(*x.shape)
     gradient_check.check_backward(max_pooling_2x2, x, gy, dtype=np.float64)
     gradient_check.check_double_backward(max_pooling_2x2, x, gy, ggx, dtype=np.float64)
+
+
+def first_and_second_backward(pool, x, gy, ggx):
+    """y, the gradient gx = dy/dx^T gy, and the double backward d<ggx, gx>/dgy."""
+    xv, gyv = chainer.Variable(x), chainer.Variable(gy)
+    y = pool(xv)
+    gx, = chainer.grad([y], [xv], grad_outputs=[gyv], enable_double_backprop=True)
+    ggy, = chainer.grad([gx], [gyv], grad_outputs=[chainer.Variable(ggx)])
+    return y.array, gx.array, ggy.array
+
+
+def test_max_pooling_2x2_gives_a_tied_window_to_its_first_maximum_like_chainer():
+    """Flat image regions make exact ties; finite differences are undefined there, so the
+    reference is F.max_pooling_2d (the first maximum in window order, row by row)."""
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 3, size=(2, 3, 8, 8)).astype(np.float64)   # most windows tie, some at 0
+    x[0, 0, :4, :4] = 2.                                         # whole windows tied
+    gy, ggx = rng.randn(2, 3, 4, 4), rng.randn(*x.shape)
+    ours = first_and_second_backward(max_pooling_2x2, nchw_to_chwn(x), nchw_to_chwn(gy), nchw_to_chwn(ggx))
+    theirs = first_and_second_backward(lambda h: F.max_pooling_2d(h, 2), x, gy, ggx)
+    windows_tied = (x.reshape(2, 3, 4, 2, 4, 2) == theirs[0][:, :, :, None, :, None]).sum(axis=(3, 5)) > 1
+    assert windows_tied.mean() > 0.3
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(chwn_to_nchw(a), b)
+    # exactly one input of each window receives its gradient
+    receivers = (chwn_to_nchw(ours[1]) != 0).reshape(2, 3, 4, 2, 4, 2).sum(axis=(3, 5))
+    np.testing.assert_array_equal(receivers, 1)
+
+
+def test_global_max_pool_gives_a_tie_to_one_position():
+    h = np.zeros((1, 2, 4, 4))
+    h[0, 0, 1, 2] = h[0, 0, 3, 0] = 5.   # a tie
+    h[0, 1] = 1.                           # a flat map: sixteen-way tie
+    hv = chainer.Variable(h)
+    F.sum(global_max_pool(hv) * np.array([[1., 2.]])).backward()
+    expected = np.zeros_like(h)
+    expected[0, 0, 1, 2], expected[0, 1, 0, 0] = 1., 2.
+    np.testing.assert_array_equal(hv.grad, expected)
 
 
 def test_folded_batchnorm_copy_gives_the_same_outputs(model, image):
