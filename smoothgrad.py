@@ -6,9 +6,10 @@
     python smoothgrad.py --image cat.png --label cat   # any image, resized to 32x32
 
 The image is tiled N times, Gaussian noise with stdev = noise * (max(x) - min(x))
-is added in the model's [0, 1] input space, the whole batch is backpropagated
-at once (in chunks of --batchsize), and |gradient| is summed over samples and
-channels into a 32x32 map.
+is added in the model's [0, 1] input space, the noisy batch is backpropagated
+at once (--batchsize copies at a time, drawn as they are needed, so memory does
+not grow with N), and |gradient| is summed over samples and channels into a
+32x32 map.
 """
 import argparse
 import os
@@ -16,14 +17,14 @@ import sys
 
 import numpy as np
 
-from sgrad import InputError, OneLineErrorParser, get_device, progress_bar, write_atomic
+from sgrad import InputError, OneLineErrorParser, finite_float, get_device, progress_bar, write_atomic
 
 DEFAULT_OUT = 'smoothgrad.png'
 
 
 def parse_args(argv=None):
     from model import CLASS_NAMES, DEFAULT_MODEL_PATH
-    from sgrad.saliency import AGGREGATIONS, METHODS
+    from sgrad.saliency import AGGREGATIONS, DEFAULT_BATCHSIZE, METHODS
     p = OneLineErrorParser(prog='smoothgrad.py', description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
@@ -40,15 +41,16 @@ def parse_args(argv=None):
     p.add_argument('--aggregate', choices=tuple(AGGREGATIONS), default='sum_abs',
                    help='how SmoothGrad combines the samples: sum_abs (the blog, default), mean (the paper), '
                    'squared (SmoothGrad^2), var (VarGrad)')
-    p.add_argument('--noise', '-n', type=float, nargs='+', default=[0.1], metavar='LEVEL',
+    p.add_argument('--noise', '-n', type=finite_float, nargs='+', default=[0.1], metavar='LEVEL',
                    help='noise level(s) sigma / (max(x) - min(x)); several give one map each (default: 0.1)')
     p.add_argument('--samples', '-s', type=int, default=100, help='noisy samples per map (default: %(default)s)')
     p.add_argument('--steps', type=int, default=50,
                    help='integrated_gradients: path points (default: %(default)s)')
     p.add_argument('--baseline', default='black', metavar='black|PATH',
                    help='integrated_gradients: baseline image (default: black)')
-    p.add_argument('--batchsize', '-b', type=int, default=None,
-                   help='forward/backward at most this many images at once (default: all)')
+    p.add_argument('--batchsize', '-b', type=int, default=DEFAULT_BATCHSIZE,
+                   help='forward/backward (and draw noise for) at most this many images at once; '
+                   'memory grows with it, not with --samples (default: %(default)s)')
     p.add_argument('--objective', choices=('score', 'loss'), default='score',
                    help='score: the class logit S_c (the paper, default); loss: the blog\'s softmax '
                    'cross-entropy, against the true label when --label is not given')

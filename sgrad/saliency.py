@@ -5,7 +5,7 @@ target)`` takes a batch of [0, 1] images (N, C, H, W) and returns one
 attribution per image, (N, C, H, W), or (N, 1, H, W) for methods that give one
 value per pixel.  Only :class:`GradientEngine` runs the model, chunks batches
 and knows the objective; only :func:`noisy_copies` draws noise; so SmoothGrad
-wraps any method by handing it a batch of noisy copies.
+wraps any method by handing it batches of noisy copies.
 """
 import chainer
 import chainer.functions as F
@@ -14,6 +14,9 @@ import numpy as np
 from sgrad import InputError
 
 OBJECTIVES = ('score', 'loss')
+
+#: Images per forward/backward unless told otherwise: N=100 SmoothGrad of a 32x32 image in one pass.
+DEFAULT_BATCHSIZE = 100
 
 
 class GradientEngine:
@@ -26,11 +29,12 @@ class GradientEngine:
     inference mode, so the images of a batch do not interact).
     batchsize: at most this many images per forward/backward (bounded memory);
       None runs the whole batch at once.
+    progress: called as progress(done, total) by the outermost loop over batches.
     A model that offers ``inference_copy()`` (CifarNet: BatchNorm folded into
     the convolutions) is used through that copy.
     """
 
-    def __init__(self, model, objective='score', batchsize=None, progress=None):
+    def __init__(self, model, objective='score', batchsize=DEFAULT_BATCHSIZE, progress=None):
         if objective not in OBJECTIVES:
             raise InputError('objective must be one of %s, got %r' % (', '.join(OBJECTIVES), objective))
         if batchsize is not None and batchsize <= 0:
@@ -39,6 +43,7 @@ class GradientEngine:
         self.objective = objective
         self.batchsize = batchsize
         self.progress = progress
+        self._looping = False
 
     def _objective(self, logits, target):
         """Per-image objective values, shape (N,)."""
@@ -46,17 +51,27 @@ class GradientEngine:
             return F.select_item(logits, target)
         return F.softmax_cross_entropy(logits, target, reduce='no')
 
+    def batches(self, n):
+        """Slices of range(n), each at most ``batchsize`` long. Only the outermost loop reports
+        progress: SmoothGrad's loop over sample batches, not the engine's loops inside it."""
+        outermost, self._looping = not self._looping, True
+        try:
+            step = self.batchsize or max(n, 1)
+            for start in range(0, n, step):
+                chunk = slice(start, min(n, start + step))
+                yield chunk
+                if outermost and self.progress:
+                    self.progress(chunk.stop, n)
+        finally:
+            if outermost:
+                self._looping = False
+
     def _chunks(self, x, target):
-        """Yield (slice, device images, device targets), reporting progress."""
-        n = len(x)
-        target = np.broadcast_to(np.asarray(target, dtype=np.int32), (n,))
-        step = self.batchsize or max(n, 1)
+        """Yield (slice, device images, device targets)."""
+        target = np.broadcast_to(np.asarray(target, dtype=np.int32), (len(x),))
         device = self.model.device
-        for start in range(0, n, step):
-            chunk = slice(start, min(n, start + step))
+        for chunk in self.batches(len(x)):
             yield chunk, device.send(np.ascontiguousarray(x[chunk])), device.send(target[chunk])
-            if self.progress:
-                self.progress(chunk.stop, n)
 
     def gradients(self, x, target, guided=False):
         """d objective / d x for every image of x (N, C, H, W); target: one class or one per image.
@@ -246,12 +261,17 @@ def noisy_copies(x, noise, samples, rng):
     return np.tile(x.astype(np.float32), (samples, 1, 1, 1)) + eps
 
 
-#: How SmoothGrad combines the n attributions a_i of the noisy copies.
+#: The running sums over samples that the aggregations need.
+SUMMANDS = {'|a|': np.abs, 'a': lambda a: a, 'a^2': np.square}
+
+#: How SmoothGrad combines the n attributions a_i of the noisy copies: the sums it needs,
+#: and the map from those sums. The sums are kept in float64 over batches of samples, so
+#: memory does not grow with n (and E[a^2] - E[a]^2 loses nothing that float32 maps hold).
 AGGREGATIONS = {
-    'sum_abs': lambda a: np.abs(a).sum(axis=0),      # the blog: sum of |a_i|
-    'mean': lambda a: a.mean(axis=0),                # the paper, eq. 3
-    'squared': lambda a: (a ** 2).mean(axis=0),      # SmoothGrad^2 (Hooker et al. 2019)
-    'var': lambda a: a.var(axis=0),                  # VarGrad (Adebayo et al. 2018)
+    'sum_abs': (('|a|',), lambda s, n: s['|a|']),                              # the blog: sum of |a_i|
+    'mean': (('a',), lambda s, n: s['a'] / n),                                 # the paper, eq. 3
+    'squared': (('a^2',), lambda s, n: s['a^2'] / n),                          # SmoothGrad^2 (Hooker et al.)
+    'var': (('a', 'a^2'), lambda s, n: np.maximum(s['a^2'] / n - (s['a'] / n) ** 2, 0)),  # VarGrad (Adebayo)
 }
 
 
@@ -260,7 +280,8 @@ class SmoothGrad(Method):
 
         M_c(x) = aggregate_{i=1..n} base(x + g_i),   g_i ~ N(0, sigma^2),   sigma = noise * (max(x) - min(x))
 
-    The n noisy copies go to the base method as one batch (the engine chunks it).
+    The noisy copies are drawn and attributed in batches of the engine's batchsize (the
+    same random stream as drawing all n at once), so memory is bounded for any n.
     """
 
     def __init__(self, base, noise=0.1, samples=100, aggregate='sum_abs', rng=None):
@@ -276,12 +297,20 @@ class SmoothGrad(Method):
         self.rng = np.random.RandomState() if rng is None else rng
 
     def attribute(self, xs, target):
-        maps = np.stack([AGGREGATIONS[self.aggregate](
-            self.base.attribute(noisy_copies(x, self.noise, self.samples, self.rng), t))
-            for x, t in zip(xs, np.broadcast_to(target, len(xs)))])
+        maps = np.stack([self._aggregate(x, t) for x, t in zip(xs, np.broadcast_to(target, len(xs)))])
         if self.aggregate == 'sum_abs' and self.engine.objective == 'loss':
             maps /= self.samples  # the blog's model.loss averages the cross-entropy over the tiled batch
         return maps
+
+    def _aggregate(self, x, target):
+        summands, finish = AGGREGATIONS[self.aggregate]
+        sums = dict.fromkeys(summands, 0.)
+        for chunk in self.engine.batches(self.samples):
+            attributions = self.base.attribute(noisy_copies(x, self.noise, chunk.stop - chunk.start, self.rng),
+                                               target).astype(np.float64)
+            for name in summands:
+                sums[name] = sums[name] + SUMMANDS[name](attributions).sum(axis=0)
+        return finish(sums, self.samples).astype(np.float32)
 
 
 def channel_sum_abs(attribution):
@@ -289,7 +318,8 @@ def channel_sum_abs(attribution):
     return np.abs(attribution).sum(axis=-3)
 
 
-def smoothgrad(model, x, target, noise=0.1, samples=100, batchsize=None, rng=None, objective='score'):
+def smoothgrad(model, x, target, noise=0.1, samples=100, batchsize=DEFAULT_BATCHSIZE, rng=None,
+               objective='score'):
     """The blog's SmoothGrad map (H, W) of one [0, 1] image x (C, H, W) for class ``target``."""
     engine = GradientEngine(model, objective, batchsize)
     return channel_sum_abs(SmoothGrad(Gradient(engine), noise, samples, 'sum_abs', rng)(x, target))

@@ -141,11 +141,13 @@ class Doubling(Method):
         return 2 * xs
 
 
+@pytest.mark.parametrize('batchsize', [None, 5, 16])
 @pytest.mark.parametrize('aggregate', sorted(AGGREGATIONS))
-def test_smoothgrad_aggregations_equal_numpy(image, aggregate):
+def test_smoothgrad_aggregations_equal_numpy(image, aggregate, batchsize):
+    """All 16 samples at once, or accumulated over batches of 5 (the same noise either way)."""
     a = 2 * noisy_copies(image, 0.2, 16, np.random.RandomState(9))
     expected = {'sum_abs': np.abs(a).sum(0), 'mean': a.mean(0), 'squared': (a ** 2).mean(0),
                 'var': ((a - a.mean(0)) ** 2).mean(0)}[aggregate]
-    engine = GradientEngine(None)
+    engine = GradientEngine(None, batchsize=batchsize)
     smoothed = SmoothGrad(Doubling(engine), 0.2, 16, aggregate, np.random.RandomState(9))(image, 0)
     np.testing.assert_allclose(smoothed, expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,6 @@
 """SmoothGrad: batching, chunking, noise scale, seeds, and the blog's own code as reference."""
+import tracemalloc
+
 import chainer
 import numpy as np
 import pytest
@@ -24,6 +26,32 @@ def test_chunked_equals_unchunked(model, image, objective, batchsize):
     whole = smoothgrad(model, image, 4, rng=np.random.RandomState(5), **args)
     chunked = smoothgrad(model, image, 4, rng=np.random.RandomState(5), batchsize=batchsize, **args)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+
+
+def peak_memory(fn):
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_smoothgrad_memory_is_bounded_by_the_batchsize_not_the_samples(model, image):
+    """Noise is drawn batch by batch: fifty times the samples, about the same peak."""
+    peaks = {n: peak_memory(lambda: smoothgrad(model, image, 3, 0.1, n, batchsize=20,
+                                               rng=np.random.RandomState(0)))
+             for n in (40, 2000)}
+    all_copies = 2000 * image.nbytes  # what drawing the noise at once held, twice over in float64
+    assert peaks[2000] < 1.2 * peaks[40]
+    assert peaks[2000] < all_copies / 2
+
+
+def test_progress_is_reported_over_the_samples(model, image):
+    reports = []
+    engine = GradientEngine(model, batchsize=8, progress=lambda done, total: reports.append((done, total)))
+    SmoothGrad(Gradient(engine), 0.1, 20)(image, 3)
+    assert reports == [(8, 20), (16, 20), (20, 20)]  # the engine's inner loops report nothing
 
 
 def test_zero_noise_is_n_times_the_vanilla_gradient(model, image):
