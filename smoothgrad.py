@@ -14,6 +14,7 @@ not grow with N), and |gradient| is summed over samples and channels into a
 import argparse
 import os
 import sys
+import textwrap
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def draw_grid(f, rows, title):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     ncols = max(len(row) for row in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(2.3 * ncols, 2.4 * len(rows) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(2.3 * ncols, 2.3 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
         for ax, panel in zip(ax_row, row + [None] * (ncols - len(row))):
             ax.axis('off')
@@ -114,10 +115,22 @@ def draw_grid(f, rows, title):
             else:
                 ax.imshow(visualize(data, signed=True), cmap='bwr', vmin=-1, vmax=1)
             ax.set_title(heading, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    title = fit_title(fig, title)
+    title_height = title.get_window_extent(fig.canvas.get_renderer()).height / fig.dpi + 0.15
+    fig.set_figheight(2.3 * len(rows) + title_height)
+    fig.tight_layout(rect=(0, 0, 1, 1 - title_height / fig.get_figheight()))
     fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
+
+
+def fit_title(fig, text, fontsize=10):
+    """The figure's title, wrapped at spaces until it is no wider than the figure."""
+    renderer = fig.canvas.get_renderer()
+    for width in range(len(text), 0, -4):
+        title = fig.suptitle(textwrap.fill(text, width), fontsize=fontsize)
+        if title.get_window_extent(renderer).width <= 0.96 * fig.bbox.width:
+            break
+    return title
 
 
 def load_input(args):

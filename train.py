@@ -1,16 +1,24 @@
 #!/usr/bin/env python
 """Train model.py's CifarNet on CIFAR-10 (Chainer Trainer idiom).
 
-    python train.py                         # full run, weights -> models/cifarnet.npz
-    python train.py --train-size 512 -e 1   # quick smoke run
+    python train.py                         # full run, weights -> result/model.npz
+    python train.py --train-size 512 -e 1   # quick smoke run (also -> result/model.npz)
+    python smoothgrad.py --model result/model.npz        # explain the model just trained
     python train.py --evaluate models/cifarnet.npz
+    python train.py --ship                  # full run that replaces the shipped model
+
+The shipped models/cifarnet.npz is replaced only with --ship, which also measures
+the new model on the whole test set and records that accuracy in
+models/cifarnet.json beside it.
 
 CIFAR-10 comes from the unchanged chainer.datasets.get_cifar10(); set
 CHAINER_DATASET_ROOT to a folder holding pfnet/chainer/cifar/cifar-10.npz to
 use a local copy instead of downloading it.
 """
 import argparse
+import json
 import os
+import shlex
 import sys
 
 import matplotlib
@@ -24,7 +32,7 @@ from chainer import training  # noqa: E402
 from chainer.training import extensions  # noqa: E402
 
 from model import CLASS_NAMES, CifarNet, DEFAULT_MODEL_PATH, load_model  # noqa: E402
-from sgrad import InputError, OneLineErrorParser, get_device, write_atomic  # noqa: E402
+from sgrad import InputError, OneLineErrorParser, finite_float, get_device, write_atomic  # noqa: E402
 from sgrad.data import load_cifar10  # noqa: E402
 
 
@@ -73,6 +81,23 @@ def save_npz_atomic(path, model):
     write_atomic(path, lambda f: chainer.serializers.save_npz(f, model))
 
 
+def ship(model, test, device, argv):
+    """Replace the shipped weights and their record (models/cifarnet.json) with this model's,
+    the accuracy measured on the whole test set."""
+    accuracy, confusion = evaluate(model.inference_copy(), test, 500, device)
+    record = {'command': 'python train.py ' + ' '.join(shlex.quote(a) for a in argv),
+              'test_accuracy': round(float(accuracy), 4), 'test_images': int(confusion.sum()),
+              'evaluated_with': 'python train.py --evaluate models/cifarnet.npz'}
+    save_npz_atomic(DEFAULT_MODEL_PATH, model)
+    text = json.dumps(record, indent=2) + '\n'
+    write_atomic(shipped_record_path(), lambda f: f.write(text.encode()))
+    print('replaced the shipped model %s (test accuracy %.2f%%)' % (DEFAULT_MODEL_PATH, 100 * accuracy))
+
+
+def shipped_record_path():
+    return os.path.splitext(DEFAULT_MODEL_PATH)[0] + '.json'
+
+
 def evaluate(model, dataset, batchsize, device):
     """Accuracy and the confusion matrix (rows: true class, columns: predicted)."""
     confusion = np.zeros((10, 10), dtype=np.int64)
@@ -105,13 +130,18 @@ def parse_args(argv=None):
     p.add_argument('--resume', '-r', default='',
                    help='resume from this snapshot (the latest one in --out is picked up by itself)')
     p.add_argument('--seed', type=int, default=0, help='random seed for weights, shuffling and augmentation')
-    p.add_argument('--model-out', default=DEFAULT_MODEL_PATH,
-                   help='where the final weights go (default: %(default)s)')
+    p.add_argument('--model-out', help='where the final weights go (default: OUT/model.npz)')
+    p.add_argument('--ship', action='store_true',
+                   help='also replace the shipped model (%s) and its accuracy record (cifarnet.json), '
+                   'measured on the whole test set' % os.path.relpath(DEFAULT_MODEL_PATH))
     p.add_argument('--width', type=int, default=16,
                    help='channels of the first layer; stages use 2x, 4x, 8x (default: %(default)s)')
-    p.add_argument('--lr', type=float, default=0.2, help='peak learning rate of the one-cycle schedule')
-    p.add_argument('--weight-decay', type=float, default=5e-4)
-    p.add_argument('--label-smoothing', type=float, default=0.1)
+    p.add_argument('--lr', type=finite_float, default=0.2,
+                   help='peak learning rate of the one-cycle schedule (default: %(default)s)')
+    p.add_argument('--weight-decay', type=finite_float, default=5e-4,
+                   help='L2 weight decay coefficient (default: %(default)s)')
+    p.add_argument('--label-smoothing', type=finite_float, default=0.1,
+                   help='weight of the uniform target in the loss (default: %(default)s)')
     p.add_argument('--train-size', type=int, default=0, help='train on the first N images only (quick runs)')
     p.add_argument('--test-size', type=int, default=0, help='evaluate on the first N test images only')
     p.add_argument('--evaluate', metavar='MODEL', help='only print test accuracy and per-class table of MODEL')
@@ -121,18 +151,25 @@ def parse_args(argv=None):
             p.error('--%s must be positive' % name)
     if args.train_size < 0 or args.test_size < 0:
         p.error('--train-size and --test-size must be >= 0')
+    if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.label_smoothing < 1:
+        p.error('need --lr > 0, --weight-decay >= 0 and 0 <= --label-smoothing < 1')
+    if args.ship and args.test_size:
+        p.error('--ship records the accuracy on the whole test set: drop --test-size')
+    if args.model_out is None:
+        args.model_out = os.path.join(args.out, 'model.npz')
     return args
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         device = get_device(args.gpu)
         model = load_model(args.evaluate) if args.evaluate else None
+        train, test = load_cifar10()
     except InputError as e:
         print('train.py: error: %s' % e, file=sys.stderr)
         return 2
-    train, test = load_cifar10()
     if args.test_size:
         test = test[:args.test_size]
 
@@ -182,7 +219,10 @@ def main(argv=None):
     trainer.run()
 
     save_npz_atomic(args.model_out, model)
-    print('saved the trained weights to %s' % args.model_out)
+    print('saved the trained weights to %s (explain them: python smoothgrad.py --model %s)'
+          % (args.model_out, args.model_out))
+    if args.ship:
+        ship(model, test, device, argv)  # the whole test set: --ship excludes --test-size
     return 0
 
 

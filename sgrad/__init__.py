@@ -1,5 +1,6 @@
 """Helpers behind smoothgrad.py, model.py, train.py and evaluate_saliency.py."""
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -14,6 +15,17 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, '%s: error: %s\n' % (self.prog, message))
+
+
+def finite_float(text):
+    """argparse type: a float that is neither NaN nor infinite (both parse as floats)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError('not a number: %r' % text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError('must be a finite number, got %r' % text)
+    return value
 
 
 def get_device(gpu):

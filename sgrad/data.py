@@ -35,8 +35,15 @@ def have_local_cifar10():
 
 
 def load_cifar10():
-    """(train, test) TupleDatasets of ([0, 1] image, int32 label)."""
-    return chainer.datasets.get_cifar10()
+    """(train, test) TupleDatasets of ([0, 1] image, int32 label), or an InputError that says how
+    to point Chainer at a local copy when there is none and no download works."""
+    try:
+        return chainer.datasets.get_cifar10()
+    except OSError as e:  # urllib's URLError included
+        reason = getattr(e, 'reason', None) or e.strerror or e
+        raise InputError('CIFAR-10 is not in %s and could not be downloaded (%s); set CHAINER_DATASET_ROOT '
+                         'to a folder holding pfnet/chainer/cifar/cifar-10.npz'
+                         % (chainer.dataset.get_dataset_root(), reason))
 
 
 def load_test_image(index):

@@ -58,7 +58,7 @@ def test_cli_image_file_is_resized_and_label_by_name(tmp_path, model_file, capsy
 
 
 @pytest.mark.parametrize('case', [
-    'missing model', 'missing image', 'not an image', 'negative noise', 'zero samples',
+    'missing model', 'missing image', 'not an image', 'negative noise', 'nan noise', 'infinite noise', 'zero samples',
     'index out of range', 'other architecture', 'bad label', 'missing output folder'])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, capsys, case):
     out_png = str(tmp_path / 'out.png')
@@ -72,6 +72,8 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, cap
         'missing image': ['--image', str(tmp_path / 'nope.png')],
         'not an image': ['--image', not_image],
         'negative noise': ['--noise', '-1'],
+        'nan noise': ['--noise', '0.1', 'nan'],
+        'infinite noise': ['--noise', 'inf'],
         'zero samples': ['--samples', '0'],
         'index out of range': ['--index', '10000'],
         'other architecture': ['--model', other],
