@@ -1,8 +1,11 @@
 #!/bin/sh
-# Installs the project's requirements into the active Python (3.8-3.11).
+# Installs the project's requirements into the active Python (3.8-3.12).
 # chainer 7.8.1 is an sdist whose setup.py imports pkg_resources, so it is built
 # with --no-build-isolation against a setuptools<70 installed first.
 set -e
 python -m pip install "setuptools>=40,<70" wheel
 python -m pip install --no-build-isolation -r requirements.txt
+# Python 3.12: NumPy has no numpy.distutils, which `import chainer` asks for; this installs a
+# stand-in as a start-up hook of the environment (see sgrad/chainer_py312.py). Nothing on 3.8-3.11.
+python -m sgrad.chainer_py312
 python -c "import chainer, numpy; print('chainer', chainer.__version__, '/ numpy', numpy.__version__, ': ready')"
