@@ -65,7 +65,7 @@ class ConvBN(chainer.Chain):
         self.folded = (self.conv.W.array * scale[:, None, None, None],
                        bn.beta.array - bn.avg_mean * scale)
 
-    def __call__(self, x):
+    def forward(self, x):
         if self.folded is not None:
             if chainer.config.train:
                 raise RuntimeError('a model with folded BatchNorm is for inference only')
@@ -82,7 +82,7 @@ class Residual(chainer.Chain):
             self.block1 = ConvBN(channels, channels)
             self.block2 = ConvBN(channels, channels)
 
-    def __call__(self, x):
+    def forward(self, x):
         return x + self.block2(self.block1(x))
 
 
@@ -94,6 +94,9 @@ class CifarNet(chainer.Chain):
     Residual] -> global max pool -> linear.  ``width`` is the channel count
     of the prep layer; the stages use 2x, 4x and 8x that.
     """
+
+    #: Its links (prep ... res3) return (C, H, W, N) activations; Grad-CAM reads them this way.
+    ACTIVATION_LAYOUT = 'CHWN'
 
     #: Damps the logits of the max-pooled features; without it the initial loss
     #: is ~7 and early training diverges (the same 0.125 as the DAWNBench net).
@@ -132,7 +135,7 @@ class CifarNet(chainer.Chain):
         """Class scores (logits) from the last block's activations."""
         return self.fc(global_max_pool(features)) * self.LOGIT_SCALE
 
-    def __call__(self, x):
+    def forward(self, x):
         """Class scores (logits) for a [0, 1] image batch of shape (N, 3, 32, 32)."""
         return self.head(self.features(x))
 

@@ -49,6 +49,11 @@ def parse_args(argv=None):
                    help='integrated_gradients: path points (default: %(default)s)')
     p.add_argument('--baseline', default='black', metavar='black|PATH',
                    help='integrated_gradients: baseline image (default: black)')
+    p.add_argument('--layer', metavar='NAME',
+                   help='gradcam, guided_gradcam: the link whose output is weighed, a name from '
+                   'model.namedlinks() (default: the last link with a 4-D output; res3 for CifarNet)')
+    p.add_argument('--patch', type=int, help='occlusion: patch side in pixels (default: 1/8 of the image side)')
+    p.add_argument('--stride', type=int, help='occlusion: patch stride in pixels (default: half the patch)')
     p.add_argument('--batchsize', '-b', type=int, default=DEFAULT_BATCHSIZE,
                    help='forward/backward (and draw noise for) at most this many images at once; '
                    'memory grows with it, not with --samples (default: %(default)s)')
@@ -64,7 +69,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if any(n < 0 for n in args.noise):
         p.error('--noise must be >= 0')
-    for name in ('samples', 'steps', 'batchsize'):
+    for name in ('samples', 'steps', 'batchsize', 'patch', 'stride'):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error('--%s must be positive' % name)
@@ -153,7 +158,7 @@ def load_baseline(args):
 def method_row(args, engine, x, target, name, smooth, baseline=None):
     """Panels and |maps| of one method: plain, or smoothed at each noise level."""
     from sgrad.saliency import IntegratedGradients, SmoothGrad, make_method
-    base = make_method(name, engine, args.steps, baseline)
+    base = make_method(name, engine, args.steps, baseline, args.layer, args.patch, args.stride)
     if not smooth:
         attribution = base(x, target)
         if isinstance(base, IntegratedGradients):

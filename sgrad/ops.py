@@ -1,5 +1,7 @@
 """Chainer FunctionNodes behind the model: 3x3 convolution and 2x2 max pooling
-on channel-major, batch-minor (C, H, W, N) activations, and the Guided Backprop ReLU.
+on channel-major, batch-minor (C, H, W, N) activations, and a ReLU. The ReLU nodes
+(``ReLU``, and the convolution with ``relu=True``) have a ``guided`` switch that
+sgrad.hooks.GuidedReLU turns on for Guided Backprop.
 
 Why this layout: a 3x3 convolution is one GEMM, W (O, 9C) @ col (9C, H*W*N).
 With activations laid out (C, H, W, N), the im2col buffer is built in exactly
@@ -11,13 +13,9 @@ of the short-row copies that make NCHW im2col slow on small feature maps.
 Every node passes ``chainer.gradient_check`` (tests) and works with NumPy or
 CuPy arrays.
 """
-import contextlib
-
 import chainer
 import chainer.functions as F
 from chainer.backend import get_array_module
-
-chainer.global_config.guided_relu = False
 
 
 def im2col(x):
@@ -45,10 +43,10 @@ def col2im(col, shape):
     return padded[:, 1:-1, 1:-1]
 
 
-def _relu_mask(y, gy):
+def _relu_mask(y, gy, guided):
     """Where a ReLU passes the gradient: y > 0, and also gy > 0 under Guided Backprop."""
     mask = y > 0
-    if chainer.config.guided_relu:
+    if guided:
         mask &= gy > 0
     return mask
 
@@ -62,6 +60,8 @@ class Convolution3x3(chainer.function_node.FunctionNode):
 
     def __init__(self, relu=False):
         self.relu = relu
+        if relu:
+            self.guided = False
 
     def forward(self, inputs):
         x, W = inputs[:2]
@@ -84,7 +84,7 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         gy, = grad_outputs
         if self.relu:
             y, = self.get_retained_outputs()
-            gy = gy * _relu_mask(y.array, gy.array).astype(gy.dtype)
+            gy = gy * _relu_mask(y.array, gy.array, self.guided).astype(gy.dtype)
         ret = []
         if 0 in indexes:
             ret.append(Convolution3x3InputGrad(self.x_shape).apply((W, gy))[0])
@@ -194,9 +194,11 @@ def max_pooling_2x2(x):
 
 
 class ReLU(chainer.function_node.FunctionNode):
-    """ReLU; inside a Guided Backprop block its backward passes a gradient only
-    where both the forward input and the incoming gradient are positive
+    """ReLU; with ``guided`` (set by sgrad.hooks.GuidedReLU) its backward passes a gradient
+    only where both the forward input and the incoming gradient are positive
     (Springenberg et al. 2015)."""
+
+    guided = False
 
     def forward(self, inputs):
         x, = inputs
@@ -206,18 +208,9 @@ class ReLU(chainer.function_node.FunctionNode):
     def backward(self, indexes, grad_outputs):
         y, = self.get_retained_outputs()
         gy, = grad_outputs
-        return gy * _relu_mask(y.array, gy.array).astype(gy.dtype),
+        return gy * _relu_mask(y.array, gy.array, self.guided).astype(gy.dtype),
 
 
 def relu(x):
-    """max(x, 0); backpropagates the Guided Backprop way inside ``using_config('guided_relu', True)``."""
+    """max(x, 0)."""
     return ReLU().apply((x,))[0]
-
-
-@contextlib.contextmanager
-def guided_backprop():
-    """Within this block (forward and backward) the model's ReLUs backpropagate the
-    Guided Backprop way. A Chainer config switch like ``train``: the model object
-    and F.relu stay as they are."""
-    with chainer.using_config('guided_relu', True):
-        yield

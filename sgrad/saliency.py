@@ -7,11 +7,14 @@ value per pixel.  Only :class:`GradientEngine` runs the model, chunks batches
 and knows the objective; only :func:`noisy_copies` draws noise; so SmoothGrad
 wraps any method by handing it batches of noisy copies.
 """
+import contextlib
+
 import chainer
 import chainer.functions as F
 import numpy as np
 
 from sgrad import InputError
+from sgrad.hooks import GuidedReLU, LinkOutput
 
 OBJECTIVES = ('score', 'loss')
 
@@ -22,6 +25,8 @@ DEFAULT_BATCHSIZE = 100
 class GradientEngine:
     """Forward and backward passes of a class objective over a batch, in chunks.
 
+    model: any chainer.Link whose ``__call__(x)`` maps images (N, C, H, W), of any size,
+      to class scores (N, classes).
     objective:
       'score': the class score (logit) S_c(x) of the SmoothGrad paper;
       'loss':  the blog's ``model.loss``, softmax cross-entropy against class c.
@@ -31,7 +36,8 @@ class GradientEngine:
       None runs the whole batch at once.
     progress: called as progress(done, total) by the outermost loop over batches.
     A model that offers ``inference_copy()`` (CifarNet: BatchNorm folded into
-    the convolutions) is used through that copy.
+    the convolutions) is used through that copy; one whose links return
+    channel-major activations says so with ``ACTIVATION_LAYOUT = 'CHWN'``.
     """
 
     def __init__(self, model, objective='score', batchsize=DEFAULT_BATCHSIZE, progress=None):
@@ -76,27 +82,36 @@ class GradientEngine:
     def gradients(self, x, target, guided=False):
         """d objective / d x for every image of x (N, C, H, W); target: one class or one per image.
 
-        guided: backpropagate through the ReLUs the Guided Backprop way.
+        guided: backpropagate through the ReLUs the Guided Backprop way (sgrad.hooks.GuidedReLU).
         """
         grads = np.empty(x.shape, dtype=x.dtype)
-        with chainer.using_config('train', False), chainer.using_config('guided_relu', guided):
+        with chainer.using_config('train', False):
             for chunk, xs, ts in self._chunks(x, target):
                 xv = chainer.Variable(xs)
-                gx, = chainer.grad([F.sum(self._objective(self.model(xv), ts))], [xv])
+                with GuidedReLU() if guided else contextlib.nullcontext() as guide:
+                    logits = self.model(xv)
+                if guided:
+                    guide.check()
+                gx, = chainer.grad([F.sum(self._objective(logits, ts))], [xv])
                 grads[chunk] = chainer.backend.CpuDevice().send(gx.array)
         return grads
 
     __call__ = gradients
 
-    def feature_gradients(self, x, target):
-        """The last convolutional block's activations and the objective's gradient w.r.t. them."""
+    def layer_gradients(self, x, target, layer=None):
+        """The output of the link named ``layer`` (default: the last link with a 4-D output, the
+        last convolutional block) and the objective's gradient w.r.t. it, both (N, C, h, w)."""
+        to_nchw = (lambda a: a.transpose(3, 0, 1, 2)) if getattr(
+            self.model, 'ACTIVATION_LAYOUT', 'NCHW') == 'CHWN' else (lambda a: a)
         feats, grads = [], []
         with chainer.using_config('train', False):
             for _, xs, ts in self._chunks(x, target):
-                h = self.model.features(chainer.Variable(xs))  # a Variable input, so h is in the graph
-                gh, = chainer.grad([F.sum(self._objective(self.model.head(h), ts))], [h])
-                feats.append(chainer.backend.CpuDevice().send(h.array))
-                grads.append(chainer.backend.CpuDevice().send(gh.array))
+                with LinkOutput(self.model, layer) as capture:
+                    logits = self.model(chainer.Variable(xs))  # a Variable input, so the layer is in the graph
+                capture.check()
+                gh, = chainer.grad([F.sum(self._objective(logits, ts))], [capture.output])
+                feats.append(to_nchw(chainer.backend.CpuDevice().send(capture.output.array)))
+                grads.append(to_nchw(chainer.backend.CpuDevice().send(gh.array)))
         return np.concatenate(feats), np.concatenate(grads)
 
     def objective_values(self, x, target):
@@ -199,48 +214,63 @@ def bilinear_matrix(n_in, n_out):
 
 
 def upsample(maps, size):
-    """Bilinear upsampling of (..., h, w) maps to (..., size, size)."""
-    rows, cols = bilinear_matrix(maps.shape[-2], size), bilinear_matrix(maps.shape[-1], size)
+    """Bilinear upsampling of (..., h, w) maps to (..., H, W), size = (H, W)."""
+    rows, cols = bilinear_matrix(maps.shape[-2], size[0]), bilinear_matrix(maps.shape[-1], size[1])
     return rows @ maps @ cols.T
 
 
 class GradCAM(Method):
-    """Grad-CAM (Selvaraju et al. 2017) on the last convolutional block:
-    ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of dS_c/dA_k, upsampled to the image."""
+    """Grad-CAM (Selvaraju et al. 2017) on a convolutional layer, by default the last:
+    ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of dS_c/dA_k, upsampled to the image.
+
+    layer: the name of the link whose output is A (as in ``model.namedlinks()``, e.g. 'res3').
+    """
 
     signed = False
 
+    def __init__(self, engine, layer=None):
+        super().__init__(engine)
+        self.layer = layer
+
     def attribute(self, xs, target):
-        feats, grads = self.engine.feature_gradients(xs, target)
+        feats, grads = self.engine.layer_gradients(xs, target, self.layer)
         cam = np.maximum((grads.mean(axis=(2, 3), keepdims=True) * feats).sum(axis=1, keepdims=True), 0)
-        return upsample(cam, xs.shape[-1])
+        return upsample(cam, xs.shape[-2:])
 
 
-class GuidedGradCAM(Method):
+class GuidedGradCAM(GradCAM):
     """Guided Backprop times the upsampled Grad-CAM map (Selvaraju et al. 2017)."""
 
+    signed = True
+
     def attribute(self, xs, target):
-        return GuidedBackprop(self.engine).attribute(xs, target) * GradCAM(self.engine).attribute(xs, target)
+        return GuidedBackprop(self.engine).attribute(xs, target) * super().attribute(xs, target)
 
 
 class Occlusion(Method):
     """Occlusion (Zeiler & Fergus 2014): the drop of the objective when a
     ``patch``-sized square is set to ``fill``, averaged over the patches that
-    cover each pixel. All patch positions are scored as one batch."""
+    cover each pixel. All patch positions are scored as one batch.
 
-    def __init__(self, engine, patch=4, stride=2, fill=0.):
+    patch, stride: default 1/8 of the image's shorter side and half that (4 and 2 at 32x32).
+    """
+
+    def __init__(self, engine, patch=None, stride=None, fill=0.):
         super().__init__(engine)
+        if (patch is not None and patch <= 0) or (stride is not None and stride <= 0):
+            raise InputError('occlusion patch and stride must be positive')
         self.patch, self.stride, self.fill = patch, stride, fill
 
     def attribute(self, xs, target):
         n, _, h, w = xs.shape
-        corners = [(i, j) for i in range(0, h - self.patch + 1, self.stride)
-                   for j in range(0, w - self.patch + 1, self.stride)]
+        patch = min(self.patch or max(1, min(h, w) // 8), h, w)
+        stride = self.stride or max(1, patch // 2)
+        corners = [(i, j) for i in range(0, h - patch + 1, stride) for j in range(0, w - patch + 1, stride)]
         occluded = np.repeat(xs[:, None], len(corners), axis=1)       # (N, P, C, H, W)
         cover = np.zeros((len(corners), h, w), dtype=np.float32)
         for p, (i, j) in enumerate(corners):
-            occluded[:, p, :, i:i + self.patch, j:j + self.patch] = self.fill
-            cover[p, i:i + self.patch, j:j + self.patch] = 1
+            occluded[:, p, :, i:i + patch, j:j + patch] = self.fill
+            cover[p, i:i + patch, j:j + patch] = 1
         targets = np.repeat(np.broadcast_to(target, n), len(corners))
         drops = (self.engine.objective_values(xs, target)[:, None]
                  - self.engine.objective_values(occluded.reshape((-1,) + xs.shape[1:]), targets)
@@ -257,8 +287,8 @@ def noise_stdev(x, noise):
 def noisy_copies(x, noise, samples, rng):
     """``samples`` copies of the image x, each plus Gaussian noise N(0, sigma^2)."""
     sigma = noise_stdev(x, noise)
-    eps = rng.normal(0., sigma, size=(samples,) + x.shape).astype(np.float32)
-    return np.tile(x.astype(np.float32), (samples, 1, 1, 1)) + eps
+    eps = rng.normal(0., sigma, size=(samples,) + x.shape).astype(x.dtype)
+    return np.tile(x, (samples, 1, 1, 1)) + eps
 
 
 #: The running sums over samples that the aggregations need.
@@ -310,7 +340,7 @@ class SmoothGrad(Method):
                                                target).astype(np.float64)
             for name in summands:
                 sums[name] = sums[name] + SUMMANDS[name](attributions).sum(axis=0)
-        return finish(sums, self.samples).astype(np.float32)
+        return finish(sums, self.samples).astype(x.dtype)
 
 
 def channel_sum_abs(attribution):
@@ -337,8 +367,12 @@ METHODS = {
 }
 
 
-def make_method(name, engine, steps=50, baseline=None):
-    """A base method by its command-line name."""
+def make_method(name, engine, steps=50, baseline=None, layer=None, patch=None, stride=None):
+    """A base method by its command-line name, with the options that apply to it."""
     if name == 'integrated_gradients':
         return IntegratedGradients(engine, steps, baseline)
+    if name in ('gradcam', 'guided_gradcam'):
+        return METHODS[name](engine, layer)
+    if name == 'occlusion':
+        return Occlusion(engine, patch, stride)
     return METHODS[name](engine)

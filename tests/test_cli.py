@@ -59,7 +59,8 @@ def test_cli_image_file_is_resized_and_label_by_name(tmp_path, model_file, capsy
 
 @pytest.mark.parametrize('case', [
     'missing model', 'missing image', 'not an image', 'negative noise', 'nan noise', 'infinite noise', 'zero samples',
-    'index out of range', 'other architecture', 'bad label', 'missing output folder'])
+    'index out of range', 'other architecture', 'bad label', 'missing output folder', 'no such layer',
+    'zero patch'])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, capsys, case):
     out_png = str(tmp_path / 'out.png')
     other = str(tmp_path / 'other.npz')
@@ -79,6 +80,8 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, cap
         'other architecture': ['--model', other],
         'bad label': ['--label', 'unicorn'],
         'missing output folder': ['--out', str(tmp_path / 'no' / 'such' / 'dir.png')],
+        'no such layer': ['--method', 'gradcam', '--layer', 'res9'],
+        'zero patch': ['--method', 'occlusion', '--patch', '0'],
     }[case]
     if '--model' not in argv:
         argv = ['--model', model_file] + argv
@@ -113,6 +116,10 @@ def test_cli_methods_and_gallery(tmp_path, model_file, capsys):
                             '--noise', '0.1', '0.2', '--samples', '4', '--out', png, '--save-map', npy], capsys)
     assert code == 0, err
     assert np.load(npy).shape == (2, 32, 32)
+    code, _, err = run_cli(['--model', model_file, '--method', 'gradcam', '--layer', 'conv2', '--out', png,
+                            '--save-map', npy], capsys)
+    assert code == 0, err
+    assert np.load(npy).shape == (1, 32, 32)
     gallery = str(tmp_path / 'all.png')
     code, _, err = run_cli(['--model', model_file, '--method', 'all', '--samples', '2', '--steps', '4',
                             '--out', gallery], capsys)

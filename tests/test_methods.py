@@ -6,17 +6,19 @@ import chainer.links as L
 import numpy as np
 import pytest
 
-from sgrad.ops import guided_backprop, relu
+from sgrad.hooks import GuidedReLU
+from sgrad.ops import relu
 from sgrad.saliency import (AGGREGATIONS, METHODS, GradCAM, Gradient, GradientEngine, GuidedBackprop,
                             IntegratedGradients, Method, Occlusion, SmoothGrad, make_method, noisy_copies,
                             upsample)
 
 
 class TinyMLP(chainer.Chain):
-    """x -> relu(W1 x + b1) -> relu(W2 h + b2) -> W3 h + b3, through the model's own relu."""
+    """x -> relu(W1 x + b1) -> relu(W2 h + b2) -> W3 h + b3, through this project's relu or F.relu."""
 
-    def __init__(self, sizes=(12, 7, 5, 3), seed=0):
+    def __init__(self, sizes=(12, 7, 5, 3), seed=0, activation=relu):
         super().__init__()
+        self.activation = activation
         np.random.seed(seed)
         with self.init_scope():
             self.l1 = L.Linear(sizes[0], sizes[1], initial_bias=0.1)
@@ -24,7 +26,7 @@ class TinyMLP(chainer.Chain):
             self.l3 = L.Linear(sizes[2], sizes[3])
 
     def __call__(self, x):
-        return self.l3(relu(self.l2(relu(self.l1(x)))))
+        return self.l3(self.activation(self.l2(self.activation(self.l1(x)))))
 
 
 def numpy_backprop(mlp, x, c, guided):
@@ -39,27 +41,30 @@ def numpy_backprop(mlp, x, c, guided):
     return W1.T @ g
 
 
-def test_guided_backprop_equals_numpy_reference_and_relu_is_restored():
-    mlp = TinyMLP()
+@pytest.mark.parametrize('activation', [relu, F.relu], ids=['sgrad.ops.relu', 'F.relu'])
+def test_guided_backprop_equals_numpy_reference_and_leaves_nothing_changed(activation):
+    mlp = TinyMLP(activation=activation)
     xs = np.random.RandomState(1).randn(5, 12).astype(np.float32)
     engine = GradientEngine(mlp)
-    relu_before = F.relu
+    relu_before, backward_before = F.relu, chainer.functions.activation.relu.ReLU.backward
     guided = GuidedBackprop(engine).attribute(xs, 2)
     for x, g in zip(xs, guided):
         np.testing.assert_allclose(g, numpy_backprop(mlp, x, 2, guided=True), rtol=1e-5, atol=1e-7)
-    # afterwards everything is plain again: config, F.relu, and the model's gradients
-    assert chainer.config.guided_relu is False and F.relu is relu_before
+    # afterwards everything is plain again: no hook left, F.relu and its class as they were
+    assert not chainer.get_function_hooks() and F.relu is relu_before
+    assert chainer.functions.activation.relu.ReLU.backward is backward_before
     vanilla = Gradient(engine).attribute(xs, 2)
     for x, g in zip(xs, vanilla):
         np.testing.assert_allclose(g, numpy_backprop(mlp, x, 2, guided=False), rtol=1e-5, atol=1e-7)
     assert not np.allclose(guided, vanilla)
 
 
-def test_guided_backprop_context_manager_is_scoped():
+def test_guided_relu_hook_is_scoped():
     mlp = TinyMLP()
     x = chainer.Variable(np.random.RandomState(2).randn(1, 12).astype(np.float32))
-    with guided_backprop():
+    with GuidedReLU() as guide:
         gx_guided, = chainer.grad([mlp(x)[0, 1]], [x])
+    assert guide.relus == 2
     gx_plain, = chainer.grad([mlp(x)[0, 1]], [x])
     np.testing.assert_allclose(gx_guided.array[0], numpy_backprop(mlp, x.array[0], 1, True), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(gx_plain.array[0], numpy_backprop(mlp, x.array[0], 1, False), rtol=1e-5, atol=1e-7)
@@ -92,8 +97,10 @@ def test_integrated_gradients_of_a_linear_model_is_exact():
     np.testing.assert_allclose(attribution, (x - baseline) * mlp.W.array[1], rtol=1e-5)
 
 
-def test_feature_gradients_follow_the_global_max_pool(model, image):
-    feats, grads = GradientEngine(model).feature_gradients(image[None], 4)
+def test_layer_gradients_follow_the_global_max_pool(model, image):
+    """CifarNet's default Grad-CAM layer is res3, read from its (C, H, W, N) layout."""
+    feats, grads = GradientEngine(model).layer_gradients(image[None], 4)
+    assert feats.shape == grads.shape == (1, model.fc.W.shape[1], 4, 4)
     flat_f, flat_g = feats[0].reshape(len(feats[0]), -1), grads[0].reshape(len(grads[0]), -1)
     winners = flat_f.argmax(axis=1)
     expected = np.zeros_like(flat_g)
@@ -103,10 +110,10 @@ def test_feature_gradients_follow_the_global_max_pool(model, image):
 
 def test_gradcam_equals_its_formula(model, image):
     engine = GradientEngine(model)
-    feats, grads = engine.feature_gradients(image[None], 4)
+    feats, grads = engine.layer_gradients(image[None], 4, 'res3')
     cam = np.maximum((grads.mean(axis=(2, 3), keepdims=True) * feats).sum(axis=1, keepdims=True), 0)
-    np.testing.assert_allclose(GradCAM(engine).attribute(image[None], 4), upsample(cam, 32), rtol=1e-6)
-    assert upsample(np.ones((1, 1, 4, 4)), 32) == pytest.approx(np.ones((1, 1, 32, 32)))
+    np.testing.assert_allclose(GradCAM(engine).attribute(image[None], 4), upsample(cam, (32, 32)), rtol=1e-6)
+    assert upsample(np.ones((1, 1, 4, 4)), (32, 24)) == pytest.approx(np.ones((1, 1, 32, 24)))
 
 
 class PixelSum(chainer.Chain):
@@ -120,18 +127,23 @@ class PixelSum(chainer.Chain):
         return F.concat([F.sum(x * self.weights, axis=(1, 2, 3), keepdims=False)[:, None]] * 2, axis=1)
 
 
-def test_occlusion_equals_mean_patch_drop():
+@pytest.mark.parametrize('size, patch, stride, expected_patch, expected_stride', [
+    (8, 4, 2, 4, 2), (64, None, None, 8, 4), (32, None, 3, 4, 3)])
+def test_occlusion_equals_mean_patch_drop(size, patch, stride, expected_patch, expected_stride):
+    """By default the patch is 1/8 of the image side and the stride half of it."""
     rng = np.random.RandomState(5)
-    x, weights = rng.rand(1, 3, 8, 8).astype(np.float32), rng.randn(1, 3, 8, 8).astype(np.float32)
-    attribution = Occlusion(GradientEngine(PixelSum(weights)), patch=4, stride=2).attribute(x, 0)[0, 0]
+    x, weights = rng.rand(1, 3, size, size).astype(np.float32), rng.randn(1, 3, size, size).astype(np.float32)
+    attribution = Occlusion(GradientEngine(PixelSum(weights)), patch, stride).attribute(x, 0)[0, 0]
     contribution = (x * weights)[0].sum(axis=0)
-    expected = np.zeros((8, 8))
-    for i in range(8):
-        for j in range(8):
-            drops = [contribution[a:a + 4, b:b + 4].sum() for a in range(0, 5, 2) for b in range(0, 5, 2)
-                     if a <= i < a + 4 and b <= j < b + 4]
-            expected[i, j] = np.mean(drops)
-    np.testing.assert_allclose(attribution, expected, rtol=1e-5)
+    corners = range(0, size - expected_patch + 1, expected_stride)
+    drops = np.zeros((size, size))
+    covers = np.zeros((size, size))
+    for a in corners:
+        for b in corners:
+            drops[a:a + expected_patch, b:b + expected_patch] += contribution[a:a + expected_patch,
+                                                                           b:b + expected_patch].sum()
+            covers[a:a + expected_patch, b:b + expected_patch] += 1
+    np.testing.assert_allclose(attribution, drops / np.maximum(covers, 1), rtol=1e-4, atol=1e-5)
 
 
 class Doubling(Method):
