@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""SmoothGrad saliency maps for a CIFAR-10 classifier (Smilkov et al. 2017).
+"""SmoothGrad saliency maps for a CIFAR-10 classifier or any Chainer model (Smilkov et al. 2017).
 
     python smoothgrad.py --noise 0.1 --samples 100     # test image #0, as in the blog
     python smoothgrad.py --noise 0 0.1 0.3             # the blog's comparison in one figure
     python smoothgrad.py --image cat.png --label cat   # any image, resized to 32x32
+    python smoothgrad.py --model efficientnet-lite0 --image data/photos/chelsea.png --noise 0 0.1 0.2
+    python smoothgrad.py --arch mynet.py:Net --model result/model.npz --image x.png   # your own model
 
 The image is tiled N times, Gaussian noise with stdev = noise * (max(x) - min(x))
 is added in the model's [0, 1] input space, the noisy batch is backpropagated
@@ -24,17 +26,19 @@ DEFAULT_OUT = 'smoothgrad.png'
 
 
 def parse_args(argv=None):
-    from model import CLASS_NAMES, DEFAULT_MODEL_PATH
-    from sgrad.saliency import AGGREGATIONS, DEFAULT_BATCHSIZE, METHODS
+    from sgrad.models import EFFICIENTNET
+    from sgrad.saliency import AGGREGATIONS, METHODS
     p = OneLineErrorParser(prog='smoothgrad.py', description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument('--index', '-i', type=int, default=0,
-                     help='CIFAR-10 test image to explain (default: %(default)s, the blog\'s image)')
-    src.add_argument('--image', metavar='PATH', help='explain this PNG/JPEG instead (resized to 32x32)')
+                     help='CIFAR-10 test image to explain (default: %(default)s, the blog\'s image; for '
+                     'EfficientNet-Lite0 the default is data/photos/chelsea.png)')
+    src.add_argument('--image', metavar='PATH', help='explain this PNG/JPEG instead (its shorter side resized '
+                     'to the model\'s input size, 32 for CifarNet, 224 for EfficientNet-Lite0, then centre-cropped)')
     p.add_argument('--label', '-l', metavar='C',
-                   help='target class, index 0-9 or name (%s); default: the predicted class'
-                   % ', '.join(CLASS_NAMES))
+                   help='target class, an index or a name (CIFAR-10: airplane, ..., truck; ImageNet: tabby, '
+                   'espresso, ...); default: the predicted class')
     p.add_argument('--method', choices=('smoothgrad',) + tuple(METHODS) + ('all',), default='smoothgrad',
                    help='saliency method (default: smoothgrad, i.e. SmoothGrad of the gradient); '
                    'all: a gallery of every method, plain and smoothed')
@@ -54,17 +58,23 @@ def parse_args(argv=None):
                    'model.namedlinks() (default: the last link with a 4-D output; res3 for CifarNet)')
     p.add_argument('--patch', type=int, help='occlusion: patch side in pixels (default: 1/8 of the image side)')
     p.add_argument('--stride', type=int, help='occlusion: patch stride in pixels (default: half the patch)')
-    p.add_argument('--batchsize', '-b', type=int, default=DEFAULT_BATCHSIZE,
+    p.add_argument('--batchsize', '-b', type=int,
                    help='forward/backward (and draw noise for) at most this many images at once; '
-                   'memory grows with it, not with --samples (default: %(default)s)')
+                   'memory grows with it, not with --samples (default: about 2^19 pixels, 512 images at '
+                   '32x32, 10 at 224x224)')
     p.add_argument('--objective', choices=('score', 'loss'), default='score',
                    help='score: the class logit S_c (the paper, default); loss: the blog\'s softmax '
                    'cross-entropy, against the true label when --label is not given')
     p.add_argument('--seed', type=int, default=0, help='noise seed (default: %(default)s)')
-    p.add_argument('--model', '-m', default=DEFAULT_MODEL_PATH, help='weights saved by train.py')
+    p.add_argument('--model', '-m', metavar='PATH|%s' % EFFICIENTNET,
+                   help='CifarNet weights saved by train.py (default: the shipped models/cifarnet.npz), '
+                   '%s (ImageNet), or with --arch the weights of that class' % EFFICIENTNET)
+    p.add_argument('--arch', metavar='FILE.py:Class',
+                   help='explain your own chainer.Chain: the class, built with no arguments; it may set '
+                   'CLASS_NAMES and IMAGE_SIZE')
     p.add_argument('--out', '-o', default=DEFAULT_OUT, help='figure to write (default: %(default)s)')
     p.add_argument('--save-map', metavar='PATH.npy',
-                   help='also save the raw |maps| summed over channels, shape (len(noise), 32, 32)')
+                   help='also save the raw |maps| summed over channels, shape (len(noise), H, W)')
     p.add_argument('--gpu', '-g', type=int, default=-1, help='GPU id, negative for the CPU (default: %(default)s)')
     args = p.parse_args(argv)
     if any(n < 0 for n in args.noise):
@@ -73,22 +83,12 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error('--%s must be positive' % name)
-    if args.label is not None:
-        args.label = parse_label(p, args.label, CLASS_NAMES)
     if args.method == 'all' and args.save_map:
         p.error('--save-map takes one method, not --method all')
     for path in (args.out, args.save_map):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error('output folder does not exist: %s' % os.path.dirname(path))
     return args
-
-
-def parse_label(parser, label, names):
-    if label.isdigit() and int(label) < len(names):
-        return int(label)
-    if label in names:
-        return names.index(label)
-    parser.error('--label must be 0-%d or a class name, got %r' % (len(names) - 1, label))
 
 
 def visualize(attribution, signed=False, percentile=99):
@@ -101,7 +101,8 @@ def visualize(attribution, signed=False, percentile=99):
 
 
 def draw_grid(f, rows, title):
-    """A PNG of panels: rows of (heading, kind, data), kind 'image', 'abs' or 'signed'; None is blank."""
+    """A PNG of panels: rows of (heading, kind, data), kind 'image', 'abs', 'signed' or 'overlay'
+    (data: the image and the attribution); None is blank."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -117,6 +118,10 @@ def draw_grid(f, rows, title):
                 ax.imshow(data.transpose(1, 2, 0))
             elif kind == 'abs':
                 ax.imshow(visualize(data), cmap='gray', vmin=0, vmax=1)
+            elif kind == 'overlay':
+                image, attribution = data
+                ax.imshow(image.transpose(1, 2, 0))
+                ax.imshow(visualize(attribution), cmap='inferno', vmin=0, vmax=1, alpha=0.6)
             else:
                 ax.imshow(visualize(data, signed=True), cmap='bwr', vmin=-1, vmax=1)
             ax.set_title(heading, fontsize=9)
@@ -138,21 +143,25 @@ def fit_title(fig, text, fontsize=10):
     return title
 
 
-def load_input(args):
+def load_input(args, explained):
     """The image to explain, its true label (None for a file) and a description."""
-    from sgrad.data import load_image_file, load_test_image
-    if args.image:
-        x, size = load_image_file(args.image)
-        if size != (32, 32):
-            print('note: %s is %dx%d, resized to 32x32' % (args.image, size[0], size[1]))
-        return x, None, os.path.basename(args.image)
+    from sgrad.data import PHOTOS_DIR, load_image_file, load_test_image
+    path = args.image
+    if path is None and explained.image_size not in (None, 32):
+        path = os.path.join(PHOTOS_DIR, 'chelsea.png')  # a photograph for a photograph model
+    if path:
+        x, size = load_image_file(path, explained.image_size)
+        if explained.image_size and size != (explained.image_size,) * 2:
+            print('note: %s is %dx%d, resized and centre-cropped to %dx%d'
+                  % (path, size[0], size[1], explained.image_size, explained.image_size))
+        return x, None, os.path.basename(path)
     x, label = load_test_image(args.index)
     return x, label, 'CIFAR-10 test #%d' % args.index
 
 
-def load_baseline(args):
+def load_baseline(args, explained):
     from sgrad.data import load_image_file
-    return None if args.baseline == 'black' else load_image_file(args.baseline)[0]
+    return None if args.baseline == 'black' else load_image_file(args.baseline, explained.image_size)[0]
 
 
 def method_row(args, engine, x, target, name, smooth, baseline=None):
@@ -181,26 +190,39 @@ def method_row(args, engine, x, target, name, smooth, baseline=None):
     return panels, attributions
 
 
+def with_overlays(panels, image):
+    """Each |map| panel followed by the map laid over the photograph, as the paper shows them."""
+    out = []
+    for heading, kind, data in panels:
+        out.append((heading, kind, data))
+        if kind == 'abs':
+            out.append(('over the image', 'overlay', (image, data)))
+    return out
+
+
 def run(args):
-    from model import CLASS_NAMES, load_model
+    from sgrad.models import class_name, default_batchsize, load_explained, parse_label
     from sgrad.saliency import METHODS, GradientEngine, channel_sum_abs
 
-    x, true_label, name = load_input(args)
-    baseline = load_baseline(args)
-    model = load_model(args.model)
+    explained = load_explained(args.model, args.arch)
+    x, true_label, name = load_input(args, explained)
+    baseline = load_baseline(args, explained)
+    model = explained.link
     model.to_device(get_device(args.gpu))
-    engine = GradientEngine(model, args.objective, args.batchsize, progress_bar)
+    engine = GradientEngine(model, args.objective, args.batchsize or default_batchsize(x), progress_bar)
 
     probs = engine.probabilities(x[None])[0]
+    label = None if args.label is None else parse_label(explained, args.label, len(probs))
     top = np.argsort(probs)[::-1][:3]
-    truth = ' (true class: %s)' % CLASS_NAMES[true_label] if true_label is not None else ''
-    print('%s%s, top-3 predictions: %s' % (name, truth, ', '.join(
-        '%s %.1f%%' % (CLASS_NAMES[c], 100 * probs[c]) for c in top)))
-    target = top[0] if args.label is None else args.label
-    if args.objective == 'loss' and args.label is None and true_label is not None:
+    truth = ' (true class: %s)' % class_name(explained, true_label) if true_label is not None else ''
+    print('%s, %s%s, top-3 predictions: %s' % (explained.description, name, truth, ', '.join(
+        '%s %.1f%%' % (class_name(explained, c), 100 * probs[c]) for c in top)))
+    target = top[0] if label is None else label
+    if args.objective == 'loss' and label is None and true_label is not None:
         target = true_label  # the blog's loss is taken against the true label
     title = '%s: %s for class "%s" (p=%.2f)' % (
-        name, 'class score S_c' if args.objective == 'score' else 'the loss', CLASS_NAMES[target], probs[target])
+        name, 'class score S_c' if args.objective == 'score' else 'the loss', class_name(explained, target),
+        probs[target])
 
     input_panel = ('input', 'image', x)
     if args.method == 'all':
@@ -216,7 +238,7 @@ def run(args):
         smooth = args.smooth or args.method == 'smoothgrad'
         method = 'gradient' if args.method == 'smoothgrad' else args.method
         panels, attributions = method_row(args, engine, x, target, method, smooth, baseline)
-        rows = [[input_panel] + panels]
+        rows = [[input_panel] + (with_overlays(panels, x) if min(x.shape[1:]) >= 64 else panels)]
         if smooth:
             title += ', N=%d (%s)' % (args.samples, args.aggregate)
         if args.save_map:

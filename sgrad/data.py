@@ -1,7 +1,8 @@
 """CIFAR-10 access: the full dataset through chainer.datasets.get_cifar10(), a
-few shipped test images for offline use, and image files from disk.
+few shipped test images for offline use; image files from disk, and the shipped
+photographs (data/photos, from scikit-image's sample data).
 
-All images come back as float32 (3, 32, 32) arrays in [0, 1], the model's input
+All images come back as float32 (3, H, W) arrays in [0, 1], the models' input
 space (see model.py).
 """
 import os
@@ -15,6 +16,8 @@ from sgrad import InputError
 SAMPLES_PATH = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'data', 'cifar10_test_samples.npz')
 N_TEST_IMAGES = 10000
+#: Photographs for the ImageNet model, from scikit-image's sample data (see data/photos/README.md).
+PHOTOS_DIR = os.path.join(os.path.dirname(SAMPLES_PATH), 'photos')
 
 
 def to_unit_range(pixels):
@@ -59,8 +62,9 @@ def load_test_image(index):
     return x, int(t)
 
 
-def load_image_file(path):
-    """An RGB image file as a [0, 1] (3, 32, 32) array, resized if needed.
+def load_image_file(path, size=32):
+    """An RGB image file as a [0, 1] (3, size, size) array: the shorter side resized to ``size``
+    (bilinear), then the centre cropped square; ``size=None`` keeps the image as it is.
 
     Returns the array and the original (width, height).
     """
@@ -72,8 +76,10 @@ def load_image_file(path):
             img = img.convert('RGB')
     except (UnidentifiedImageError, OSError) as e:
         raise InputError('cannot read %s as an image (%s)' % (path, e))
-    size = img.size
-    if size != (32, 32):
-        img = img.resize((32, 32), Image.BILINEAR)
-    x = to_unit_range(np.asarray(img).transpose(2, 0, 1))
-    return x, size
+    original = img.size
+    if size is not None and original != (size, size):
+        scale = size / min(original)
+        img = img.resize([max(size, round(side * scale)) for side in original], Image.BILINEAR)
+        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return to_unit_range(np.asarray(img).transpose(2, 0, 1)), original

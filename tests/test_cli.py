@@ -54,7 +54,7 @@ def test_cli_image_file_is_resized_and_label_by_name(tmp_path, model_file, capsy
     code, out, err = run_cli(['--model', model_file, '--image', img, '--label', 'ship', '--samples', '4',
                               '--out', str(tmp_path / 'f.png')], capsys)
     assert code == 0, err
-    assert 'resized to 32x32' in out and 'big.png' in out
+    assert 'resized and centre-cropped to 32x32' in out and 'big.png' in out
 
 
 @pytest.mark.parametrize('case', [
@@ -133,3 +133,50 @@ def test_cli_rejects_zero_steps(tmp_path, model_file, capsys):
     code, _, err = run_cli(['--model', model_file, '--method', 'integrated_gradients', '--steps', '0',
                             '--out', str(tmp_path / 'x.png')], capsys)
     assert code == 2 and err.strip().count('\n') == 0 and not os.path.exists(str(tmp_path / 'x.png'))
+
+
+def test_cli_explains_a_photograph_with_efficientnet(tmp_path, capsys):
+    png, npy = str(tmp_path / 'coffee.png'), str(tmp_path / 'coffee.npy')
+    code, out, err = run_cli(['--model', 'efficientnet-lite0', '--image', os.path.join(ROOT, 'data', 'photos',
+                                                                                     'coffee.png'),
+                              '--samples', '2', '--out', png, '--save-map', npy], capsys)
+    assert code == 0, err
+    assert 'top-3 predictions: espresso' in out and 'centre-cropped to 224x224' in out
+    assert np.load(npy).shape == (1, 224, 224)
+
+
+USER_MODEL = '''
+import chainer, chainer.functions as F, chainer.links as L
+
+class Net(chainer.Chain):
+    CLASS_NAMES = ('left', 'right')
+    IMAGE_SIZE = 16
+
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.conv = L.Convolution2D(3, 4, 3, pad=1)
+            self.fc = L.Linear(None, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)))
+'''
+
+
+def test_cli_explains_a_users_own_model(tmp_path, capsys):
+    source = tmp_path / 'mynet.py'
+    source.write_text(USER_MODEL)
+    weights = str(tmp_path / 'net.npz')
+    namespace = {}
+    exec(USER_MODEL, namespace)
+    chainer.serializers.save_npz(weights, namespace['Net']())
+    npy = str(tmp_path / 'm.npy')
+    for method in ('smoothgrad', 'guided_backprop', 'gradcam'):
+        code, out, err = run_cli(['--arch', '%s:Net' % source, '--model', weights, '--image',
+                                  os.path.join(ROOT, 'data', 'photos', 'rocket.jpg'), '--label', 'right',
+                                  '--method', method, '--samples', '3', '--out', str(tmp_path / 'f.png'),
+                                  '--save-map', npy], capsys)
+        assert code == 0, err
+        assert 'Net from net.npz' in out and np.load(npy).shape == (1, 16, 16)
+    code, _, err = run_cli(['--arch', '%s:Nope' % source, '--out', str(tmp_path / 'g.png')], capsys)
+    assert code == 2 and "has no chainer.Link class 'Nope'" in err

