@@ -22,6 +22,7 @@ import chainer.functions as F
 import chainer.links as L
 
 from sgrad import InputError
+from sgrad.ops import depthwise_convolution
 from sgrad.torch_weights import load_state_dict
 
 #: (repeats, kernel, stride, expansion, input channels, output channels) of the seven stages
@@ -48,17 +49,22 @@ def relu6(x):
 
 
 class ConvBNReLU6(chainer.Chain):
-    """Convolution ('SAME' padding, no bias), BatchNorm, ReLU6 (optional); ``groups=channels`` is depthwise."""
+    """Convolution ('SAME' padding, no bias), BatchNorm, ReLU6 (optional). With ``groups=channels`` it is
+    depthwise, and computed by sgrad.ops.depthwise_convolution: the same function as the link's
+    F.convolution_2d(groups=C), 5-20x faster on the CPU (see the README)."""
 
     def __init__(self, in_channels, out_channels, ksize, stride=1, groups=1, activation=True):
         super().__init__()
         self.ksize, self.stride, self.activation = ksize, stride, activation
+        self.depthwise = groups > 1 and groups == in_channels == out_channels
         with self.init_scope():
             self.conv = L.Convolution2D(in_channels, out_channels, ksize, stride, nobias=True, groups=groups)
             self.bn = L.BatchNormalization(out_channels, eps=BN_EPS)
 
     def forward(self, x):
-        h = self.bn(self.conv(same_padding(x, self.ksize, self.stride)))
+        x = same_padding(x, self.ksize, self.stride)
+        h = depthwise_convolution(x, self.conv.W, self.stride) if self.depthwise else self.conv(x)
+        h = self.bn(h)
         return relu6(h) if self.activation else h
 
 

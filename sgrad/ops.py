@@ -214,3 +214,137 @@ class ReLU(chainer.function_node.FunctionNode):
 def relu(x):
     """max(x, 0)."""
     return ReLU().apply((x,))[0]
+
+
+def _phases(a, stride):
+    """The stride x stride subsampled phases a[:, :, p::stride, q::stride], each contiguous, keyed (p, q):
+    every kernel position then reads a unit-stride window of one phase."""
+    xp = get_array_module(a)
+    return {(p, q): xp.ascontiguousarray(a[:, :, p::stride, q::stride]) for p in range(stride) for q in range(stride)}
+
+
+def _window(phases, ky, kx, stride, out_shape):
+    """The (N, C, oH, oW) part of the input that kernel position (ky, kx) meets."""
+    oy, ox = ky // stride, kx // stride
+    return phases[ky % stride, kx % stride][:, :, oy:oy + out_shape[0], ox:ox + out_shape[1]]
+
+
+def _depthwise_forward(x, W, stride):
+    """y[n, c] = sum over kernel positions of W[c, 0, ky, kx] * x[n, c] shifted: one multiply-add per position
+    over a window (no im2col buffer)."""
+    xp = get_array_module(x)
+    k = W.shape[2]
+    out_shape = ((x.shape[2] - k) // stride + 1, (x.shape[3] - k) // stride + 1)
+    phases = _phases(x, stride)
+    y = xp.zeros(x.shape[:2] + out_shape, dtype=x.dtype)
+    term = xp.empty_like(y)
+    for ky in range(k):
+        for kx in range(k):
+            xp.multiply(_window(phases, ky, kx, stride, out_shape), W[None, :, 0, ky, kx, None, None], out=term)
+            y += term
+    return y
+
+
+def _depthwise_grad_input(gy, W, stride, x_shape):
+    """The adjoint of _depthwise_forward in x: each kernel position adds W * gy to its window."""
+    xp = get_array_module(gy)
+    k = W.shape[2]
+    n, c, h, w = x_shape
+    phases = {(p, q): xp.zeros((n, c, -(-(h - p) // stride), -(-(w - q) // stride)), dtype=gy.dtype)
+              for p in range(stride) for q in range(stride)}
+    term = xp.empty_like(gy)
+    for ky in range(k):
+        for kx in range(k):
+            xp.multiply(gy, W[None, :, 0, ky, kx, None, None], out=term)
+            _window(phases, ky, kx, stride, gy.shape[2:])[...] += term
+    if stride == 1:
+        return phases[0, 0]
+    gx = xp.empty(x_shape, dtype=gy.dtype)
+    for (p, q), phase in phases.items():
+        gx[:, :, p::stride, q::stride] = phase
+    return gx
+
+
+def _depthwise_grad_weight(x, gy, stride, k):
+    """dL/dW[c, 0, ky, kx] = sum over n, i, j of gy * the window of x at (ky, kx)."""
+    xp = get_array_module(x)
+    phases = _phases(x, stride)
+    gW = xp.empty((x.shape[1], 1, k, k), dtype=x.dtype)
+    for ky in range(k):
+        for kx in range(k):
+            gW[:, 0, ky, kx] = xp.einsum('ncij,ncij->c', _window(phases, ky, kx, stride, gy.shape[2:]), gy)
+    return gW
+
+
+class DepthwiseConvolution(chainer.function_node.FunctionNode):
+    """Depthwise convolution of (N, C, H, W) images with W (C, 1, k, k), no padding, a stride:
+    what F.convolution_2d(x, W, stride=s, groups=C) computes, without its im2col buffer and
+    batched matrix products of one row. Its backward is built from the two nodes below, and
+    theirs from these three, so every order of derivative exists."""
+
+    def __init__(self, stride):
+        self.stride = stride
+
+    def forward(self, inputs):
+        x, W = inputs
+        self.retain_inputs((0, 1))
+        return _depthwise_forward(x, W, self.stride),
+
+    def backward(self, indexes, grad_outputs):
+        x, W = self.get_retained_inputs()
+        gy, = grad_outputs
+        ret = []
+        if 0 in indexes:
+            ret.append(DepthwiseGradInput(self.stride, x.shape).apply((gy, W))[0])
+        if 1 in indexes:
+            ret.append(DepthwiseGradWeight(self.stride, W.shape[2]).apply((x, gy))[0])
+        return ret
+
+
+class DepthwiseGradInput(chainer.function_node.FunctionNode):
+    """gx = the adjoint of the depthwise convolution applied to gy; linear in gy and in W."""
+
+    def __init__(self, stride, x_shape):
+        self.stride, self.x_shape = stride, x_shape
+
+    def forward(self, inputs):
+        gy, W = inputs
+        self.retain_inputs((0, 1))
+        return _depthwise_grad_input(gy, W, self.stride, self.x_shape),
+
+    def backward(self, indexes, grad_outputs):
+        gy, W = self.get_retained_inputs()
+        ggx, = grad_outputs
+        ret = []
+        if 0 in indexes:
+            ret.append(DepthwiseConvolution(self.stride).apply((ggx, W))[0])
+        if 1 in indexes:
+            ret.append(DepthwiseGradWeight(self.stride, W.shape[2]).apply((ggx, gy))[0])
+        return ret
+
+
+class DepthwiseGradWeight(chainer.function_node.FunctionNode):
+    """gW from the input x and gy; linear in each."""
+
+    def __init__(self, stride, ksize):
+        self.stride, self.ksize = stride, ksize
+
+    def forward(self, inputs):
+        x, gy = inputs
+        self.retain_inputs((0, 1))
+        return _depthwise_grad_weight(x, gy, self.stride, self.ksize),
+
+    def backward(self, indexes, grad_outputs):
+        x, gy = self.get_retained_inputs()
+        ggW, = grad_outputs
+        ret = []
+        if 0 in indexes:
+            ret.append(DepthwiseGradInput(self.stride, x.shape).apply((gy, ggW))[0])
+        if 1 in indexes:
+            ret.append(DepthwiseConvolution(self.stride).apply((x, ggW))[0])
+        return ret
+
+
+def depthwise_convolution(x, W, stride=1):
+    """F.convolution_2d(x, W, stride=stride, groups=C) for W of shape (C, 1, k, k), unpadded."""
+    return DepthwiseConvolution(stride).apply((x, W))[0]

@@ -8,13 +8,16 @@ import os
 import pickle
 
 import chainer
+import chainer.functions as F
 import numpy as np
 import pytest
+from chainer import gradient_check
 
 from sgrad import InputError
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import IMAGE_SIZE, default_weights_path, load_efficientnet_lite0, same_padding
 from sgrad.models import imagenet_class_names
+from sgrad.ops import depthwise_convolution
 from sgrad.saliency import GradCAM, GradientEngine, GuidedBackprop
 from sgrad.torch_weights import LEGACY_MAGIC, load_state_dict
 
@@ -64,6 +67,18 @@ def test_same_padding_is_tensorflows(size, ksize, stride, expected):
     before = expected[0]
     assert padded.sum() == size * size and padded[0, 0, before:before + size, before:before + size].all()
     assert padded.shape[2] - ksize == (-(-size // stride) - 1) * stride   # ceil(size / stride) outputs
+
+
+@pytest.mark.parametrize('shape, ksize, stride', [((2, 3, 9, 8), 3, 1), ((2, 4, 11, 10), 5, 2), ((1, 2, 8, 7), 3, 2)])
+def test_depthwise_convolution_equals_chainers_grouped_one_and_passes_gradient_check(shape, ksize, stride):
+    rng = np.random.RandomState(0)
+    x, W = rng.randn(*shape), rng.randn(shape[1], 1, ksize, ksize)
+    y = depthwise_convolution(x, W, stride).array
+    np.testing.assert_allclose(y, F.convolution_2d(x, W, stride=stride, groups=shape[1]).array, rtol=1e-12)
+    gy, ggx, ggW = rng.randn(*y.shape), rng.randn(*x.shape), rng.randn(*W.shape)
+    conv = lambda x, W: depthwise_convolution(x, W, stride)
+    gradient_check.check_backward(conv, (x, W), gy, dtype=np.float64)
+    gradient_check.check_double_backward(conv, (x, W), gy, (ggx, ggW), dtype=np.float64)
 
 
 def test_the_photographs_get_their_classes(net, photos):
