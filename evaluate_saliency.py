@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Do the maps mean something? Sanity checks and faithfulness on real CIFAR-10.
+"""Do the maps mean something? Sanity checks and faithfulness on real CIFAR-10, or on photographs.
 
     python evaluate_saliency.py --images 100 --deletion-images 500     # the full study
     python evaluate_saliency.py --images 8 --deletion-images 16 --knob-images 4   # a quick look
+    python evaluate_saliency.py --model efficientnet-lite0 -o docs/evaluation_imagenet   # the photographs
 
 1. Cascading model randomization (Adebayo et al. 2018): the layers' weights are re-drawn from
-   the logits down; after each step, the Spearman rank correlation (of |map|, and of the signed
+   the logits down (a model's RANDOMIZATION_STAGES, or else the links its forward calls, in
+   reverse); after each step, the Spearman rank correlation (of |map|, and of the signed
    map for signed methods) and the SSIM between the trained and the randomized model's maps,
    averaged over the first --images test images.
 2. Deletion and insertion (Petsiuk et al. 2018): the target-class probability as the most salient
@@ -17,7 +19,9 @@
    rank correlation of two maps from independent noise draws), with picture grids.
 
 Tables go to stdout and OUT_DIR/results.md, plots to OUT_DIR. The target class is the trained
-model's prediction. Needs a local CIFAR-10 (CHAINER_DATASET_ROOT) and the trained model.
+model's prediction. A 32x32 model (CifarNet) is measured on the CIFAR-10 test set, which needs a
+local copy (CHAINER_DATASET_ROOT); any other on the photographs of --photos (data/photos), as
+many as there are.
 """
 import argparse
 import os
@@ -29,7 +33,6 @@ import numpy as np
 from sgrad import InputError, OneLineErrorParser, progress_bar, write_atomic
 
 
-LAYERS_FROM_LOGITS = ('fc', 'res3', 'conv3', 'conv2', 'res1', 'conv1', 'prep')
 NOISE_LEVELS = (0., 0.05, 0.1, 0.2, 0.3, 0.5)
 SAMPLE_COUNTS = (1, 5, 10, 25, 50, 100, 200)
 #: The curves of sgrad.metrics.perturbation_curves, and which way their area is better.
@@ -78,9 +81,10 @@ class Report:
 
 def sanity_check(args, model, images, targets, report):
     import matplotlib.pyplot as plt
-    from sgrad.metrics import cascading_randomization, spearman, ssim
+    from sgrad.metrics import cascading_randomization, randomization_stages, spearman, ssim
     from sgrad.saliency import GradientEngine
-    stages = ('trained',) + LAYERS_FROM_LOGITS
+    cascade = randomization_stages(model, images[:1])
+    stages = ('trained',) + tuple(label for label, _ in cascade)
     progress = lambda done: progress_bar(done, len(stages), 'models mapped (trained, then randomized)')
     progress(0)
     trained = {name: maps_of(m, images, targets)
@@ -96,7 +100,7 @@ def sanity_check(args, model, images, targets, report):
                 np.mean([ssim(a, b) for a, b in zip(abs_a, abs_b)]))
 
     curves = {name: [similarity(maps, maps)] for name, maps in trained.items()}
-    randomized_models = cascading_randomization(model, LAYERS_FROM_LOGITS, args.seed)
+    randomized_models = cascading_randomization(model, cascade, args.seed)
     for done, (_, randomized) in enumerate(randomized_models, start=2):
         methods = make_methods(GradientEngine(randomized, batchsize=args.batchsize), args.samples, args.steps)
         randomized_maps = {name: maps_of(method, images, targets) for name, method in methods.items()}
@@ -218,6 +222,23 @@ def knobs(args, model, images, targets, report):
         report.figure(name)
 
 
+def load_images(explained, photos, n):
+    """The first n CIFAR-10 test images for a 32x32 model, else the photographs of a folder."""
+    from sgrad.data import PHOTOS_DIR, have_local_cifar10, load_cifar10, load_image_file
+    if explained.image_size == 32:
+        if not have_local_cifar10():
+            raise InputError('no local CIFAR-10 copy: set CHAINER_DATASET_ROOT (see README)')
+        _, test = load_cifar10()
+        return np.stack([test[i][0] for i in range(n)])
+    folder = photos or PHOTOS_DIR
+    if not os.path.isdir(folder):
+        raise InputError('--photos: no such folder: %s' % folder)
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg')))[:n]
+    if not names:
+        raise InputError('no PNG or JPEG images in %s' % folder)
+    return np.stack([load_image_file(os.path.join(folder, f), explained.image_size)[0] for f in names])
+
+
 def main(argv=None):
     p = OneLineErrorParser(prog='evaluate_saliency.py', description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,7 +252,12 @@ def main(argv=None):
     p.add_argument('--perturbation-steps', type=int, default=16, help='points of each deletion/insertion curve')
     p.add_argument('--batchsize', '-b', type=int, default=500)
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--model', '-m', default=None, help='weights (default: the shipped model)')
+    p.add_argument('--model', '-m', default=None, metavar='PATH|efficientnet-lite0',
+                   help='CifarNet weights (default: the shipped model), efficientnet-lite0, or with --arch '
+                   'the weights of that class')
+    p.add_argument('--arch', metavar='FILE.py:Class', help='your own chainer.Chain, as in smoothgrad.py')
+    p.add_argument('--photos', default=None, metavar='DIR',
+                   help='the images for a model that is not 32x32 (default: data/photos)')
     p.add_argument('--out-dir', '-o', default=os.path.join('results', 'saliency'))
     args = p.parse_args(argv)
     for name in ('images', 'deletion_images', 'knob_images', 'samples', 'steps', 'perturbation_steps',
@@ -239,20 +265,17 @@ def main(argv=None):
         if getattr(args, name) <= 0:
             p.error('--%s must be positive' % name.replace('_', '-'))
 
-    from model import DEFAULT_MODEL_PATH, load_model
-    from sgrad.data import have_local_cifar10, load_cifar10
+    from sgrad.models import load_explained
     from sgrad.saliency import GradientEngine
+    n_max = max(args.images, args.deletion_images, args.knob_images)
     try:
-        if not have_local_cifar10():
-            raise InputError('no local CIFAR-10 copy: set CHAINER_DATASET_ROOT (see README)')
-        model = load_model(args.model or DEFAULT_MODEL_PATH)
+        explained = load_explained(args.model, args.arch)
+        images = load_images(explained, args.photos, n_max)
     except InputError as e:
         print('evaluate_saliency.py: error: %s' % e, file=sys.stderr)
         return 2
+    model = explained.link
     os.makedirs(args.out_dir, exist_ok=True)
-    _, test = load_cifar10()
-    n_max = max(args.images, args.deletion_images, args.knob_images)
-    images = np.stack([test[i][0] for i in range(n_max)])
     targets = GradientEngine(model, batchsize=args.batchsize).probabilities(images).argmax(axis=1).astype(np.int32)
 
     report = Report(args.out_dir)
@@ -262,7 +285,7 @@ def main(argv=None):
         section, n = sections[name]
         start = time.time()
         section(args, model, images[:n], targets[:n], report)
-        line = '%s: %d images, %.0f s on this machine' % (name, n, time.time() - start)
+        line = '%s: %d images, %.0f s on this machine' % (name, min(n, len(images)), time.time() - start)
         print(line + '\n')
         report.lines += ['_%s_' % line, '']
         report.save()  # after every section, so a long run that is cut keeps what it finished

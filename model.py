@@ -8,7 +8,6 @@ training-set mean and standard deviation happens *inside* the network
 see the same preprocessing and SmoothGrad's noise and gradients live in the
 [0, 1] image space, as in the blog post.
 """
-import copy
 import os
 import zipfile
 
@@ -18,7 +17,7 @@ import chainer.links as L
 import numpy as np
 
 from sgrad import InputError
-from sgrad.ops import convolution_3x3, max_pooling_2x2, relu
+from sgrad.ops import FoldsBatchNorm, convolution_3x3, folded_copy, max_pooling_2x2, relu
 
 #: The shipped weights that smoothgrad.py explains by default.
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'cifarnet.npz')
@@ -46,8 +45,9 @@ def global_max_pool(h):
     return F.reshape(F.max_pooling_2d(h, h.shape[2:]), h.shape[:2])
 
 
-class ConvBN(chainer.Chain):
-    """3x3 convolution (no bias), batch normalisation, ReLU, on (C, H, W, N) activations."""
+class ConvBN(FoldsBatchNorm, chainer.Chain):
+    """3x3 convolution (no bias), batch normalisation, ReLU, on (C, H, W, N) activations. Folded
+    (inference_copy) it computes ReLU(W' * x + b') in one node."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
@@ -55,21 +55,11 @@ class ConvBN(chainer.Chain):
             self.conv = L.Convolution2D(in_channels, out_channels, ksize=3,
                                         pad=1, nobias=True)
             self.bn = L.BatchNormalization(out_channels, axis=(1, 2, 3))
-        self.folded = None
-
-    def fold_batchnorm(self):
-        """Merge the inference-mode BatchNorm into the convolution: W' = s W, b' = beta - s mean,
-        s = gamma / sqrt(var + eps). The block then computes ReLU(W' * x + b') in one node."""
-        bn = self.bn
-        scale = bn.gamma.array / self.xp.sqrt(bn.avg_var + bn.eps)
-        self.folded = (self.conv.W.array * scale[:, None, None, None],
-                       bn.beta.array - bn.avg_mean * scale)
 
     def forward(self, x):
-        if self.folded is not None:
-            if chainer.config.train:
-                raise RuntimeError('a model with folded BatchNorm is for inference only')
-            return convolution_3x3(x, *self.folded, relu=True)
+        folded = self.folded_parameters()
+        if folded is not None:
+            return convolution_3x3(x, *folded, relu=True)
         return relu(self.bn(convolution_3x3(x, self.conv.W)))
 
 
@@ -125,11 +115,7 @@ class CifarNet(chainer.Chain):
 
     def inference_copy(self):
         """A copy for saliency maps: BatchNorm folded into the convolutions (same outputs, faster)."""
-        model = copy.deepcopy(self)
-        for link in model.links():
-            if isinstance(link, ConvBN):
-                link.fold_batchnorm()
-        return model
+        return folded_copy(self)
 
     def head(self, features):
         """Class scores (logits) from the last block's activations."""

@@ -103,3 +103,24 @@ class LinkOutput(chainer.LinkHook):
                              '__call__ instead of defining forward() hides its output from hooks)' % self.layer)
         if self.output.ndim != 4:
             raise InputError('link %r returned shape %s, not (N, C, h, w)' % (self.layer, self.output.shape))
+
+
+class CallOrder(chainer.LinkHook):
+    """The names of the links that ``model``'s forward calls directly (not from inside another of its
+    links), in the order of their first call: the layers from the input to the logits."""
+
+    name = 'CallOrder'
+
+    def __init__(self, model):
+        self.names = link_names(model)
+        self.depth, self.order = 0, []
+
+    def forward_preprocess(self, args):
+        if args.link in self.names:
+            if self.depth == 0 and self.names[args.link] not in self.order:
+                self.order.append(self.names[args.link])
+            self.depth += 1
+
+    def forward_postprocess(self, args):
+        if args.link in self.names:
+            self.depth -= 1

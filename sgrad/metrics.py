@@ -7,6 +7,8 @@ import chainer
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from sgrad.hooks import CallOrder
+
 
 def ranks(values):
     """Ranks 0..n-1 of a 1-D array, ties given their average rank."""
@@ -46,20 +48,34 @@ def ssim(a, b, window=7):
     return float(s.mean())
 
 
-def cascading_randomization(model, layers, seed=0):
-    """Yield (layer name, model copy) with the weights of ``layers`` re-drawn from their
-    initialisers one after another, cumulatively (the paper's order: from the logits down).
+def randomization_stages(model, x):
+    """The cascade of Adebayo et al. for ``model``: its ``RANDOMIZATION_STAGES`` ((label, link names) from
+    the logits down), or else each link its forward calls directly, in the reverse order of the calls on
+    images x."""
+    stages = getattr(model, 'RANDOMIZATION_STAGES', None)
+    if stages is None:
+        with chainer.using_config('train', False), chainer.no_backprop_mode(), CallOrder(model) as calls:
+            model(x)
+        stages = [(name, (name,)) for name in reversed(calls.order)]
+    return tuple(stages)
+
+
+def cascading_randomization(model, stages, seed=0):
+    """Yield (stage label, model copy) with the weights of each stage's links re-drawn from their
+    initialisers one stage after another, cumulatively (the paper's order: from the logits down).
     BatchNorm's statistics and affine parameters stay trained."""
     model = copy.deepcopy(model)
+    links = dict(model.namedlinks(skipself=True))
     np.random.seed(seed)
-    for name in layers:
-        for link in getattr(model, name).links():
-            if isinstance(link, (chainer.links.Convolution2D, chainer.links.Linear)):
-                link.W.initializer = chainer.initializers.LeCunNormal()
-                link.W.initialize(link.W.shape)
-                if link.b is not None:
-                    link.b.initialize(link.b.shape)
-        yield name, copy.deepcopy(model)
+    for label, names in stages:
+        for name in names:
+            for link in links['/' + name].links():
+                if isinstance(link, (chainer.links.Convolution2D, chainer.links.Linear)):
+                    link.W.initializer = chainer.initializers.LeCunNormal()
+                    link.W.initialize(link.W.shape)
+                    if link.b is not None:
+                        link.b.initialize(link.b.shape)
+        yield label, copy.deepcopy(model)
 
 
 def blur(x, k=5):

@@ -13,6 +13,8 @@ of the short-row copies that make NCHW im2col slow on small feature maps.
 Every node passes ``chainer.gradient_check`` (tests) and works with NumPy or
 CuPy arrays.
 """
+import copy
+
 import chainer
 import chainer.functions as F
 from chainer.backend import get_array_module
@@ -277,18 +279,21 @@ def _depthwise_grad_weight(x, gy, stride, k):
 
 
 class DepthwiseConvolution(chainer.function_node.FunctionNode):
-    """Depthwise convolution of (N, C, H, W) images with W (C, 1, k, k), no padding, a stride:
-    what F.convolution_2d(x, W, stride=s, groups=C) computes, without its im2col buffer and
-    batched matrix products of one row. Its backward is built from the two nodes below, and
-    theirs from these three, so every order of derivative exists."""
+    """Depthwise convolution of (N, C, H, W) images with W (C, 1, k, k) (and a bias b (C,)), no
+    padding, a stride: what F.convolution_2d(x, W, b, stride=s, groups=C) computes, without its
+    im2col buffer and batched matrix products of one row. Its backward is built from the two nodes
+    below, and theirs from these three, so every order of derivative exists."""
 
     def __init__(self, stride):
         self.stride = stride
 
     def forward(self, inputs):
-        x, W = inputs
+        x, W = inputs[:2]
         self.retain_inputs((0, 1))
-        return _depthwise_forward(x, W, self.stride),
+        y = _depthwise_forward(x, W, self.stride)
+        if len(inputs) == 3:
+            y += inputs[2][:, None, None]
+        return y,
 
     def backward(self, indexes, grad_outputs):
         x, W = self.get_retained_inputs()
@@ -298,6 +303,8 @@ class DepthwiseConvolution(chainer.function_node.FunctionNode):
             ret.append(DepthwiseGradInput(self.stride, x.shape).apply((gy, W))[0])
         if 1 in indexes:
             ret.append(DepthwiseGradWeight(self.stride, W.shape[2]).apply((x, gy))[0])
+        if 2 in indexes:
+            ret.append(F.sum(gy, axis=(0, 2, 3)))
         return ret
 
 
@@ -345,6 +352,34 @@ class DepthwiseGradWeight(chainer.function_node.FunctionNode):
         return ret
 
 
-def depthwise_convolution(x, W, stride=1):
-    """F.convolution_2d(x, W, stride=stride, groups=C) for W of shape (C, 1, k, k), unpadded."""
-    return DepthwiseConvolution(stride).apply((x, W))[0]
+def depthwise_convolution(x, W, stride=1, b=None):
+    """F.convolution_2d(x, W, b, stride=stride, groups=C) for W of shape (C, 1, k, k), unpadded."""
+    return DepthwiseConvolution(stride).apply((x, W) if b is None else (x, W, b))[0]
+
+
+class FoldsBatchNorm:
+    """For a Chain with links ``conv`` (no bias) and ``bn``: fold_batchnorm() merges the inference-mode
+    BatchNorm into the convolution, W' = s W, b' = beta - s mean, s = gamma / sqrt(var + eps), and the
+    block's forward then uses folded_parameters()."""
+
+    folded = None
+
+    def fold_batchnorm(self):
+        bn = self.bn
+        scale = bn.gamma.array / self.xp.sqrt(bn.avg_var + bn.eps)
+        self.folded = (self.conv.W.array * scale[:, None, None, None], bn.beta.array - bn.avg_mean * scale)
+
+    def folded_parameters(self):
+        """(W', b') once folded, else None."""
+        if self.folded is not None and chainer.config.train:
+            raise RuntimeError('a model with folded BatchNorm is for inference only')
+        return self.folded
+
+
+def folded_copy(model):
+    """A copy of model for saliency maps: every FoldsBatchNorm block folded (same outputs, faster)."""
+    model = copy.deepcopy(model)
+    for link in model.links():
+        if isinstance(link, FoldsBatchNorm):
+            link.fold_batchnorm()
+    return model

@@ -155,11 +155,12 @@ class Net(chainer.Chain):
     def __init__(self):
         super().__init__()
         with self.init_scope():
-            self.conv = L.Convolution2D(3, 4, 3, pad=1)
+            self.conv1 = L.Convolution2D(3, 4, 3, pad=1)
+            self.conv2 = L.Convolution2D(4, 4, 3, pad=1)
             self.fc = L.Linear(None, 2)
 
     def forward(self, x):
-        return self.fc(F.relu(self.conv(x)))
+        return self.fc(F.relu(self.conv2(F.relu(self.conv1(x)))))
 '''
 
 

@@ -8,8 +8,9 @@ import pytest
 
 import evaluate_saliency
 from conftest import needs_cifar10, random_cifarnet
-from sgrad.metrics import (area_under_curve, cascading_randomization, perturbation_curves, ranks, spearman,
-                           ssim)
+from test_cli import USER_MODEL
+from sgrad.metrics import (area_under_curve, cascading_randomization, perturbation_curves, randomization_stages,
+                           ranks, spearman, ssim)
 from sgrad.saliency import Gradient, GradientEngine, channel_sum_abs
 
 
@@ -73,7 +74,9 @@ def test_area_under_curve_of_known_curves():
 def test_cascading_randomization_is_cumulative_and_decorrelates_gradients(image):
     model = random_cifarnet(width=4, seed=2)
     before = model.fc.W.array.copy()
-    stages = list(cascading_randomization(model, evaluate_saliency.LAYERS_FROM_LOGITS))
+    cascade = randomization_stages(model, image[None])
+    assert [label for label, _ in cascade] == ['fc', 'res3', 'conv3', 'conv2', 'res1', 'conv1', 'prep']
+    stages = list(cascading_randomization(model, cascade))
     np.testing.assert_array_equal(model.fc.W.array, before)  # the model itself is untouched
     (first_name, first), (last_name, last) = stages[0], stages[-1]
     assert first_name == 'fc' and last_name == 'prep'
@@ -106,3 +109,16 @@ def test_evaluate_saliency_end_to_end(tmp_path, model_file):
     for expected in ('Cascading randomization', 'next image (control)', 'random (baseline)',
                      'integrated_gradients (signed)', 'blurred deletion AUC', 'Sample count'):
         assert expected in text
+
+
+def test_evaluate_saliency_on_photographs_with_a_users_model(tmp_path):
+    """Any model: the photographs at its IMAGE_SIZE, its randomization cascade from its call order."""
+    source = tmp_path / 'net.py'
+    source.write_text(USER_MODEL)
+    out = str(tmp_path / 'eval')
+    assert evaluate_saliency.main(['--arch', '%s:Net' % source, '--images', '2', '--deletion-images', '3',
+                                   '--only', 'sanity', 'deletion', '--samples', '2', '--steps', '2',
+                                   '--perturbation-steps', '4', '-o', out]) == 0
+    text = open(os.path.join(out, 'results.md')).read()
+    assert '| fc | conv2 | conv1 | conv1, next image (control) |' in text.replace('method | ', '')
+    assert 'deletion: 3 images' in text and 'random (baseline)' in text

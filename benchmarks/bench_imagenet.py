@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""SmoothGrad on EfficientNet-Lite0 at 224x224: this project against PyTorch + Captum, side by side.
+
+    python benchmarks/bench_imagenet.py                  # N=50, one photograph, one run each
+    python benchmarks/bench_imagenet.py --repeats 3      # median of three
+
+1. Seconds per SmoothGrad map (data/photos/chelsea.png, N samples, noise 10%): this project at
+   batch sizes 10 and 25, Chainer's stock grouped convolution for the depthwise layers (the
+   model's links as they are), and PyTorch + Captum NoiseTunnel(Saliency) on
+   efficientnet-lite-pytorch, the reference implementation, with the same weights.
+2. Where this project's time goes: forward + backward time per kind of Chainer function
+   (chainer.function_hooks.TimerHook) over one batch.
+3. Peak NumPy memory of an N=200 map at --batchsize 10 (tracemalloc).
+
+PyTorch, Captum and efficientnet-lite-pytorch are optional (`pip install torch==2.13.0 captum
+efficientnet-lite-pytorch`, then `pip install "setuptools<70"` again); without them the peer row is
+skipped with a message.
+"""
+import argparse
+import collections
+import os
+import tracemalloc
+
+import chainer
+import numpy as np
+from chainer.function_hooks import TimerHook
+
+from common import median_ms
+from sgrad.data import PHOTOS_DIR, load_image_file
+from sgrad.efficientnet import IMAGE_SIZE, default_weights_path, load_efficientnet_lite0
+from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
+
+NOISE = 0.1
+
+
+def torch_peer():
+    """The reference implementation with the same weights, scaling [0, 1] images inside like ours; or None."""
+    try:
+        import torch
+        from captum.attr import NoiseTunnel, Saliency  # noqa: F401
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        print('(PyTorch + Captum peer skipped: %s)' % e)
+        return None
+    torch.set_num_threads(os.cpu_count())
+    reference = EfficientNet.from_name('efficientnet-lite0')
+    reference.load_state_dict(torch.load(default_weights_path(), map_location='cpu'))
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = reference
+
+        def forward(self, x):
+            return self.net(x * (255. / 128.) - 127. / 128.)
+
+    return torch, Scaled().eval()
+
+
+def stock_depthwise(model):
+    """The same model with its depthwise layers on Chainer's own F.convolution_2d(groups=C)."""
+    for link in model.links():
+        if getattr(link, 'depthwise', False) is True:
+            link.depthwise = False
+    return model
+
+
+def profile(model, x, target, batchsize):
+    """Milliseconds per kind of Chainer function over one batch's forward and backward."""
+    xs = np.repeat(x[None], batchsize, axis=0)
+    engine = GradientEngine(model, batchsize=batchsize)
+    engine(xs, target)  # warm-up
+    hook = TimerHook()
+    with hook:
+        engine(xs, target)
+    totals = collections.Counter()
+    for name, seconds in hook.call_history:
+        totals[name] += 1000 * seconds
+    return totals
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--samples', '-n', type=int, default=50)
+    p.add_argument('--repeats', type=int, default=1)
+    p.add_argument('--skip-stock', action='store_true', help='skip the slow stock-depthwise row')
+    args = p.parse_args()
+
+    model = load_efficientnet_lite0()
+    x, _ = load_image_file(os.path.join(PHOTOS_DIR, 'chelsea.png'), IMAGE_SIZE)
+    target = int(GradientEngine(model).probabilities(x[None]).argmax())
+    n = args.samples
+    rows = [('this project, batch 10', lambda: smoothgrad(model, x, target, NOISE, n, 10, np.random.RandomState(0))),
+            ('this project, batch 25', lambda: smoothgrad(model, x, target, NOISE, n, 25, np.random.RandomState(0)))]
+    if not args.skip_stock:
+        stock = stock_depthwise(load_efficientnet_lite0())
+        rows.append(('Chainer stock depthwise (groups=C), batch 10',
+                     lambda: smoothgrad(stock, x, target, NOISE, n, 10, np.random.RandomState(0))))
+    peer = torch_peer()
+    if peer:
+        torch, net = peer
+        from captum.attr import NoiseTunnel, Saliency
+        xt = torch.from_numpy(x[None].copy())
+        tunnel = NoiseTunnel(Saliency(net))
+        rows.append(('PyTorch + Captum NoiseTunnel(Saliency)',
+                     lambda: tunnel.attribute(xt, nt_type='smoothgrad', nt_samples=n,
+                                              stdevs=noise_stdev(x, NOISE), target=target)))
+    results = [(name, median_ms(fn, args.repeats) / 1000) for name, fn in rows]
+    reference = dict(results).get('PyTorch + Captum NoiseTunnel(Saliency)')
+    print('SmoothGrad of EfficientNet-Lite0, chelsea.png 224x224, N=%d, median of %d run(s)' % (n, args.repeats))
+    print('%-48s %10s %14s' % ('variant', 's per map', 'x PyTorch time'))
+    for name, seconds in results:
+        print('%-48s %10.2f %14s' % (name, seconds, '%.2f' % (seconds / reference) if reference else '-'))
+
+    print('\nWhere the time goes: one batch of 10, forward + input backward, ms per kind of function')
+    totals = profile(model, x, target, 10)
+    for label, ms in totals.most_common(8):
+        print('%-48s %10.0f %13.0f%%' % (label, ms, 100 * ms / sum(totals.values())))
+
+    print('\nPeak NumPy memory of one N=200 map at --batchsize 10 (tracemalloc)')
+    tracemalloc.start()
+    smoothgrad(model, x, target, NOISE, 200, 10, np.random.RandomState(0))
+    print('%-48s %7.0f MB' % ('this project', tracemalloc.get_traced_memory()[1] / 2 ** 20))
+    tracemalloc.stop()
+
+
+if __name__ == '__main__':
+    main()
