@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from sgrad import InputError, OneLineErrorParser, progress_bar, write_atomic
+from sgrad import InputError, OneLineErrorParser, keep_freed_memory, progress_bar, write_atomic
 
 
 NOISE_LEVELS = (0., 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -119,8 +119,10 @@ def sanity_check(args, model, images, targets, report):
         ax.set_xlabel('randomized from the logits down to')
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
+        ax.tick_params(axis='x', labelrotation=30)
+        plt.setp(ax.get_xticklabels(), horizontalalignment='right')
     axes[1].legend(fontsize=8)
-    fig.suptitle('Cascading randomization, %d CIFAR-10 test images' % len(images))
+    fig.suptitle('Cascading randomization, %d images' % len(images))
     cell = lambda v: '%.2f / %s / %.2f' % (v[0], '-' if v[1] is None else '%.2f' % v[1], v[2])
     report.table('Cascading randomization: Spearman |map| / Spearman signed / SSIM, mean over %d images'
                  % len(images), ['method'] + list(stages[1:]) + ['%s, next image (control)' % stages[-1]],
@@ -170,7 +172,7 @@ def deletion_insertion(args, model, images, targets, report):
         ax.set_title('%s (%s is better)' % (kind, BETTER_AREA[kind]))
         ax.grid(True, alpha=0.3)
     axes['insertion'].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
-    report.table('Deletion and insertion AUC over %d test images (mean ± s.e.)' % len(images),
+    report.table('Deletion and insertion AUC over %d images (mean ± s.e.)' % len(images),
                  ['pixel order'] + AREA_HEADERS, rows)
     report.figure('deletion_insertion.png')
 
@@ -294,4 +296,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    keep_freed_memory()
     sys.exit(main())

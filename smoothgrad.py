@@ -20,7 +20,8 @@ import textwrap
 
 import numpy as np
 
-from sgrad import InputError, OneLineErrorParser, finite_float, get_device, progress_bar, write_atomic
+from sgrad import (InputError, OneLineErrorParser, finite_float, get_device, keep_freed_memory, progress_bar,
+                   write_atomic)
 
 DEFAULT_OUT = 'smoothgrad.png'
 
@@ -260,4 +261,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    keep_freed_memory()
     sys.exit(main())

@@ -32,7 +32,8 @@ from chainer import training  # noqa: E402
 from chainer.training import extensions  # noqa: E402
 
 from model import CLASS_NAMES, CifarNet, DEFAULT_MODEL_PATH, load_model  # noqa: E402
-from sgrad import InputError, OneLineErrorParser, finite_float, get_device, write_atomic  # noqa: E402
+from sgrad import (InputError, OneLineErrorParser, finite_float, get_device, keep_freed_memory,  # noqa: E402
+                   write_atomic)
 from sgrad.data import load_cifar10  # noqa: E402
 
 
@@ -227,4 +228,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    keep_freed_memory()
     sys.exit(main())

@@ -26,6 +26,7 @@ import numpy as np
 from chainer.function_hooks import TimerHook
 
 from common import median_ms
+from sgrad import keep_freed_memory
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import IMAGE_SIZE, default_weights_path, load_efficientnet_lite0
 from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
@@ -84,7 +85,11 @@ def main():
     p.add_argument('--samples', '-n', type=int, default=50)
     p.add_argument('--repeats', type=int, default=1)
     p.add_argument('--skip-stock', action='store_true', help='skip the slow stock-depthwise row')
+    p.add_argument('--malloc-default', action='store_true',
+                   help="leave glibc's malloc as it is (the scripts call sgrad.keep_freed_memory())")
     args = p.parse_args()
+    if not args.malloc_default:
+        keep_freed_memory()
 
     model = load_efficientnet_lite0()
     x, _ = load_image_file(os.path.join(PHOTOS_DIR, 'chelsea.png'), IMAGE_SIZE)

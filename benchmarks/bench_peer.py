@@ -24,6 +24,7 @@ import numpy as np
 
 from common import blog_smoothgrad, median_ms
 from model import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_MODEL_PATH, CifarNet, load_model
+from sgrad import keep_freed_memory
 from sgrad.data import load_test_image
 from sgrad.reference import plain_chainer_forward
 from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
@@ -112,7 +113,11 @@ def main():
     p.add_argument('--repeats', type=int, default=7)
     p.add_argument('--train-steps', type=int, default=7, help='timed training steps per variant')
     p.add_argument('--skip-memory', action='store_true')
+    p.add_argument('--malloc-default', action='store_true',
+                   help="leave glibc's malloc as it is (the scripts call sgrad.keep_freed_memory())")
     args = p.parse_args()
+    if not args.malloc_default:
+        keep_freed_memory()
 
     trained = os.path.exists(DEFAULT_MODEL_PATH)
     model = load_model() if trained else CifarNet()
