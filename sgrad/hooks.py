@@ -2,8 +2,9 @@
 
 :class:`GuidedReLU` (a ``FunctionHook``) makes the ReLUs of a forward pass backpropagate
 the Guided Backprop way; :class:`LinkOutput` (a ``LinkHook``) captures the output of a
-named link, for Grad-CAM. Both act only inside their ``with`` block and change no model,
-function or class.
+named link, for Grad-CAM; :class:`CallOrder` (a ``LinkHook``) lists the layers a forward
+pass runs, for the model randomization check. All act only inside their ``with`` block
+and change no model, function or class.
 """
 import chainer
 from chainer.functions.activation.clipped_relu import ClippedReLU
