@@ -3,7 +3,7 @@
 
     python smoothgrad.py --noise 0.1 --samples 100     # test image #0, as in the blog
     python smoothgrad.py --noise 0 0.1 0.3             # the blog's comparison in one figure
-    python smoothgrad.py --image cat.png --label cat   # any image, resized to 32x32
+    python smoothgrad.py --image cat.png --label cat   # any image, resized and cropped to 32x32
     python smoothgrad.py --model efficientnet-lite0 --image data/photos/chelsea.png --noise 0 0.1 0.2
     python smoothgrad.py --arch mynet.py:Net --model result/model.npz --image x.png   # your own model
 
@@ -11,7 +11,7 @@ The image is tiled N times, Gaussian noise with stdev = noise * (max(x) - min(x)
 is added in the model's [0, 1] input space, the noisy batch is backpropagated
 at once (--batchsize copies at a time, drawn as they are needed, so memory does
 not grow with N), and |gradient| is summed over samples and channels into a
-32x32 map.
+map of the image's size (32x32 for CifarNet, 224x224 for EfficientNet-Lite0).
 """
 import argparse
 import os
