@@ -28,7 +28,7 @@ from chainer.function_hooks import TimerHook
 from common import median_ms
 from sgrad import keep_freed_memory
 from sgrad.data import PHOTOS_DIR, load_image_file
-from sgrad.efficientnet import IMAGE_SIZE, default_weights_path, load_efficientnet_lite0
+from sgrad.efficientnet import IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0
 from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
 
 NOISE = 0.1
@@ -61,7 +61,7 @@ def torch_peer():
 def stock_depthwise(model):
     """The same model with its depthwise layers on Chainer's own F.convolution_2d(groups=C)."""
     for link in model.links():
-        if getattr(link, 'depthwise', False) is True:
+        if isinstance(link, ConvBNReLU6):
             link.depthwise = False
     return model
 

