@@ -9,14 +9,13 @@ see the same preprocessing and SmoothGrad's noise and gradients live in the
 [0, 1] image space, as in the blog post.
 """
 import os
-import zipfile
 
 import chainer
 import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-from sgrad import InputError
+from sgrad import WEIGHTS_ERRORS, InputError, weights_error
 from sgrad.ops import FoldsBatchNorm, convolution_3x3, folded_copy, max_pooling_2x2, relu
 
 #: The shipped weights that smoothgrad.py explains by default.
@@ -141,7 +140,6 @@ def load_model(path=DEFAULT_MODEL_PATH):
             width = weights['prep/conv/W'].shape[0]
         model = CifarNet(width=width)
         chainer.serializers.load_npz(path, model)
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError('%s does not hold CifarNet weights (%s)' % (path, reason))
+    except WEIGHTS_ERRORS as e:
+        raise weights_error(path, 'CifarNet weights', e)
     return model

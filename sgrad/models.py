@@ -11,12 +11,11 @@ images are used at their own size.
 import collections
 import importlib.util
 import os
-import zipfile
 
 import chainer
 import numpy as np
 
-from sgrad import InputError
+from sgrad import WEIGHTS_ERRORS, InputError, weights_error
 
 EFFICIENTNET = 'efficientnet-lite0'
 
@@ -55,8 +54,8 @@ def load_explained(model, arch=None):
         if model:
             try:
                 chainer.serializers.load_npz(model, link)
-            except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-                raise InputError('cannot load %s into %s (%s)' % (model, arch, str(e).splitlines()[0]))
+            except WEIGHTS_ERRORS as e:
+                raise weights_error(model, '%s weights' % cls.__name__, e)
         return Explained(link, getattr(cls, 'CLASS_NAMES', None), getattr(cls, 'IMAGE_SIZE', None),
                          '%s%s' % (cls.__name__, ' from ' + os.path.basename(model) if model else ''))
     if model == EFFICIENTNET:

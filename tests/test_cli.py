@@ -181,3 +181,8 @@ def test_cli_explains_a_users_own_model(tmp_path, capsys):
         assert 'Net from net.npz' in out and np.load(npy).shape == (1, 16, 16)
     code, _, err = run_cli(['--arch', '%s:Nope' % source, '--out', str(tmp_path / 'g.png')], capsys)
     assert code == 2 and "has no chainer.Link class 'Nope'" in err
+    other = str(tmp_path / 'other.npz')
+    chainer.serializers.save_npz(other, chainer.links.Linear(3, 2))
+    code, _, err = run_cli(['--arch', '%s:Net' % source, '--model', other, '--out', str(tmp_path / 'g.png')], capsys)
+    assert code == 2 and err.count('\n') == 1 and 'does not hold Net weights' in err, err
+    assert not os.path.exists(str(tmp_path / 'g.png'))
