@@ -202,15 +202,15 @@ def with_overlays(panels, image):
 
 
 def run(args):
-    from sgrad.models import class_name, default_batchsize, load_explained, parse_label
-    from sgrad.saliency import METHODS, GradientEngine, channel_sum_abs
+    from sgrad.models import class_name, load_explained, parse_label
+    from sgrad.saliency import AUTO_BATCHSIZE, METHODS, GradientEngine, channel_sum_abs
 
     explained = load_explained(args.model, args.arch)
     x, true_label, name = load_input(args, explained)
     baseline = load_baseline(args, explained)
     model = explained.link
     model.to_device(get_device(args.gpu))
-    engine = GradientEngine(model, args.objective, args.batchsize or default_batchsize(x), progress_bar)
+    engine = GradientEngine(model, args.objective, args.batchsize or AUTO_BATCHSIZE, progress_bar)
 
     probs = engine.probabilities(x[None])[0]
     label = None if args.label is None else parse_label(explained, args.label, len(probs))

@@ -13,7 +13,6 @@ import importlib.util
 import os
 
 import chainer
-import numpy as np
 
 from sgrad import WEIGHTS_ERRORS, InputError, weights_error
 
@@ -78,10 +77,3 @@ def parse_label(explained, label, n_classes):
     raise InputError('--label must be 0-%d%s, got %r' % (
         n_classes - 1, ' or a class name' if explained.class_names else '', label))
 
-
-#: images per forward/backward that the scripts default to: about 2^19 pixels (512 CIFAR images, 10 at 224x224)
-BATCH_PIXELS = 2 ** 19
-
-
-def default_batchsize(image):
-    return max(1, BATCH_PIXELS // int(np.prod(image.shape[-2:])))

@@ -18,8 +18,10 @@ from sgrad.hooks import GuidedReLU, LinkOutput
 
 OBJECTIVES = ('score', 'loss')
 
-#: Images per forward/backward unless told otherwise: N=100 SmoothGrad of a 32x32 image in one pass.
-DEFAULT_BATCHSIZE = 100
+#: The default batch size: as many images as make about BATCH_PIXELS pixels per forward/backward,
+#: 512 of 32x32 (an N=100 SmoothGrad of a CIFAR image in one pass) and 10 of 224x224.
+AUTO_BATCHSIZE = 'auto'
+BATCH_PIXELS = 2 ** 19
 
 
 class GradientEngine:
@@ -33,17 +35,17 @@ class GradientEngine:
     Each image's gradient is that of its own objective (BatchNorm is in
     inference mode, so the images of a batch do not interact).
     batchsize: at most this many images per forward/backward (bounded memory);
-      None runs the whole batch at once.
+      'auto' (the default) about BATCH_PIXELS pixels' worth; None runs the whole batch at once.
     progress: called as progress(done, total) by the outermost loop over batches.
     A model that offers ``inference_copy()`` (CifarNet: BatchNorm folded into
     the convolutions) is used through that copy; one whose links return
     channel-major activations says so with ``ACTIVATION_LAYOUT = 'CHWN'``.
     """
 
-    def __init__(self, model, objective='score', batchsize=DEFAULT_BATCHSIZE, progress=None):
+    def __init__(self, model, objective='score', batchsize=AUTO_BATCHSIZE, progress=None):
         if objective not in OBJECTIVES:
             raise InputError('objective must be one of %s, got %r' % (', '.join(OBJECTIVES), objective))
-        if batchsize is not None and batchsize <= 0:
+        if batchsize not in (None, AUTO_BATCHSIZE) and batchsize <= 0:
             raise InputError('--batchsize must be positive, got %d' % batchsize)
         self.model = model.inference_copy() if hasattr(model, 'inference_copy') else model
         self.objective = objective
@@ -57,12 +59,16 @@ class GradientEngine:
             return F.select_item(logits, target)
         return F.softmax_cross_entropy(logits, target, reduce='no')
 
-    def batches(self, n):
-        """Slices of range(n), each at most ``batchsize`` long. Only the outermost loop reports
-        progress: SmoothGrad's loop over sample batches, not the engine's loops inside it."""
+    def batches(self, n, image_shape):
+        """Slices of range(n), each at most a batch of images of ``image_shape`` (..., H, W) long. Only
+        the outermost loop reports progress: SmoothGrad's loop over sample batches, not the engine's
+        loops inside it."""
         outermost, self._looping = not self._looping, True
         try:
-            step = self.batchsize or max(n, 1)
+            if self.batchsize == AUTO_BATCHSIZE:
+                step = max(1, BATCH_PIXELS // int(np.prod(image_shape[-2:])))
+            else:
+                step = self.batchsize or max(n, 1)
             for start in range(0, n, step):
                 chunk = slice(start, min(n, start + step))
                 yield chunk
@@ -76,7 +82,7 @@ class GradientEngine:
         """Yield (slice, device images, device targets)."""
         target = np.broadcast_to(np.asarray(target, dtype=np.int32), (len(x),))
         device = self.model.device
-        for chunk in self.batches(len(x)):
+        for chunk in self.batches(len(x), x.shape):
             yield chunk, device.send(np.ascontiguousarray(x[chunk])), device.send(target[chunk])
 
     def gradients(self, x, target, guided=False):
@@ -335,7 +341,7 @@ class SmoothGrad(Method):
     def _aggregate(self, x, target):
         summands, finish = AGGREGATIONS[self.aggregate]
         sums = dict.fromkeys(summands, 0.)
-        for chunk in self.engine.batches(self.samples):
+        for chunk in self.engine.batches(self.samples, x.shape):
             attributions = self.base.attribute(noisy_copies(x, self.noise, chunk.stop - chunk.start, self.rng),
                                                target).astype(np.float64)
             for name in summands:
@@ -348,7 +354,7 @@ def channel_sum_abs(attribution):
     return np.abs(attribution).sum(axis=-3)
 
 
-def smoothgrad(model, x, target, noise=0.1, samples=100, batchsize=DEFAULT_BATCHSIZE, rng=None,
+def smoothgrad(model, x, target, noise=0.1, samples=100, batchsize=AUTO_BATCHSIZE, rng=None,
                objective='score'):
     """The blog's SmoothGrad map (H, W) of one [0, 1] image x (C, H, W) for class ``target``."""
     engine = GradientEngine(model, objective, batchsize)

@@ -140,3 +140,10 @@ def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_in_new_pages(
         assert proc.returncode == 0, proc.stderr
         faults[mode] = int(proc.stdout)
     assert faults['default'] >= 50 and faults['keep'] < faults['default'] / 10, faults  # >= 50: even with huge pages
+
+
+def test_the_default_batch_holds_about_2_to_the_19_pixels():
+    """512 CIFAR images (N=100 in one pass), 10 photographs at 224x224: memory per pass, not per image."""
+    engine = GradientEngine(None)
+    assert [c.stop - c.start for c in engine.batches(25, (3, 224, 224))] == [10, 10, 5]
+    assert [c.stop - c.start for c in engine.batches(600, (3, 32, 32))] == [512, 88]
