@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """SmoothGrad on EfficientNet-Lite0 at 224x224: this project against PyTorch + Captum, side by side.
 
-    python benchmarks/bench_imagenet.py                  # N=50, one photograph, one run each
-    python benchmarks/bench_imagenet.py --repeats 3      # median of three
+    python benchmarks/bench_imagenet.py                  # N=50, one photograph, median of 7 rounds
+    python benchmarks/bench_imagenet.py --repeats 1      # a quick look
 
 1. Seconds per SmoothGrad map (data/photos/chelsea.png, N samples, noise 10%): this project at
    batch sizes 10 and 25, Chainer's stock grouped convolution for the depthwise layers (the
@@ -25,7 +25,7 @@ import chainer
 import numpy as np
 from chainer.function_hooks import TimerHook
 
-from common import median_ms
+from common import interleaved_median_ms
 from sgrad import keep_freed_memory
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0
@@ -83,7 +83,7 @@ def profile(model, x, target, batchsize):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--samples', '-n', type=int, default=50)
-    p.add_argument('--repeats', type=int, default=1)
+    p.add_argument('--repeats', type=int, default=7, help='interleaved timed rounds (default: %(default)s)')
     p.add_argument('--skip-stock', action='store_true', help='skip the slow stock-depthwise row')
     p.add_argument('--malloc-default', action='store_true',
                    help="leave glibc's malloc as it is (the scripts call sgrad.keep_freed_memory())")
@@ -110,9 +110,11 @@ def main():
         rows.append(('PyTorch + Captum NoiseTunnel(Saliency)',
                      lambda: tunnel.attribute(xt, nt_type='smoothgrad', nt_samples=n,
                                               stdevs=noise_stdev(x, NOISE), target=target)))
-    results = [(name, median_ms(fn, args.repeats) / 1000) for name, fn in rows]
+    medians = interleaved_median_ms([fn for _, fn in rows], args.repeats)
+    results = [(name, ms / 1000) for (name, _), ms in zip(rows, medians)]
     reference = dict(results).get('PyTorch + Captum NoiseTunnel(Saliency)')
-    print('SmoothGrad of EfficientNet-Lite0, chelsea.png 224x224, N=%d, median of %d run(s)' % (n, args.repeats))
+    print('SmoothGrad of EfficientNet-Lite0, chelsea.png 224x224, N=%d, median of %d interleaved rounds'
+          % (n, args.repeats))
     print('%-48s %10s %14s' % ('variant', 's per map', 'x PyTorch time'))
     for name, seconds in results:
         print('%-48s %10.2f %14s' % (name, seconds, '%.2f' % (seconds / reference) if reference else '-'))

@@ -11,15 +11,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sgrad.saliency import channel_sum_abs, noisy_copies  # noqa: E402
 
 
+def interleaved_median_ms(fns, repeats):
+    """Median wall time in milliseconds of each of fns over ``repeats`` rounds, after one warm-up
+    round; every round runs each function once, so load on the machine hits all of them alike."""
+    times = [[] for _ in fns]
+    for round_ in range(repeats + 1):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            if round_:
+                spent.append(time.perf_counter() - start)
+    return [1000 * float(np.median(spent)) for spent in times]
+
+
 def median_ms(fn, repeats):
     """Median wall time of fn() in milliseconds over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return interleaved_median_ms([fn], repeats)[0]
 
 
 def blog_smoothgrad(forward, model, x, target, noise, samples, rng):

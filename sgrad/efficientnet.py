@@ -51,7 +51,7 @@ def relu6(x):
 class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
     """Convolution ('SAME' padding, no bias), BatchNorm, ReLU6 (optional). With ``groups=channels`` it is
     depthwise, and computed by sgrad.ops.depthwise_convolution: the same function as the link's
-    F.convolution_2d(groups=C), 5-20x faster on the CPU (see the README)."""
+    F.convolution_2d(groups=C), faster on the CPU (benchmarks/bench_imagenet.py)."""
 
     def __init__(self, in_channels, out_channels, ksize, stride=1, groups=1, activation=True):
         super().__init__()
