@@ -4,6 +4,7 @@
     python evaluate_saliency.py --images 100 --deletion-images 500     # the full study
     python evaluate_saliency.py --images 8 --deletion-images 16 --knob-images 4   # a quick look
     python evaluate_saliency.py --model efficientnet-lite0 -o docs/evaluation_imagenet   # the photographs
+    mpiexec -n 2 python evaluate_saliency.py ...   # the images split over 2 processes (ChainerMN)
 
 1. Cascading model randomization (Adebayo et al. 2018): the layers' weights are re-drawn from
    the logits down (a model's RANDOMIZATION_STAGES, or else the links its forward calls, in
@@ -28,9 +29,10 @@ import os
 import sys
 import time
 
-import numpy as np
+from sgrad import InputError, OneLineErrorParser, keep_freed_memory, parallel, progress_bar, write_atomic
+parallel.share_cores()  # under mpiexec: BLAS threads per rank, before NumPy loads
 
-from sgrad import InputError, OneLineErrorParser, keep_freed_memory, progress_bar, write_atomic
+import numpy as np  # noqa: E402
 
 
 NOISE_LEVELS = (0., 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -44,14 +46,15 @@ def make_methods(engine, samples, steps):
     """name -> method: every method of the project, SmoothGrad being SmoothGrad of the gradient."""
     from sgrad.saliency import METHODS, Gradient, SmoothGrad, make_method
     methods = {name: make_method(name, engine, steps) for name in METHODS}
-    methods['smoothgrad'] = SmoothGrad(Gradient(engine), 0.1, samples, 'sum_abs', np.random.RandomState(0))
+    methods['smoothgrad'] = SmoothGrad(Gradient(engine), 0.1, samples, 'sum_abs')
     return methods
 
 
-def maps_of(method, images, targets):
-    """|map| and signed map (None for unsigned methods), each (N, H, W)."""
-    from sgrad.saliency import channel_sum_abs
-    attribution = method.attribute(images, targets)
+def maps_of(method, images, targets, indices, seed):
+    """|map| and signed map (None for unsigned methods), each (N, H, W), of the images whose
+    indices in the study are ``indices`` (SmoothGrad's noise: each image's own stream)."""
+    from sgrad.saliency import attribute_each, channel_sum_abs
+    attribution = attribute_each(method, images, targets, indices, seed)
     return channel_sum_abs(attribution), attribution.sum(axis=1) if method.signed else None
 
 
@@ -79,38 +82,63 @@ class Report:
         write_atomic(os.path.join(self.out_dir, 'results.md'), lambda f: f.write(text.encode()))
 
 
-def sanity_check(args, model, images, targets, report):
+class Share:
+    """This rank's share of the study's images (all of them in one process): their pixels,
+    targets and indices in the study; per-image results go back to rank 0 through ``gather``."""
+
+    def __init__(self, images, targets, comm):
+        from sgrad import parallel
+        self.comm, self.gather_rows = comm, parallel.gather_rows
+        self.study_images, self.total = images, len(images)
+        self.indices = parallel.split(np.arange(len(images)), comm)
+        self.images, self.targets = images[self.indices], targets[self.indices]
+        self.first_rank = comm is None or comm.rank == 0
+
+    def gather(self, arrays):
+        """{key: per-image rows of this share} -> the same for all images, on rank 0; else None."""
+        return self.gather_rows(arrays, self.comm)
+
+    def progress(self, total, unit):
+        """A progress function for ``total`` steps, drawn by rank 0 alone."""
+        return (lambda done: progress_bar(done, total, unit)) if self.first_rank else (lambda done: None)
+
+
+def sanity_check(args, model, share, report):
+    import itertools
     import matplotlib.pyplot as plt
     from sgrad.metrics import cascading_randomization, randomization_stages, spearman, ssim
     from sgrad.saliency import GradientEngine
-    cascade = randomization_stages(model, images[:1])
+    cascade = randomization_stages(model, share.images[:1])
     stages = ('trained',) + tuple(label for label, _ in cascade)
-    progress = lambda done: progress_bar(done, len(stages), 'models mapped (trained, then randomized)')
-    progress(0)
-    trained = {name: maps_of(m, images, targets)
-               for name, m in make_methods(GradientEngine(model, batchsize=args.batchsize),
-                                           args.samples, args.steps).items()}
-    progress(1)
-
-    def similarity(maps_a, maps_b):
-        """Mean over images of Spearman(|map|), Spearman(signed map) (None if unsigned), SSIM(|map|)."""
-        (abs_a, signed_a), (abs_b, signed_b) = maps_a, maps_b
-        return (np.mean([spearman(a, b) for a, b in zip(abs_a, abs_b)]),
-                np.mean([spearman(a, b) for a, b in zip(signed_a, signed_b)]) if signed_a is not None else None,
-                np.mean([ssim(a, b) for a, b in zip(abs_a, abs_b)]))
-
-    curves = {name: [similarity(maps, maps)] for name, maps in trained.items()}
-    randomized_models = cascading_randomization(model, cascade, args.seed)
-    for done, (_, randomized) in enumerate(randomized_models, start=2):
-        methods = make_methods(GradientEngine(randomized, batchsize=args.batchsize), args.samples, args.steps)
-        randomized_maps = {name: maps_of(method, images, targets) for name, method in methods.items()}
-        for name, maps in randomized_maps.items():
-            curves[name].append(similarity(trained[name], maps))
+    progress = share.progress(len(stages), 'models mapped (trained, then randomized)')
+    models = itertools.chain([('trained', model)], cascading_randomization(model, cascade, args.seed))
+    abs_maps, signed_maps = {}, {}  # (stage, method) -> maps of this share's images
+    for done, (stage, staged_model) in enumerate(models):
         progress(done)
+        methods = make_methods(GradientEngine(staged_model, batchsize=args.batchsize), args.samples, args.steps)
+        for name, method in methods.items():
+            abs_maps[stage, name], signed_maps[stage, name] = maps_of(
+                method, share.images, share.targets, share.indices, args.seed)
+    progress(len(stages))
+    abs_maps, signed_maps = share.gather(abs_maps), share.gather(signed_maps)
+    if report is None:
+        return
+
+    def similarity(stage, name, shift=0):
+        """Mean over images of Spearman(|map|), Spearman(signed map) (None if unsigned), SSIM(|map|):
+        the trained model's map of each image against the ``stage`` model's map of the image
+        ``shift`` places before it."""
+        pairs = [(maps['trained', name], maps[stage, name]) for maps in (abs_maps, signed_maps)]
+        (a, b), (signed_a, signed_b) = [(x, None if y is None else np.roll(y, shift, axis=0)) for x, y in pairs]
+        return (np.mean([spearman(x, y) for x, y in zip(a, b)]),
+                np.mean([spearman(x, y) for x, y in zip(signed_a, signed_b)]) if signed_a is not None else None,
+                np.mean([ssim(x, y) for x, y in zip(a, b)]))
+
+    names = list(methods)
+    curves = {name: [similarity(stage, name) for stage in stages] for name in names}
     # Control: the fully randomized model's map of the *next* image. The same-image correlation
     # beyond this level comes from the image; up to it, from a pattern the method draws everywhere.
-    other_image = {name: similarity(trained[name], [None if m is None else np.roll(m, 1, axis=0) for m in maps])
-                   for name, maps in randomized_maps.items()}
+    other_image = {name: similarity(stages[-1], name, shift=1) for name in names}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, values in curves.items():
         axes[0].plot(stages, [v[0] for v in values], marker='o', label=name)
@@ -122,10 +150,10 @@ def sanity_check(args, model, images, targets, report):
         ax.tick_params(axis='x', labelrotation=30)
         plt.setp(ax.get_xticklabels(), horizontalalignment='right')
     axes[1].legend(fontsize=8)
-    fig.suptitle('Cascading randomization, %d images' % len(images))
+    fig.suptitle('Cascading randomization, %d images' % share.total)
     cell = lambda v: '%.2f / %s / %.2f' % (v[0], '-' if v[1] is None else '%.2f' % v[1], v[2])
     report.table('Cascading randomization: Spearman |map| / Spearman signed / SSIM, mean over %d images'
-                 % len(images), ['method'] + list(stages[1:]) + ['%s, next image (control)' % stages[-1]],
+                 % share.total, ['method'] + list(stages[1:]) + ['%s, next image (control)' % stages[-1]],
                  [[name] + [cell(v) for v in values[1:]] + [cell(other_image[name])]
                   for name, values in curves.items()])
     report.figure('sanity_randomization.png')
@@ -138,7 +166,7 @@ def auc_cells(curves):
     return ['%.3f ± %.3f' % (a.mean(), a.std() / np.sqrt(len(a))) for a in areas]
 
 
-def deletion_insertion(args, model, images, targets, report):
+def deletion_insertion(args, model, share, report):
     import matplotlib.pyplot as plt
     from sgrad.metrics import perturbation_curves
     from sgrad.saliency import GradientEngine
@@ -146,74 +174,89 @@ def deletion_insertion(args, model, images, targets, report):
     methods = make_methods(engine, args.samples, args.steps)
     # each method's maps, then the curves of every ordering: |map|, the signed map and random
     steps = 2 * len(methods) + sum(m.signed for m in methods.values()) + 1
-    progress = lambda done: progress_bar(done, steps, 'steps (maps, then curves)')
-    orderings = []  # (label, maps, line style)
+    progress = share.progress(steps, 'steps (maps, then curves)')
+    orderings = []  # (label, maps of this share's images, line style)
     for done, (name, method) in enumerate(methods.items()):
         progress(done)
-        abs_maps, signed_maps = maps_of(method, images, targets)
+        abs_maps, signed_maps = maps_of(method, share.images, share.targets, share.indices, args.seed)
         orderings.append((name, abs_maps, dict(color='C%d' % done)))
         if signed_maps is not None:  # evidence for the class first, evidence against it last
             orderings.append((name + ' (signed)', signed_maps, dict(color='C%d' % done, linestyle='--')))
-    random_maps = np.random.RandomState(args.seed).rand(*abs_maps.shape)
+    random_maps = np.stack([np.random.RandomState([args.seed, index, 1]).rand(*abs_maps.shape[1:])
+                            for index in share.indices])  # each image's own stream, as SmoothGrad's noise
     orderings.append(('random (baseline)', random_maps, dict(color='black', linestyle=':')))
+    curves = {}  # (ordering, kind) -> curves of this share's images
+    for done, (name, maps, _) in enumerate(orderings, start=len(methods)):
+        progress(done)
+        for kind, values in perturbation_curves(engine, share.images, maps, share.targets,
+                                                args.perturbation_steps).items():
+            curves[name, kind] = values
+    progress(steps)
+    curves = share.gather(curves)
+    if report is None:
+        return
     rows, fig = [], plt.figure(figsize=(17, 4))
     axes = dict(zip(BETTER_AREA, fig.subplots(1, len(BETTER_AREA))))
     fraction = np.linspace(0, 1, args.perturbation_steps + 1)
-    for done, (name, maps, style) in enumerate(orderings, start=len(methods)):
-        progress(done)
-        curves = perturbation_curves(engine, images, maps, targets, args.perturbation_steps)
-        rows.append([name] + auc_cells(curves))
+    for name, _, style in orderings:
+        rows.append([name] + auc_cells({kind: curves[name, kind] for kind in BETTER_AREA}))
         for kind, ax in axes.items():
-            ax.plot(fraction, curves[kind].mean(axis=0), label=name, **style)
-    progress(steps)
+            ax.plot(fraction, curves[name, kind].mean(axis=0), label=name, **style)
     for kind, ax in axes.items():
         ax.set_xlabel('fraction of pixels')
         ax.set_ylabel('probability of the target class')
         ax.set_title('%s (%s is better)' % (kind, BETTER_AREA[kind]))
         ax.grid(True, alpha=0.3)
     axes['insertion'].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
-    report.table('Deletion and insertion AUC over %d images (mean ± s.e.)' % len(images),
+    report.table('Deletion and insertion AUC over %d images (mean ± s.e.)' % share.total,
                  ['pixel order'] + AREA_HEADERS, rows)
     report.figure('deletion_insertion.png')
 
 
-def knobs(args, model, images, targets, report):
+def knobs(args, model, share, report):
     import matplotlib.pyplot as plt
     from sgrad.metrics import perturbation_curves, spearman
     from sgrad.saliency import Gradient, GradientEngine, SmoothGrad
     engine = GradientEngine(model, batchsize=args.batchsize)
 
     def smoothgrad_maps(noise, samples, seed):
-        method = SmoothGrad(Gradient(engine), noise, samples, 'sum_abs', np.random.RandomState(seed))
-        return maps_of(method, images, targets)[0]
+        method = SmoothGrad(Gradient(engine), noise, samples, 'sum_abs')
+        return maps_of(method, share.images, share.targets, share.indices, seed)[0]
 
     steps = len(NOISE_LEVELS) + len(SAMPLE_COUNTS)
-    progress = lambda done: progress_bar(done, steps, 'settings (noise levels, then sample counts)')
-    noise_maps, rows = {}, []
+    progress = share.progress(steps, 'settings (noise levels, then sample counts)')
+    results = {}  # per-image rows of this share: maps, curves, stability
     for done, noise in enumerate(NOISE_LEVELS):
         progress(done)
-        noise_maps[noise] = maps = smoothgrad_maps(noise, args.samples, args.seed)
-        curves = perturbation_curves(engine, images, maps, targets, args.perturbation_steps)
-        rows.append(['%g%%' % (100 * noise)] + auc_cells(curves))
-    report.table('Noise level: SmoothGrad (N=%d) over %d images' % (args.samples, len(images)),
-                 ['noise'] + AREA_HEADERS, rows)
-    sample_maps, rows = {}, []
+        results['noise', noise] = maps = smoothgrad_maps(noise, args.samples, args.seed)
+        for kind, values in perturbation_curves(engine, share.images, maps, share.targets,
+                                                args.perturbation_steps).items():
+            results['curves', noise, kind] = values
     for done, samples in enumerate(SAMPLE_COUNTS, start=len(NOISE_LEVELS)):
         progress(done)
         a, b = smoothgrad_maps(0.1, samples, args.seed), smoothgrad_maps(0.1, samples, args.seed + 1)
-        sample_maps[samples] = a
-        rows.append([samples, '%.3f' % np.mean([spearman(x, y) for x, y in zip(a, b)])])
+        results['samples', samples] = a
+        results['stability', samples] = np.array([spearman(x, y) for x, y in zip(a, b)])
     progress(steps)
+    results = share.gather(results)
+    if report is None:
+        return
+    report.table('Noise level: SmoothGrad (N=%d) over %d images' % (args.samples, share.total),
+                 ['noise'] + AREA_HEADERS,
+                 [['%g%%' % (100 * noise)] + auc_cells({kind: results['curves', noise, kind] for kind in BETTER_AREA})
+                  for noise in NOISE_LEVELS])
     report.table('Sample count: stability of SmoothGrad (noise 10%%), the Spearman correlation of two maps from '
-                 'independent noise, mean over %d images' % len(images), ['samples N', 'stability'], rows)
-
+                 'independent noise, mean over %d images' % share.total, ['samples N', 'stability'],
+                 [[samples, '%.3f' % results['stability', samples].mean()] for samples in SAMPLE_COUNTS])
+    noise_maps = {noise: results['noise', noise] for noise in NOISE_LEVELS}
+    sample_maps = {samples: results['samples', samples] for samples in SAMPLE_COUNTS}
     from smoothgrad import visualize
     for title, maps, fmt, name in (('noise level (N=%d)' % args.samples, noise_maps, 'noise %g%%', 'knob_noise.png'),
                                    ('samples (noise 10%)', sample_maps, 'N=%d', 'knob_samples.png')):
-        shown = min(len(images), 4)
+        shown = min(share.total, 4)
         fig, axes = plt.subplots(shown, len(maps) + 1, figsize=(1.6 * (len(maps) + 1), 1.7 * shown), squeeze=False)
         for row in range(shown):
-            axes[row, 0].imshow(images[row].transpose(1, 2, 0))
+            axes[row, 0].imshow(share.study_images[row].transpose(1, 2, 0))
             for col, (key, m) in enumerate(maps.items(), start=1):
                 axes[row, col].imshow(visualize(m[row][None]), cmap='gray', vmin=0, vmax=1)
                 if row == 0:
@@ -226,19 +269,13 @@ def knobs(args, model, images, targets, report):
 
 def load_images(explained, photos, n):
     """The first n CIFAR-10 test images for a 32x32 model, else the photographs of a folder."""
-    from sgrad.data import PHOTOS_DIR, have_local_cifar10, load_cifar10, load_image_file
+    from sgrad.data import PHOTOS_DIR, have_local_cifar10, load_cifar10, load_image_folder
     if explained.image_size == 32:
         if not have_local_cifar10():
             raise InputError('no local CIFAR-10 copy: set CHAINER_DATASET_ROOT (see README)')
         _, test = load_cifar10()
         return np.stack([test[i][0] for i in range(n)])
-    folder = photos or PHOTOS_DIR
-    if not os.path.isdir(folder):
-        raise InputError('--photos: no such folder: %s' % folder)
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg')))[:n]
-    if not names:
-        raise InputError('no PNG or JPEG images in %s' % folder)
-    return np.stack([load_image_file(os.path.join(folder, f), explained.image_size)[0] for f in names])
+    return load_image_folder(photos or PHOTOS_DIR, explained.image_size, n)[0]
 
 
 def main(argv=None):
@@ -261,6 +298,9 @@ def main(argv=None):
     p.add_argument('--photos', default=None, metavar='DIR',
                    help='the images for a model that is not 32x32 (default: data/photos)')
     p.add_argument('--out-dir', '-o', default=os.path.join('results', 'saliency'))
+    p.add_argument('--communicator', metavar='NAME',
+                   help='ChainerMN communicator under mpiexec, the images split over the ranks (default: naive '
+                   'when mpiexec starts more than one process)')
     args = p.parse_args(argv)
     for name in ('images', 'deletion_images', 'knob_images', 'samples', 'steps', 'perturbation_steps',
                  'batchsize'):
@@ -270,28 +310,39 @@ def main(argv=None):
     from sgrad.models import load_explained
     from sgrad.saliency import GradientEngine
     n_max = max(args.images, args.deletion_images, args.knob_images)
-    try:
-        explained = load_explained(args.model, args.arch)
-        images = load_images(explained, args.photos, n_max)
-    except InputError as e:
-        print('evaluate_saliency.py: error: %s' % e, file=sys.stderr)
-        return 2
-    model = explained.link
-    os.makedirs(args.out_dir, exist_ok=True)
-    targets = GradientEngine(model, batchsize=args.batchsize).probabilities(images).argmax(axis=1).astype(np.int32)
-
-    report = Report(args.out_dir)
     sections = {'sanity': (sanity_check, args.images), 'deletion': (deletion_insertion, args.deletion_images),
                 'knobs': (knobs, args.knob_images)}
+    try:
+        comm = parallel.create_communicator(args.communicator)
+        ranks = 1 if comm is None else comm.size
+        explained = load_explained(args.model, args.arch)
+        images = load_images(explained, args.photos, n_max)
+        fewest = min(min(sections[name][1], len(images)) for name in args.only)
+        if fewest < ranks:
+            raise InputError('%d images cannot be split over %d ranks' % (fewest, ranks))
+    except InputError as e:
+        if parallel.is_first_rank():  # every rank meets the same error; one says it
+            print('evaluate_saliency.py: error: %s' % e, file=sys.stderr)
+        return 2
+    model = explained.link
+    targets = GradientEngine(model, batchsize=args.batchsize).probabilities(images).argmax(axis=1).astype(np.int32)
+
+    report = None  # rank 0 alone writes the tables and plots
+    if comm is None or comm.rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        report = Report(args.out_dir)
     for name in args.only:
         section, n = sections[name]
         start = time.time()
-        section(args, model, images[:n], targets[:n], report)
-        line = '%s: %d images, %.0f s on this machine' % (name, min(n, len(images)), time.time() - start)
-        print(line + '\n')
-        report.lines += ['_%s_' % line, '']
-        report.save()  # after every section, so a long run that is cut keeps what it finished
-    print('tables and plots in %s' % args.out_dir)
+        section(args, model, Share(images[:n], targets[:n], comm), report)
+        if report is not None:
+            line = '%s: %d images, %.0f s on this machine%s' % (name, min(n, len(images)), time.time() - start,
+                                                               ', %d ranks' % ranks if comm else '')
+            print(line + '\n')
+            report.lines += ['_%s_' % line, '']
+            report.save()  # after every section, so a long run that is cut keeps what it finished
+    if report is not None:
+        print('tables and plots in %s' % args.out_dir)
     return 0
 
 

@@ -6,6 +6,8 @@
     python smoothgrad.py --image cat.png --label cat   # any image, resized and cropped to 32x32
     python smoothgrad.py --model efficientnet-lite0 --image data/photos/chelsea.png --noise 0 0.1 0.2
     python smoothgrad.py --arch mynet.py:Net --model result/model.npz --image x.png   # your own model
+    python smoothgrad.py --indices 0:10000 --save-maps maps.npz    # maps of many images, no figure
+    mpiexec -n 2 python smoothgrad.py --indices 0:10000            # ... split over 2 processes
 
 The image is tiled N times, Gaussian noise with stdev = noise * (max(x) - min(x))
 is added in the model's [0, 1] input space, the noisy batch is backpropagated
@@ -14,16 +16,28 @@ not grow with N), and |gradient| is summed over samples and channels into a
 map of the image's size (32x32 for CifarNet, 224x224 for EfficientNet-Lite0).
 """
 import argparse
+import json
 import os
 import sys
 import textwrap
 
-import numpy as np
+from sgrad import (InputError, OneLineErrorParser, finite_float, get_device, keep_freed_memory, parallel,
+                   progress_bar, write_atomic)
+parallel.share_cores()  # under mpiexec: BLAS threads per rank, before NumPy loads
 
-from sgrad import (InputError, OneLineErrorParser, finite_float, get_device, keep_freed_memory, progress_bar,
-                   write_atomic)
+import numpy as np  # noqa: E402
 
 DEFAULT_OUT = 'smoothgrad.png'
+DEFAULT_MAPS = 'smoothgrad_maps.npz'
+
+
+def index_range(text):
+    """argparse type: 'START:STOP' -> (START, STOP)."""
+    try:
+        start, stop = (int(part) for part in text.split(':'))
+    except ValueError:
+        raise argparse.ArgumentTypeError('expected START:STOP, got %r' % text)
+    return start, stop
 
 
 def parse_args(argv=None):
@@ -37,6 +51,10 @@ def parse_args(argv=None):
                      'EfficientNet-Lite0 the default is data/photos/chelsea.png)')
     src.add_argument('--image', metavar='PATH', help='explain this PNG/JPEG instead (its shorter side resized '
                      'to the model\'s input size, 32 for CifarNet, 224 for EfficientNet-Lite0, then centre-cropped)')
+    src.add_argument('--indices', metavar='START:STOP', type=index_range,
+                     help='maps of CIFAR-10 test images START..STOP-1 into one .npz (--save-maps), no figure')
+    src.add_argument('--folder', metavar='DIR',
+                     help='maps of every PNG/JPEG image in DIR (name order) into one .npz (--save-maps), no figure')
     p.add_argument('--label', '-l', metavar='C',
                    help='target class, an index or a name (CIFAR-10: airplane, ..., truck; ImageNet: tabby, '
                    'espresso, ...); default: the predicted class')
@@ -76,17 +94,24 @@ def parse_args(argv=None):
     p.add_argument('--out', '-o', default=DEFAULT_OUT, help='figure to write (default: %(default)s)')
     p.add_argument('--save-map', metavar='PATH.npy',
                    help='also save the raw |maps| summed over channels, shape (len(noise), H, W)')
+    p.add_argument('--save-maps', metavar='PATH.npz', default=DEFAULT_MAPS,
+                   help='with --indices or --folder: the file of maps (images, noise levels, H, W) with the '
+                   'indices or file names, targets, labels and settings (default: %(default)s)')
+    p.add_argument('--communicator', metavar='NAME',
+                   help='with --indices or --folder under mpiexec: the ChainerMN communicator; the images are '
+                   'split over the ranks (default: naive when mpiexec starts more than one process)')
     p.add_argument('--gpu', '-g', type=int, default=-1, help='GPU id, negative for the CPU (default: %(default)s)')
     args = p.parse_args(argv)
+    args.many = args.indices is not None or args.folder is not None
     if any(n < 0 for n in args.noise):
         p.error('--noise must be >= 0')
     for name in ('samples', 'steps', 'batchsize', 'patch', 'stride'):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error('--%s must be positive' % name)
-    if args.method == 'all' and args.save_map:
-        p.error('--save-map takes one method, not --method all')
-    for path in (args.out, args.save_map):
+    if args.method == 'all' and (args.save_map or args.many):
+        p.error('--method all draws a gallery of one image; --save-map, --indices and --folder take one method')
+    for path in (args.out, args.save_map, args.save_maps if args.many else None):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error('output folder does not exist: %s' % os.path.dirname(path))
     return args
@@ -201,15 +226,17 @@ def with_overlays(panels, image):
     return out
 
 
-def run(args):
+def run(args, comm=None):
     from sgrad.models import class_name, load_explained, parse_label
     from sgrad.saliency import AUTO_BATCHSIZE, METHODS, GradientEngine, channel_sum_abs
 
     explained = load_explained(args.model, args.arch)
-    x, true_label, name = load_input(args, explained)
-    baseline = load_baseline(args, explained)
     model = explained.link
     model.to_device(get_device(args.gpu))
+    if args.many:
+        return run_many(args, explained, comm)
+    x, true_label, name = load_input(args, explained)
+    baseline = load_baseline(args, explained)
     engine = GradientEngine(model, args.objective, args.batchsize or AUTO_BATCHSIZE, progress_bar)
 
     probs = engine.probabilities(x[None])[0]
@@ -250,12 +277,72 @@ def run(args):
     print('saved the figure to %s' % args.out)
 
 
+def load_many(args, explained):
+    """The images of --indices or --folder: images, their keys (test indices, or positions in the
+    folder), true labels (None for files) and file names (None for CIFAR-10)."""
+    from sgrad.data import load_image_folder, load_test_images
+    if args.folder is not None:
+        images, files = load_image_folder(args.folder, explained.image_size)
+        return images, np.arange(len(images)), None, files
+    images, labels = load_test_images(*args.indices)
+    return images, np.arange(*args.indices), labels, None
+
+
+def run_many(args, explained, comm):
+    """Maps of many images into one .npz, the images split over the ranks under mpiexec. SmoothGrad
+    draws each image's noise from a stream of its own, so the file is the same for any rank count."""
+    from sgrad.models import parse_label
+    from sgrad.saliency import AUTO_BATCHSIZE, GradientEngine, SmoothGrad, attribute_each, channel_sum_abs, make_method
+    images, keys, labels, files = load_many(args, explained)
+    if comm is not None and len(images) < comm.size:
+        raise InputError('%d images cannot be split over %d ranks' % (len(images), comm.size))
+    mine = parallel.split(np.arange(len(images)), comm)
+    engine = GradientEngine(explained.link, args.objective, args.batchsize or AUTO_BATCHSIZE)
+    probs = engine.probabilities(images[mine])
+    if args.label is not None:
+        targets = np.full(len(mine), parse_label(explained, args.label, probs.shape[1]), np.int32)
+    elif args.objective == 'loss' and labels is not None:
+        targets = labels[mine]  # the blog's loss is taken against the true label
+    else:
+        targets = probs.argmax(axis=1).astype(np.int32)
+    base = make_method('gradient' if args.method == 'smoothgrad' else args.method, engine, args.steps,
+                       load_baseline(args, explained), args.layer, args.patch, args.stride)
+    smooth = args.smooth or args.method == 'smoothgrad'
+    methods = [SmoothGrad(base, noise, args.samples, args.aggregate) for noise in args.noise] if smooth else [base]
+    first_rank = comm is None or comm.rank == 0
+    maps = []
+    for level, method in enumerate(methods):
+        def progress(done, total, level=level):  # rank 0 draws the bar of its own share
+            if first_rank:
+                progress_bar(level * total + done, len(methods) * total, 'images mapped%s'
+                             % (' (rank 0 of %d)' % comm.size if comm else ''))
+        maps.append(channel_sum_abs(attribute_each(method, images[mine], targets, keys[mine], args.seed, progress)))
+    rows = parallel.gather_rows({'maps': np.stack(maps, axis=1), 'targets': targets,
+                                 'target_probability': probs[np.arange(len(mine)), targets]}, comm)
+    if rows is None:
+        return
+    settings = {name: getattr(args, name) for name in (
+        'method', 'smooth', 'noise', 'samples', 'aggregate', 'steps', 'baseline', 'layer', 'patch', 'stride',
+        'objective', 'label', 'seed', 'model', 'arch')}
+    settings.update(model_description=explained.description, ranks=comm.size if comm else 1)
+    saved = dict(rows, settings=json.dumps(settings))
+    saved.update({'indices': keys} if files is None else {'files': np.array(files)})
+    if labels is not None:
+        saved['labels'] = labels
+    write_atomic(args.save_maps, lambda f: np.savez(f, **saved))
+    print('saved maps %s of %d images to %s' % (rows['maps'].shape, len(images), args.save_maps))
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        comm = parallel.create_communicator(args.communicator) if args.many else None
+        if not args.many and parallel.launched_ranks() > 1:
+            raise InputError('one image runs in one process; mpiexec splits many images: --indices or --folder')
+        run(args, comm)
     except InputError as e:
-        print('smoothgrad.py: error: %s' % e, file=sys.stderr)
+        if parallel.is_first_rank():  # every rank meets the same error; one says it
+            print('smoothgrad.py: error: %s' % e, file=sys.stderr)
         return 2
     return 0
 

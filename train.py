@@ -11,22 +11,32 @@ The shipped models/cifarnet.npz is replaced only with --ship, which also measure
 the new model on the whole test set and records that accuracy in
 models/cifarnet.json beside it.
 
+Past one process (ChainerMN, data parallel; the global batch --batchsize is split over the ranks):
+
+    mpiexec -n 2 python train.py --communicator naive
+
 CIFAR-10 comes from the unchanged chainer.datasets.get_cifar10(); set
 CHAINER_DATASET_ROOT to a folder holding pfnet/chainer/cifar/cifar-10.npz to
 use a local copy instead of downloading it.
 """
 import argparse
+import glob
 import json
 import os
+import re
 import shlex
 import sys
 
-import matplotlib
+from sgrad import parallel
+parallel.share_cores()  # under mpiexec: BLAS threads per rank, before NumPy loads
+
+import matplotlib  # noqa: E402
 matplotlib.use('Agg')
 
 import chainer  # noqa: E402
 import chainer.functions as F  # noqa: E402
 import chainer.links as L  # noqa: E402
+import chainermn  # noqa: E402  (ships with chainer; MPI is loaded only for a communicator)
 import numpy as np  # noqa: E402
 from chainer import training  # noqa: E402
 from chainer.training import extensions  # noqa: E402
@@ -76,6 +86,17 @@ def one_cycle_lr(peak, total_iterations, warmup_fraction=0.25):
     return set_lr
 
 
+def mean_over_ranks(comm, keys):
+    """Each iteration, replace the observed ``keys`` by their mean over the ranks, so that the log
+    reports the global batch (ChainerMN's ObservationAggregator fails on CPUs without ChainerX)."""
+    @training.make_extension(trigger=(1, 'iteration'), priority=training.PRIORITY_EDITOR)
+    def aggregate(trainer):
+        values = np.array([float(trainer.observation[key].array) for key in keys])
+        for key, mean in zip(keys, comm.allreduce_obj(values) / comm.size):
+            trainer.observation[key] = mean
+    return aggregate
+
+
 def save_npz_atomic(path, model):
     """save_npz through a temporary file and a rename: never a half-written model."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -93,6 +114,17 @@ def ship(model, test, device, argv):
     text = json.dumps(record, indent=2) + '\n'
     write_atomic(shipped_record_path(), lambda f: f.write(text.encode()))
     print('replaced the shipped model %s (test accuracy %.2f%%)' % (DEFAULT_MODEL_PATH, 100 * accuracy))
+
+
+#: The trainer's snapshots in --out, one per epoch (the latest is kept).
+SNAPSHOT_NAME = 'snapshot_epoch_{.updater.epoch}'
+
+
+def latest_snapshot(out):
+    """The snapshot of the latest epoch in the folder ``out``, or None: where a rerun resumes."""
+    epochs = {int(m.group(1)): path for path in glob.glob(os.path.join(glob.escape(out), 'snapshot_epoch_*'))
+              for m in [re.search(r'snapshot_epoch_(\d+)$', path)] if m}
+    return epochs[max(epochs)] if epochs else None
 
 
 def shipped_record_path():
@@ -145,6 +177,9 @@ def parse_args(argv=None):
                    help='weight of the uniform target in the loss (default: %(default)s)')
     p.add_argument('--train-size', type=int, default=0, help='train on the first N images only (quick runs)')
     p.add_argument('--test-size', type=int, default=0, help='evaluate on the first N test images only')
+    p.add_argument('--communicator', metavar='NAME',
+                   help='ChainerMN communicator for data-parallel training under mpiexec (naive on CPUs; '
+                   'default: naive when mpiexec starts more than one process, else one plain process)')
     p.add_argument('--evaluate', metavar='MODEL', help='only print test accuracy and per-class table of MODEL')
     args = p.parse_args(argv)
     for name in ('batchsize', 'epoch', 'width'):
@@ -165,11 +200,16 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
+        comm = None if args.evaluate else parallel.create_communicator(args.communicator)
+        if comm is not None and args.batchsize % comm.size:
+            raise InputError('--batchsize %d does not split evenly over %d ranks'
+                             % (args.batchsize, comm.size))
         device = get_device(args.gpu)
         model = load_model(args.evaluate) if args.evaluate else None
         train, test = load_cifar10()
     except InputError as e:
-        print('train.py: error: %s' % e, file=sys.stderr)
+        if parallel.is_first_rank():  # every rank meets the same error; one says it
+            print('train.py: error: %s' % e, file=sys.stderr)
         return 2
     if args.test_size:
         test = test[:args.test_size]
@@ -182,48 +222,67 @@ def main(argv=None):
 
     if args.train_size:
         train = train[:args.train_size]
-    np.random.seed(args.seed)
-    rng = np.random.RandomState(args.seed)
+    first_rank = comm is None or comm.rank == 0
+    batchsize = args.batchsize
+    if comm is not None:
+        # each rank trains on its shard at its share of the global batch; the multi-node optimizer
+        # averages the ranks' gradients, which is the gradient of the global batch
+        batchsize //= comm.size
+        train = chainermn.scatter_dataset(train, comm, shuffle=True, seed=args.seed)
+        shard = chainermn.scatter_dataset(test, comm)
+    np.random.seed(args.seed)  # the weights: the same on every rank
+    rng = np.random.RandomState(args.seed + (comm.rank if comm else 0))  # augmentation and order
     device.use()
     model = CifarNet(width=args.width)
     model.to_device(device)
     classifier = L.Classifier(model, lossfun=label_smoothing_cross_entropy(args.label_smoothing))
 
     optimizer = chainer.optimizers.MomentumSGD(lr=0., momentum=0.9)
+    if comm is not None:
+        optimizer = chainermn.create_multi_node_optimizer(optimizer, comm)
     optimizer.setup(classifier)
     optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(args.weight_decay))
 
     train_iter = chainer.iterators.SerialIterator(
-        chainer.datasets.TransformDataset(train, random_crop_flip(rng)), args.batchsize,
+        chainer.datasets.TransformDataset(train, random_crop_flip(rng)), batchsize,
         order_sampler=chainer.iterators.ShuffleOrderSampler(rng))
-    test_iter = chainer.iterators.SerialIterator(test, 500, repeat=False, shuffle=False)
+    test_iter = chainer.iterators.SerialIterator(test if comm is None else shard, 500, repeat=False,
+                                                 shuffle=False)
 
     updater = training.updaters.StandardUpdater(train_iter, optimizer, device=device)
     trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=args.out)
-    total_iterations = args.epoch * -(-len(train) // args.batchsize)
+    total_iterations = args.epoch * -(-len(train) // batchsize)
 
     trainer.extend(one_cycle_lr(args.lr, total_iterations))
-    trainer.extend(extensions.Evaluator(test_iter, classifier, device=device))
-    trainer.extend(extensions.snapshot(filename='snapshot_epoch_{.updater.epoch}',
-                                       n_retains=1, autoload=True), trigger=(1, 'epoch'))
-    trainer.extend(extensions.LogReport(trigger=(1, 'epoch')))
-    trainer.extend(extensions.observe_lr(), trigger=(1, 'epoch'))
-    trainer.extend(extensions.PlotReport(['main/loss', 'validation/main/loss'], 'epoch', filename='loss.png'))
-    trainer.extend(extensions.PlotReport(['main/accuracy', 'validation/main/accuracy'], 'epoch',
-                                         filename='accuracy.png'))
-    trainer.extend(extensions.PrintReport(['epoch', 'main/loss', 'validation/main/loss', 'main/accuracy',
-                                           'validation/main/accuracy', 'lr', 'elapsed_time']))
-    trainer.extend(extensions.ProgressBar(update_interval=10))
+    evaluator = extensions.Evaluator(test_iter, classifier, device=device)
+    if comm is not None:
+        evaluator = chainermn.create_multi_node_evaluator(evaluator, comm)
+        # BatchNorm's running statistics: the ranks' average, before each evaluation and snapshot
+        trainer.extend(chainermn.extensions.AllreducePersistent(model, comm), trigger=(1, 'epoch'))
+        trainer.extend(mean_over_ranks(comm, ('main/loss', 'main/accuracy')))
+    trainer.extend(evaluator)
+    if first_rank:
+        trainer.extend(extensions.snapshot(filename=SNAPSHOT_NAME, n_retains=1), trigger=(1, 'epoch'))
+        trainer.extend(extensions.LogReport(trigger=(1, 'epoch')))
+        trainer.extend(extensions.observe_lr(), trigger=(1, 'epoch'))
+        trainer.extend(extensions.PlotReport(['main/loss', 'validation/main/loss'], 'epoch', filename='loss.png'))
+        trainer.extend(extensions.PlotReport(['main/accuracy', 'validation/main/accuracy'], 'epoch',
+                                             filename='accuracy.png'))
+        trainer.extend(extensions.PrintReport(['epoch', 'main/loss', 'validation/main/loss', 'main/accuracy',
+                                               'validation/main/accuracy', 'lr', 'elapsed_time']))
+        trainer.extend(extensions.ProgressBar(update_interval=10))
 
-    if args.resume:
-        chainer.serializers.load_npz(args.resume, trainer)
+    snapshot = parallel.broadcast_file(args.resume or latest_snapshot(args.out), comm)
+    if snapshot is not None:
+        chainer.serializers.load_npz(snapshot, trainer)
     trainer.run()
 
-    save_npz_atomic(args.model_out, model)
-    print('saved the trained weights to %s (explain them: python smoothgrad.py --model %s)'
-          % (args.model_out, args.model_out))
-    if args.ship:
-        ship(model, test, device, argv)  # the whole test set: --ship excludes --test-size
+    if first_rank:
+        save_npz_atomic(args.model_out, model)
+        print('saved the trained weights to %s (explain them: python smoothgrad.py --model %s)'
+              % (args.model_out, args.model_out))
+        if args.ship:
+            ship(model, test, device, argv)  # the whole test set: --ship excludes --test-size
     return 0
 
 

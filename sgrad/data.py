@@ -62,6 +62,30 @@ def load_test_image(index):
     return x, int(t)
 
 
+def load_test_images(start, stop):
+    """CIFAR-10 test images start..stop-1 (N, 3, 32, 32) and their labels: from the shipped copy
+    when they are among its images, else from the full dataset."""
+    if not 0 <= start < stop <= N_TEST_IMAGES:
+        raise InputError('test indices must satisfy 0 <= START < STOP <= %d, got %d:%d'
+                         % (N_TEST_IMAGES, start, stop))
+    with np.load(SAMPLES_PATH) as samples:
+        if stop <= len(samples['y']):
+            return to_unit_range(samples['x'][start:stop]), samples['y'][start:stop].astype(np.int32)
+    _, test = load_cifar10()
+    return chainer.dataset.concat_examples(test[start:stop])
+
+
+def load_image_folder(folder, size, n=None):
+    """The first n (default: all) PNG/JPEG files of ``folder`` in name order, as (N, 3, size, size)
+    images (see load_image_file), and their file names."""
+    if not os.path.isdir(folder):
+        raise InputError('no such folder: %s' % folder)
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg')))[:n]
+    if not names:
+        raise InputError('no PNG or JPEG images in %s' % folder)
+    return np.stack([load_image_file(os.path.join(folder, f), size)[0] for f in names]), names
+
+
 def load_image_file(path, size=32):
     """An RGB image file as a [0, 1] (3, size, size) array: the shorter side resized to ``size``
     (bilinear), then the centre cropped square; ``size=None`` keeps the image as it is.

@@ -65,10 +65,7 @@ class GradientEngine:
         loops inside it."""
         outermost, self._looping = not self._looping, True
         try:
-            if self.batchsize == AUTO_BATCHSIZE:
-                step = max(1, BATCH_PIXELS // int(np.prod(image_shape[-2:])))
-            else:
-                step = self.batchsize or max(n, 1)
+            step = self.batch_step(n, image_shape)
             for start in range(0, n, step):
                 chunk = slice(start, min(n, start + step))
                 yield chunk
@@ -77,6 +74,12 @@ class GradientEngine:
         finally:
             if outermost:
                 self._looping = False
+
+    def batch_step(self, n, image_shape):
+        """How many of n images of ``image_shape`` go through the model at once."""
+        if self.batchsize == AUTO_BATCHSIZE:
+            return max(1, BATCH_PIXELS // int(np.prod(image_shape[-2:])))
+        return self.batchsize or max(n, 1)
 
     def _chunks(self, x, target):
         """Yield (slice, device images, device targets)."""
@@ -347,6 +350,23 @@ class SmoothGrad(Method):
             for name in summands:
                 sums[name] = sums[name] + SUMMANDS[name](attributions).sum(axis=0)
         return finish(sums, self.samples).astype(x.dtype)
+
+
+def attribute_each(method, images, targets, keys, seed=0, progress=None):
+    """``method``'s attributions of many images (N, C, H, W) for their targets (N,). SmoothGrad
+    draws each image's noise from a stream of its own, RandomState([seed, key]) with ``key`` the
+    image's index in its dataset, so that a map does not depend on the images computed beside it
+    (nor, under mpiexec, on the rank that computes it). progress(done, N) after each step."""
+    smooth = isinstance(method, SmoothGrad)
+    step = 1 if smooth else method.engine.batch_step(len(images), images.shape)
+    parts = []
+    for start in range(0, len(images), step):
+        if smooth:
+            method.rng = np.random.RandomState([seed, keys[start]])
+        parts.append(method.attribute(images[start:start + step], targets[start:start + step]))
+        if progress:
+            progress(min(len(images), start + step), len(images))
+    return np.concatenate(parts)
 
 
 def channel_sum_abs(attribution):
