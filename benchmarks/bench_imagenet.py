@@ -21,11 +21,12 @@ import collections
 import os
 import tracemalloc
 
+from common import interleaved_median_ms  # first: the project on sys.path, sgrad before NumPy
+
 import chainer
 import numpy as np
 from chainer.function_hooks import TimerHook
 
-from common import interleaved_median_ms
 from sgrad import keep_freed_memory
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0

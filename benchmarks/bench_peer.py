@@ -18,11 +18,12 @@ import argparse
 import os
 import tracemalloc
 
+from common import blog_smoothgrad, median_ms  # first: the project on sys.path, sgrad before NumPy
+
 import chainer
 import chainer.functions as F
 import numpy as np
 
-from common import blog_smoothgrad, median_ms
 from model import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_MODEL_PATH, CifarNet, load_model
 from sgrad import keep_freed_memory
 from sgrad.data import load_test_image
@@ -107,6 +108,20 @@ def torch_peer(model):
     return torch, TorchCifarNet().eval()
 
 
+def torch_training_rate(torch, width, xb, tb, steps):
+    """Images/s of PyTorch's training step (MomentumSGD) on the batch xb, tb, a fresh network of
+    CifarNet's layout and width: the median of ``steps`` steps."""
+    tnet = torch_peer(CifarNet(width=width))[1].train()
+    topt = torch.optim.SGD(tnet.parameters(), lr=0.01, momentum=0.9)
+    xt, tt = torch.from_numpy(xb), torch.from_numpy(tb.astype(np.int64))
+
+    def torch_step():
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(tnet(xt), tt).backward()
+        topt.step()
+    return len(xb) / median_ms(torch_step, steps) * 1000
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--samples', '-n', type=int, default=100)
@@ -173,16 +188,8 @@ def main():
             optimizer.update()
         train_rows.append((name, 128 / median_ms(step, args.train_steps) * 1000))
     if peer:
-        torch, _ = peer
-        tnet = torch_peer(CifarNet(width=model.prep.conv.W.shape[0]))[1].train()
-        topt = torch.optim.SGD(tnet.parameters(), lr=0.01, momentum=0.9)
-        xt, tt = torch.from_numpy(xb), torch.from_numpy(tb.astype(np.int64))
-
-        def torch_step():
-            topt.zero_grad()
-            torch.nn.functional.cross_entropy(tnet(xt), tt).backward()
-            topt.step()
-        train_rows.append(('PyTorch 2.13', 128 / median_ms(torch_step, args.train_steps) * 1000))
+        train_rows.append(('PyTorch 2.13', torch_training_rate(peer[0], model.prep.conv.W.shape[0], xb, tb,
+                                                               args.train_steps)))
     torch_rate = dict(train_rows).get('PyTorch 2.13')
     print('%-46s %12s %14s' % ('variant', 'images/s', 'x PyTorch rate'))
     for name, rate in train_rows:

@@ -11,9 +11,10 @@ no trained model exists.
 import argparse
 import os
 
+from common import blog_smoothgrad, median_ms  # first: the project on sys.path, sgrad before NumPy
+
 import numpy as np
 
-from common import blog_smoothgrad, median_ms
 from model import DEFAULT_MODEL_PATH, CifarNet, load_model
 from sgrad.data import load_test_image
 from sgrad.saliency import smoothgrad

@@ -1,13 +1,16 @@
-"""Timing helpers shared by the benchmark scripts."""
+"""Timing helpers shared by the benchmark scripts, which import this module first: it puts the
+project on sys.path and imports sgrad before NumPy (sgrad picks OpenBLAS's kernels)."""
 import os
 import sys
 import time
 
-import chainer
-import chainer.functions as F
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sgrad  # noqa: E402,F401
+
+import chainer  # noqa: E402
+import chainer.functions as F  # noqa: E402
+import numpy as np  # noqa: E402
+
 from sgrad.saliency import channel_sum_abs, noisy_copies  # noqa: E402
 
 

@@ -1,4 +1,6 @@
 """Shared fixtures: small CifarNets with random but non-trivial weights."""
+import sgrad  # noqa: F401  (before NumPy: picks OpenBLAS's kernels, as the scripts do)
+
 import chainer
 import numpy as np
 import pytest
