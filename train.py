@@ -191,6 +191,8 @@ def parse_args(argv=None):
         p.error('need --lr > 0, --weight-decay >= 0 and 0 <= --label-smoothing < 1')
     if args.ship and args.test_size:
         p.error('--ship records the accuracy on the whole test set: drop --test-size')
+    if args.resume and not os.path.isfile(args.resume):
+        p.error('--resume: no such snapshot: %s' % args.resume)
     if args.model_out is None:
         args.model_out = os.path.join(args.out, 'model.npz')
     return args
@@ -200,6 +202,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
+        if args.evaluate and parallel.launched_ranks() > 1:
+            raise InputError('--evaluate runs in one process, not under mpiexec')
         comm = None if args.evaluate else parallel.create_communicator(args.communicator)
         if comm is not None and args.batchsize % comm.size:
             raise InputError('--batchsize %d does not split evenly over %d ranks'

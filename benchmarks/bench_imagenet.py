@@ -27,7 +27,7 @@ import chainer
 import numpy as np
 from chainer.function_hooks import TimerHook
 
-from sgrad import keep_freed_memory
+from sgrad import blas_kernels, keep_freed_memory
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0
 from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
@@ -114,8 +114,8 @@ def main():
     medians = interleaved_median_ms([fn for _, fn in rows], args.repeats)
     results = [(name, ms / 1000) for (name, _), ms in zip(rows, medians)]
     reference = dict(results).get('PyTorch + Captum NoiseTunnel(Saliency)')
-    print('SmoothGrad of EfficientNet-Lite0, chelsea.png 224x224, N=%d, median of %d interleaved rounds'
-          % (n, args.repeats))
+    print('SmoothGrad of EfficientNet-Lite0, chelsea.png 224x224, N=%d, median of %d interleaved rounds '
+          '(OpenBLAS kernels: %s)' % (n, args.repeats, blas_kernels()))
     print('%-48s %10s %14s' % ('variant', 's per map', 'x PyTorch time'))
     for name, seconds in results:
         print('%-48s %10.2f %14s' % (name, seconds, '%.2f' % (seconds / reference) if reference else '-'))

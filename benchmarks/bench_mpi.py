@@ -22,10 +22,11 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import sgrad  # noqa: E402  (before NumPy: picks OpenBLAS's kernels, as the scripts do)
+
+import numpy as np  # noqa: E402
 
 
 def command(ranks, script_args):
@@ -82,8 +83,9 @@ def main():
             for ranks in (1, 2):
                 rates.setdefault((task, ranks), []).append(rate(ranks))
 
-    print('%d cores; one process: BLAS on all of them; 2 ranks: %s BLAS thread(s) each (sgrad.parallel)'
-          % (len(os.sched_getaffinity(0)), os.environ.get('OMP_NUM_THREADS', max(1, len(os.sched_getaffinity(0)) // 2))))
+    cores = len(os.sched_getaffinity(0))
+    print('%d cores, OpenBLAS kernels: %s; one process: BLAS on all cores; 2 ranks: %s BLAS thread(s) each '
+          '(sgrad.parallel)' % (cores, sgrad.blas_kernels(), os.environ.get('OMP_NUM_THREADS', max(1, cores // 2))))
     print('%-52s %12s %12s %8s' % ('images/s (median of %d round(s))' % args.rounds, '1 process', '2 ranks',
                                    'speed-up'))
     for task in tasks:

@@ -25,7 +25,7 @@ import chainer.functions as F
 import numpy as np
 
 from model import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_MODEL_PATH, CifarNet, load_model
-from sgrad import keep_freed_memory
+from sgrad import blas_kernels, keep_freed_memory
 from sgrad.data import load_test_image
 from sgrad.reference import plain_chainer_forward
 from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
@@ -141,8 +141,9 @@ def main():
     peer = torch_peer(model)
     gflops = gemm_gflops()
     flops = forward_flops(model)
-    print('CifarNet width %d, %.1f MFLOP forward per image (%s); float32 GEMM %.0f GFLOP/s on this machine'
-          % (model.prep.conv.W.shape[0], flops / 1e6, 'trained' if trained else 'random weights', gflops))
+    print('CifarNet width %d, %.1f MFLOP forward per image (%s); float32 GEMM %.0f GFLOP/s on this machine '
+          '(OpenBLAS kernels: %s)' % (model.prep.conv.W.shape[0], flops / 1e6, 'trained' if trained else
+                                      'random weights', gflops, blas_kernels()))
 
     rows = [('naive Chainer (NCHW layers, .backward())',
              lambda: naive_chainer_smoothgrad(model, x, target, noise, n, np.random.RandomState(0))),

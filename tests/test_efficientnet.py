@@ -17,6 +17,7 @@ from sgrad import InputError
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import IMAGE_SIZE, default_weights_path, load_efficientnet_lite0, same_padding
 from sgrad.models import imagenet_class_names
+from sgrad import ops
 from sgrad.ops import depthwise_convolution
 from sgrad.saliency import GradCAM, GradientEngine, GuidedBackprop
 from sgrad.torch_weights import LEGACY_MAGIC, load_state_dict
@@ -69,8 +70,13 @@ def test_same_padding_is_tensorflows(size, ksize, stride, expected):
     assert padded.shape[2] - ksize == (-(-size // stride) - 1) * stride   # ceil(size / stride) outputs
 
 
+@pytest.mark.parametrize('band', [True, False], ids=['band matrices', 'windows'])
 @pytest.mark.parametrize('shape, ksize, stride', [((2, 3, 9, 8), 3, 1), ((2, 4, 11, 10), 5, 2), ((1, 2, 8, 7), 3, 2)])
-def test_depthwise_convolution_equals_chainers_grouped_one_and_passes_gradient_check(shape, ksize, stride):
+def test_depthwise_convolution_equals_chainers_grouped_one_and_passes_gradient_check(shape, ksize, stride, band,
+                                                                                       monkeypatch):
+    """Both ways of computing it (band-matrix products for narrow inputs, multiply-adds over windows
+    for wide ones), each forced here on the same small inputs."""
+    monkeypatch.setattr(ops, 'BAND_MAX_WIDTH', 1000 if band else 0)
     rng = np.random.RandomState(0)
     x, W = rng.randn(*shape), rng.randn(shape[1], 1, ksize, ksize)
     y = depthwise_convolution(x, W, stride).array
@@ -79,6 +85,21 @@ def test_depthwise_convolution_equals_chainers_grouped_one_and_passes_gradient_c
     conv = lambda x, W: depthwise_convolution(x, W, stride)
     gradient_check.check_backward(conv, (x, W), gy, dtype=np.float64)
     gradient_check.check_double_backward(conv, (x, W), gy, (ggx, ggW), dtype=np.float64)
+
+
+@pytest.mark.parametrize('width, ksize, stride', [(62, 3, 1), (63, 5, 2), (65, 3, 2)])
+def test_band_matrices_and_windows_agree_at_the_widths_where_the_choice_is_made(width, ksize, stride, monkeypatch):
+    rng = np.random.RandomState(1)
+    x, W = rng.randn(2, 3, width - 4, width).astype(np.float32), rng.randn(3, 1, ksize, ksize).astype(np.float32)
+    results = []
+    for band in (True, False):
+        monkeypatch.setattr(ops, 'BAND_MAX_WIDTH', 1000 if band else 0)
+        y = depthwise_convolution(x, W, stride)
+        gy = rng.randn(*y.shape).astype(np.float32) if not results else results[0][2]
+        results.append((y.array, ops.DepthwiseGradInput(stride, x.shape).apply((gy, W))[0].array, gy))
+    (y_band, gx_band, _), (y_windows, gx_windows, _) = results
+    np.testing.assert_allclose(y_band, y_windows, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx_band, gx_windows, rtol=1e-5, atol=1e-5)
 
 
 def test_the_photographs_get_their_classes(net, photos):

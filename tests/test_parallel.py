@@ -87,6 +87,13 @@ def test_training_on_two_ranks_and_resuming(tmp_path):
     assert all(np.isfinite(entry['main/loss']) and 0 <= entry['validation/main/accuracy'] <= 1 for entry in log)
 
 
+def test_a_missing_resume_snapshot_is_a_one_line_error(tmp_path, capsys):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(['--resume', str(tmp_path / 'snapshot_epoch_9')])
+    assert e.value.code == 2 and 'no such snapshot' in capsys.readouterr().err
+
+
 @needs_mpiexec
 def test_a_global_batch_that_does_not_split_is_refused():
     result = run_script(['train.py', '-b', '65', '--communicator', 'naive'], ranks=2)
