@@ -3,7 +3,8 @@
 
     python benchmarks/bench_peer.py                 # SmoothGrad N=100, training images/s, peak memory
 
-1. ms per SmoothGrad map (one image, N samples, median of --repeats runs after a warm-up):
+1. ms per SmoothGrad map (one image, N samples, median of --repeats rounds after a warm-up round, each
+   round running every variant once, so that load on the machine hits all of them alike):
    naive Chainer (standard NCHW layers, the blog's .backward() on the tiled batch), this project
    (whole batch and chunks), PyTorch + Captum NoiseTunnel(Saliency) on the identical network and
    weights, and the FLOP bound (forward + input backward at the measured float32 GEMM rate).
@@ -18,7 +19,7 @@ import argparse
 import os
 import tracemalloc
 
-from common import blog_smoothgrad, median_ms  # first: the project on sys.path, sgrad before NumPy
+from common import blog_smoothgrad, interleaved_median_ms, median_ms  # first: the project on sys.path, sgrad before NumPy
 
 import chainer
 import chainer.functions as F
@@ -164,11 +165,11 @@ def main():
         theirs = Saliency(net).attribute(xt, target=target, abs=False)[0].numpy()
         print('same-network check: max |grad difference| / max |grad| = %.1e'
               % (np.abs(ours - theirs).max() / np.abs(ours).max()))
-    results = [(name, median_ms(fn, args.repeats)) for name, fn in rows]
+    results = list(zip([name for name, _ in rows], interleaved_median_ms([fn for _, fn in rows], args.repeats)))
     bound = 1000 * n * 2 * flops / (gflops * 1e9)
     results.append(('FLOP bound (forward + input backward)', bound))
     reference = dict(results).get('PyTorch 2.13 + Captum NoiseTunnel(Saliency)')
-    print('\nSmoothGrad, one image, N=%d, median of %d runs' % (n, args.repeats))
+    print('\nSmoothGrad, one image, N=%d, median of %d interleaved rounds' % (n, args.repeats))
     print('%-46s %12s %14s' % ('variant', 'ms per map', 'x PyTorch time'))
     for name, ms in results:
         print('%-46s %12.1f %14s' % (name, ms, '%.2f' % (ms / reference) if reference else '-'))

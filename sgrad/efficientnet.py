@@ -22,7 +22,7 @@ import chainer.functions as F
 import chainer.links as L
 
 from sgrad import InputError
-from sgrad.ops import FoldsBatchNorm, depthwise_convolution, folded_copy
+from sgrad.ops import FoldsBatchNorm, depthwise_convolution, folded_copy, pointwise_convolution
 from sgrad.torch_weights import load_state_dict
 
 #: (repeats, kernel, stride, expansion, input channels, output channels) of the seven stages
@@ -44,14 +44,18 @@ def same_padding(x, ksize, stride):
     return F.pad(x, pads, 'constant') if any(sum(p) for p in pads) else x
 
 
+RELU6_CAP = 6.
+
+
 def relu6(x):
-    return F.clipped_relu(x, 6.)
+    return F.clipped_relu(x, RELU6_CAP)
 
 
 class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
     """Convolution ('SAME' padding, no bias), BatchNorm, ReLU6 (optional). With ``groups=channels`` it is
     depthwise, and computed by sgrad.ops.depthwise_convolution: the same function as the link's
-    F.convolution_2d(groups=C), faster on the CPU (benchmarks/bench_imagenet.py)."""
+    F.convolution_2d(groups=C), faster on the CPU (benchmarks/bench_imagenet.py). Folded for saliency,
+    the depthwise and 1x1 convolutions run as sgrad.ops nodes with the bias and ReLU6 inside."""
 
     def __init__(self, in_channels, out_channels, ksize, stride=1, groups=1, activation=True):
         super().__init__()
@@ -63,13 +67,19 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
 
     def forward(self, x):
         x = same_padding(x, self.ksize, self.stride)
-        W, b = self.folded_parameters() or (self.conv.W, None)
+        folded = self.folded_parameters()
+        if folded is None:
+            h = self.bn(depthwise_convolution(x, self.conv.W, self.stride) if self.depthwise
+                        else F.convolution_2d(x, self.conv.W, None, self.stride, groups=self.conv.groups))
+            return relu6(h) if self.activation else h
+        # folded (saliency): the convolution with its bias, and ReLU6 in the same node where one exists
+        W, b = folded
+        cap = RELU6_CAP if self.activation else None
         if self.depthwise:
-            h = depthwise_convolution(x, W, self.stride, b)
-        else:
-            h = F.convolution_2d(x, W, b, self.stride, groups=self.conv.groups)
-        if b is None:
-            h = self.bn(h)
+            return depthwise_convolution(x, W, self.stride, b, cap)
+        if self.ksize == 1 and self.conv.groups == 1:
+            return pointwise_convolution(x, W, b, cap)
+        h = F.convolution_2d(x, W, b, self.stride, groups=self.conv.groups)
         return relu6(h) if self.activation else h
 
 

@@ -53,6 +53,46 @@ def _relu_mask(y, gy, guided):
     return mask
 
 
+def _clip_in_place(y, cap):
+    """min(max(y, 0), cap), in place."""
+    xp = get_array_module(y)
+    xp.maximum(y, 0, out=y)
+    xp.minimum(y, cap, out=y)
+
+
+def _clipped_mask(y, gy, cap, guided):
+    """Where min(max(x, 0), cap) passes the gradient, read off its output y: 0 < y < cap (and gy > 0
+    under Guided Backprop)."""
+    mask = y > 0
+    mask &= y < cap
+    if guided:
+        mask &= gy > 0
+    return mask
+
+
+class ClipsOutput:
+    """For a FunctionNode that may apply min(max(., 0), cap) to its own output (``cap`` None: it does
+    not), so that the activation needs no arrays of its own; ``guided`` as for ReLU."""
+
+    def set_cap(self, cap):
+        self.cap = cap
+        if cap is not None:
+            self.guided = False
+
+    def clip_output(self, y):
+        """The activation in place on the output y (to call in forward)."""
+        if self.cap is not None:
+            _clip_in_place(y, self.cap)
+            self.retain_outputs((0,))
+
+    def through_clip(self, gy):
+        """The output gradient gy carried back through the activation (to call in backward)."""
+        if self.cap is None:
+            return gy
+        y, = self.get_retained_outputs()
+        return gy * _clipped_mask(y.array, gy.array, self.cap, self.guided).astype(gy.dtype)
+
+
 class Convolution3x3(chainer.function_node.FunctionNode):
     """y = W * x (+ b) (then ReLU if ``relu``), 3x3 kernel, pad 1, stride 1, (C, H, W, N) layout.
 
@@ -317,14 +357,16 @@ def _depthwise_grad_weight(x, gy, stride, k):
     return gW
 
 
-class DepthwiseConvolution(chainer.function_node.FunctionNode):
+class DepthwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
     """Depthwise convolution of (N, C, H, W) images with W (C, 1, k, k) (and a bias b (C,)), no
     padding, a stride: what F.convolution_2d(x, W, b, stride=s, groups=C) computes, without its
-    im2col buffer and batched matrix products of one row. Its backward is built from the two nodes
-    below, and theirs from these three, so every order of derivative exists."""
+    im2col buffer and batched matrix products of one row; with ``cap`` (6 for ReLU6) followed by
+    F.clipped_relu(., cap), done in place on the output (``guided`` as for ReLU). Its backward is
+    built from the two nodes below, and theirs from these three, so every order of derivative exists."""
 
-    def __init__(self, stride):
+    def __init__(self, stride, cap=None):
         self.stride = stride
+        self.set_cap(cap)
 
     def forward(self, inputs):
         x, W = inputs[:2]
@@ -332,11 +374,12 @@ class DepthwiseConvolution(chainer.function_node.FunctionNode):
         y = _depthwise_forward(x, W, self.stride)
         if len(inputs) == 3:
             y += inputs[2][:, None, None]
+        self.clip_output(y)
         return y,
 
     def backward(self, indexes, grad_outputs):
         x, W = self.get_retained_inputs()
-        gy, = grad_outputs
+        gy = self.through_clip(grad_outputs[0])
         ret = []
         if 0 in indexes:
             ret.append(DepthwiseGradInput(self.stride, x.shape).apply((gy, W))[0])
@@ -391,9 +434,47 @@ class DepthwiseGradWeight(chainer.function_node.FunctionNode):
         return ret
 
 
-def depthwise_convolution(x, W, stride=1, b=None):
-    """F.convolution_2d(x, W, b, stride=stride, groups=C) for W of shape (C, 1, k, k), unpadded."""
-    return DepthwiseConvolution(stride).apply((x, W) if b is None else (x, W, b))[0]
+def depthwise_convolution(x, W, stride=1, b=None, cap=None):
+    """F.convolution_2d(x, W, b, stride=stride, groups=C) for W of shape (C, 1, k, k), unpadded; with
+    ``cap``, then F.clipped_relu(., cap)."""
+    return DepthwiseConvolution(stride, cap).apply((x, W) if b is None else (x, W, b))[0]
+
+
+class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
+    """1x1 convolution of (N, C, H, W) images with W (O, C, 1, 1) (and a bias b (O,)): for each image
+    one matrix product W (O, C) @ x (C, H*W), with none of the im2col copy and transposes of Chainer's
+    convolution_2d; with ``cap``, then F.clipped_relu(., cap) in place (``guided`` as for ReLU). The
+    input gradient is the 1x1 convolution of gy with W transposed, so every order of derivative exists."""
+
+    def __init__(self, cap=None):
+        self.set_cap(cap)
+
+    def forward(self, inputs):
+        x, W = inputs[:2]
+        n, _, h, w = x.shape
+        y = get_array_module(x).matmul(W.reshape(W.shape[:2]), x.reshape(n, -1, h * w))
+        if len(inputs) == 3:
+            y += inputs[2][:, None]
+        self.clip_output(y)
+        self.retain_inputs((0, 1))
+        return y.reshape(n, -1, h, w),
+
+    def backward(self, indexes, grad_outputs):
+        x, W = self.get_retained_inputs()
+        gy = self.through_clip(grad_outputs[0])
+        ret = []
+        if 0 in indexes:
+            ret.append(pointwise_convolution(gy, F.transpose(W, (1, 0, 2, 3))))
+        if 1 in indexes:
+            ret.append(F.reshape(F.tensordot(gy, x, axes=((0, 2, 3), (0, 2, 3))), W.shape))
+        if 2 in indexes:
+            ret.append(F.sum(gy, axis=(0, 2, 3)))
+        return ret
+
+
+def pointwise_convolution(x, W, b=None, cap=None):
+    """F.convolution_2d(x, W, b) for W of shape (O, C, 1, 1); with ``cap``, then F.clipped_relu(., cap)."""
+    return PointwiseConvolution(cap).apply((x, W) if b is None else (x, W, b))[0]
 
 
 class FoldsBatchNorm:

@@ -157,3 +157,62 @@ def test_logits_and_input_gradients_equal_the_pytorch_reference(photos):
     grads, grads_ref = GradientEngine(ours)(x, targets.numpy().astype(np.int32)), xt.grad.numpy()
     gap = np.abs(grads - grads_ref).reshape(len(x), -1).max(1) / np.abs(grads_ref).reshape(len(x), -1).max(1)
     assert gap.max() < 1e-4, gap
+
+
+@pytest.mark.parametrize('cap', [None, 6.], ids=['plain', 'ReLU6'])
+@pytest.mark.parametrize('bias', [False, True], ids=['no bias', 'bias'])
+def test_pointwise_convolution_equals_chainers_and_passes_gradient_check(cap, bias):
+    rng = np.random.RandomState(2)
+    x, W, b = rng.randn(2, 4, 3, 5), 3 * rng.randn(6, 4, 1, 1), rng.randn(6)
+    expected = F.convolution_2d(x, W, b if bias else None)
+    if cap:
+        expected = F.clipped_relu(expected, cap)
+    conv = lambda *inputs: ops.pointwise_convolution(*inputs[:2], b=inputs[2] if bias else None, cap=cap)
+    inputs = (x, W, b) if bias else (x, W)
+    y = conv(*inputs).array
+    np.testing.assert_allclose(y, expected.array, rtol=1e-12, atol=1e-12)
+    if cap:
+        assert (y == 0).any() and (y == cap).any()  # both kinks are met
+    gy = rng.randn(*y.shape)
+    gradient_check.check_backward(conv, inputs, gy, dtype=np.float64, eps=1e-6)
+    gradient_check.check_double_backward(conv, inputs, gy, tuple(rng.randn(*a.shape) for a in inputs),
+                                         dtype=np.float64, eps=1e-6)
+
+
+def test_relu6_inside_the_depthwise_node_equals_clipped_relu_and_passes_gradient_check():
+    rng = np.random.RandomState(3)
+    x, W, b = rng.randn(2, 3, 9, 8), 2 * rng.randn(3, 1, 3, 3), rng.randn(3)
+    y = depthwise_convolution(x, W, 2, b, cap=6.).array
+    expected = F.clipped_relu(F.convolution_2d(x, W, b, stride=2, groups=3), 6.).array
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    assert (y == 0).any() and (y == 6).any()
+    conv = lambda x, W, b: depthwise_convolution(x, W, 2, b, cap=6.)
+    gy = rng.randn(*y.shape)
+    gradient_check.check_backward(conv, (x, W, b), gy, dtype=np.float64, eps=1e-6)
+    gradient_check.check_double_backward(conv, (x, W, b), gy, tuple(rng.randn(*a.shape) for a in (x, W, b)),
+                                         dtype=np.float64, eps=1e-6)
+
+
+class Unfolded(chainer.Chain):
+    """The model as it is, BatchNorm unfolded: Chainer's convolutions, BatchNormalization and clipped_relu
+    (GradientEngine would fold a model that offers inference_copy)."""
+
+    def __init__(self, model):
+        super().__init__()
+        with self.init_scope():
+            self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_the_fused_nodes_give_chainers_gradients_plain_and_guided(photos):
+    """The folded model (fused depthwise/1x1 + bias + ReLU6 nodes, their guided switch) against the
+    unfolded one (Chainer's own functions, the hook's guided rule for ClippedReLU), in float64 on a
+    real photograph cut to 64x64."""
+    with chainer.using_config('dtype', np.float64):
+        net64 = load_efficientnet_lite0()
+    x = photos[:1, :, 80:144, 80:144].astype(np.float64)
+    for method in (lambda engine: engine(x, 285), lambda engine: GuidedBackprop(engine).attribute(x, 285)):
+        fused, plain = method(GradientEngine(net64)), method(GradientEngine(Unfolded(net64)))
+        assert np.abs(fused - plain).max() < 1e-9 * np.abs(plain).max()
