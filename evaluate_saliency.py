@@ -87,20 +87,18 @@ class Share:
     targets and indices in the study; per-image results go back to rank 0 through ``gather``."""
 
     def __init__(self, images, targets, comm):
-        from sgrad import parallel
-        self.comm, self.gather_rows = comm, parallel.gather_rows
+        self.comm = comm
         self.study_images, self.total = images, len(images)
         self.indices = parallel.split(np.arange(len(images)), comm)
         self.images, self.targets = images[self.indices], targets[self.indices]
-        self.first_rank = comm is None or comm.rank == 0
 
     def gather(self, arrays):
         """{key: per-image rows of this share} -> the same for all images, on rank 0; else None."""
-        return self.gather_rows(arrays, self.comm)
+        return parallel.gather_rows(arrays, self.comm)
 
     def progress(self, total, unit):
         """A progress function for ``total`` steps, drawn by rank 0 alone."""
-        return (lambda done: progress_bar(done, total, unit)) if self.first_rank else (lambda done: None)
+        return (lambda done: progress_bar(done, total, unit)) if parallel.is_root(self.comm) else (lambda done: None)
 
 
 def sanity_check(args, model, share, report):
@@ -328,7 +326,7 @@ def main(argv=None):
     targets = GradientEngine(model, batchsize=args.batchsize).probabilities(images).argmax(axis=1).astype(np.int32)
 
     report = None  # rank 0 alone writes the tables and plots
-    if comm is None or comm.rank == 0:
+    if parallel.is_root(comm):
         os.makedirs(args.out_dir, exist_ok=True)
         report = Report(args.out_dir)
     for name in args.only:

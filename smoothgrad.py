@@ -309,11 +309,10 @@ def run_many(args, explained, comm):
                        load_baseline(args, explained), args.layer, args.patch, args.stride)
     smooth = args.smooth or args.method == 'smoothgrad'
     methods = [SmoothGrad(base, noise, args.samples, args.aggregate) for noise in args.noise] if smooth else [base]
-    first_rank = comm is None or comm.rank == 0
     maps = []
     for level, method in enumerate(methods):
         def progress(done, total, level=level):  # rank 0 draws the bar of its own share
-            if first_rank:
+            if parallel.is_root(comm):
                 progress_bar(level * total + done, len(methods) * total, 'images mapped%s'
                              % (' (rank 0 of %d)' % comm.size if comm else ''))
         maps.append(channel_sum_abs(attribute_each(method, images[mine], targets, keys[mine], args.seed, progress)))

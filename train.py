@@ -117,13 +117,14 @@ def ship(model, test, device, argv):
 
 
 #: The trainer's snapshots in --out, one per epoch (the latest is kept).
-SNAPSHOT_NAME = 'snapshot_epoch_{.updater.epoch}'
+SNAPSHOT_PREFIX = 'snapshot_epoch_'
+SNAPSHOT_NAME = SNAPSHOT_PREFIX + '{.updater.epoch}'
 
 
 def latest_snapshot(out):
     """The snapshot of the latest epoch in the folder ``out``, or None: where a rerun resumes."""
-    epochs = {int(m.group(1)): path for path in glob.glob(os.path.join(glob.escape(out), 'snapshot_epoch_*'))
-              for m in [re.search(r'snapshot_epoch_(\d+)$', path)] if m}
+    epochs = {int(m.group(1)): path for path in glob.glob(os.path.join(glob.escape(out), SNAPSHOT_PREFIX + '*'))
+              for m in [re.search(re.escape(SNAPSHOT_PREFIX) + r'(\d+)$', path)] if m}
     return epochs[max(epochs)] if epochs else None
 
 
@@ -226,7 +227,7 @@ def main(argv=None):
 
     if args.train_size:
         train = train[:args.train_size]
-    first_rank = comm is None or comm.rank == 0
+    first_rank = parallel.is_root(comm)
     batchsize = args.batchsize
     if comm is not None:
         # each rank trains on its shard at its share of the global batch; the multi-node optimizer

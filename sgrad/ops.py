@@ -45,9 +45,12 @@ def col2im(col, shape):
     return padded[:, 1:-1, 1:-1]
 
 
-def _relu_mask(y, gy, guided):
-    """Where a ReLU passes the gradient: y > 0, and also gy > 0 under Guided Backprop."""
+def _relu_mask(y, gy, guided, cap=None):
+    """Where a ReLU passes the gradient, read off its output y: y > 0 (and y < cap for the clipped
+    min(max(x, 0), cap)), and also gy > 0 under Guided Backprop."""
     mask = y > 0
+    if cap is not None:
+        mask &= y < cap
     if guided:
         mask &= gy > 0
     return mask
@@ -58,16 +61,6 @@ def _clip_in_place(y, cap):
     xp = get_array_module(y)
     xp.maximum(y, 0, out=y)
     xp.minimum(y, cap, out=y)
-
-
-def _clipped_mask(y, gy, cap, guided):
-    """Where min(max(x, 0), cap) passes the gradient, read off its output y: 0 < y < cap (and gy > 0
-    under Guided Backprop)."""
-    mask = y > 0
-    mask &= y < cap
-    if guided:
-        mask &= gy > 0
-    return mask
 
 
 class ClipsOutput:
@@ -90,7 +83,7 @@ class ClipsOutput:
         if self.cap is None:
             return gy
         y, = self.get_retained_outputs()
-        return gy * _clipped_mask(y.array, gy.array, self.cap, self.guided).astype(gy.dtype)
+        return gy * _relu_mask(y.array, gy.array, self.guided, self.cap).astype(gy.dtype)
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):

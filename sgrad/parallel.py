@@ -31,8 +31,14 @@ def launched_ranks():
 
 
 def is_first_rank():
-    """True on rank 0, or without mpiexec: the process that prints errors."""
+    """True on rank 0, or without mpiexec, from the launcher's environment: the process that prints
+    errors met before (or instead of) a communicator."""
     return launcher_value(RANK_VARS, 0) == 0
+
+
+def is_root(comm):
+    """True on the rank that prints, plots and writes (rank 0), or for one plain process (comm None)."""
+    return comm is None or comm.rank == 0
 
 
 def share_cores():
@@ -107,8 +113,11 @@ def broadcast_file(path, comm):
     """The bytes of the file ``path`` names on rank 0 (None there: None everywhere), sent to every
     rank, so that ranks on other machines need no shared file system."""
     data = None
-    if comm is None or comm.rank == 0:
-        data = b'' if path is None else open(path, 'rb').read()  # b'': chainermn sends no None
+    if is_root(comm):
+        data = b''  # for no file: chainermn sends no None
+        if path is not None:
+            with open(path, 'rb') as f:
+                data = f.read()
     if comm is not None:
         data = comm.bcast_obj(data)
     return io.BytesIO(data) if data else None
