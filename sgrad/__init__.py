@@ -22,8 +22,8 @@ def select_blas_kernels(cpuinfo='/proc/cpuinfo'):
 
     OpenBLAS 0.3.23 (in NumPy 1.26's wheels) picks its kernels by CPU model, and on a model it does
     not know, such as this machine's Xeon (AVX-512), it falls back to Prescott's SSE3 kernels:
-    sgemm ran at 55 GFLOP/s there against 311 with the AVX-512 (SkylakeX) ones, and a CifarNet
-    training step 1.5x to 1.9x slower. OpenBLAS reads the variable when it loads, so this acts
+    benchmarks/bench_peer.py printed sgemm at 51 GFLOP/s there against 240 with the AVX-512
+    (SkylakeX) ones (README, "Speed"). OpenBLAS reads the variable when it loads, so this acts
     only before NumPy is imported; a value the user set is left alone. Returns the kernel set
     named, or None (nothing changed; Windows and macOS have no /proc/cpuinfo).
     """
