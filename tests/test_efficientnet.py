@@ -71,20 +71,48 @@ def test_same_padding_is_tensorflows(size, ksize, stride, expected):
 
 
 @pytest.mark.parametrize('band', [True, False], ids=['band matrices', 'windows'])
-@pytest.mark.parametrize('shape, ksize, stride', [((2, 3, 9, 8), 3, 1), ((2, 4, 11, 10), 5, 2), ((1, 2, 8, 7), 3, 2)])
-def test_depthwise_convolution_equals_chainers_grouped_one_and_passes_gradient_check(shape, ksize, stride, band,
-                                                                                       monkeypatch):
+@pytest.mark.parametrize('shape, ksize, stride, pads', [((2, 3, 9, 8), 3, 1, ((0, 0), (0, 0))),
+                                                        ((2, 4, 11, 10), 5, 2, ((1, 2), (2, 1))),
+                                                        ((1, 2, 8, 7), 3, 2, ((0, 1), (0, 0))),
+                                                        ((2, 3, 7, 6), 3, 1, ((1, 1), (1, 1)))])
+def test_depthwise_convolution_equals_chainers_grouped_one_and_passes_gradient_check(shape, ksize, stride, pads,
+                                                                                       band, monkeypatch):
     """Both ways of computing it (band-matrix products for narrow inputs, multiply-adds over windows
-    for wide ones), each forced here on the same small inputs."""
+    for wide ones), each forced here on the same small inputs, with and without zero padding."""
     monkeypatch.setattr(ops, 'BAND_MAX_WIDTH', 1000 if band else 0)
     rng = np.random.RandomState(0)
     x, W = rng.randn(*shape), rng.randn(shape[1], 1, ksize, ksize)
-    y = depthwise_convolution(x, W, stride).array
-    np.testing.assert_allclose(y, F.convolution_2d(x, W, stride=stride, groups=shape[1]).array, rtol=1e-12)
+    y = depthwise_convolution(x, W, stride, pads=pads).array
+    expected = F.convolution_2d(F.pad(x, ((0, 0), (0, 0)) + pads, 'constant'), W, stride=stride, groups=shape[1])
+    np.testing.assert_allclose(y, expected.array, rtol=1e-12)
     gy, ggx, ggW = rng.randn(*y.shape), rng.randn(*x.shape), rng.randn(*W.shape)
-    conv = lambda x, W: depthwise_convolution(x, W, stride)
+    conv = lambda x, W: depthwise_convolution(x, W, stride, pads=pads)
     gradient_check.check_backward(conv, (x, W), gy, dtype=np.float64)
     gradient_check.check_double_backward(conv, (x, W), gy, (ggx, ggW), dtype=np.float64)
+
+
+@pytest.mark.parametrize('bytes_per_block', [1 << 20, 64], ids=['default blocks', 'many small blocks'])
+def test_depthwise_and_pointwise_convolutions_are_the_same_in_blocks_and_threads(bytes_per_block, monkeypatch):
+    """The blocked, threaded work (sgrad.ops.for_blocks) against one block on one thread (BLAS may round
+    differently in products of other sizes: channel blocks split the 1x1 convolution's weight rows)."""
+    rng = np.random.RandomState(4)
+    x, W, W1 = rng.randn(3, 8, 16, 15), rng.randn(8, 1, 5, 5), rng.randn(6, 8, 1, 1)
+    gy = rng.randn(3, 8, 8, 8)  # the output's shape: (16 + 3 - 5) // 2 + 1 by (15 + 4 - 5) // 2 + 1
+
+    def run():
+        y = depthwise_convolution(x, W, 2, pads=((1, 2), (2, 2)), cap=3.)
+        gx = ops.DepthwiseGradInput(2, ((1, 2), (2, 2)), x.shape).apply((gy, W))[0]
+        return y.array, gx.array, ops.pointwise_convolution(x, W1, cap=3.).array
+    blocked = run()
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1 << 40)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    single = run()
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', bytes_per_block)
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')
+    assert len(ops.plane_blocks(x)) > (2 if bytes_per_block == 64 else 1)
+    for a, b, c in zip(blocked, single, run()):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(c, b, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize('width, ksize, stride', [(62, 3, 1), (63, 5, 2), (65, 3, 2)])
@@ -96,7 +124,7 @@ def test_band_matrices_and_windows_agree_at_the_widths_where_the_choice_is_made(
         monkeypatch.setattr(ops, 'BAND_MAX_WIDTH', 1000 if band else 0)
         y = depthwise_convolution(x, W, stride)
         gy = rng.randn(*y.shape).astype(np.float32) if not results else results[0][2]
-        results.append((y.array, ops.DepthwiseGradInput(stride, x.shape).apply((gy, W))[0].array, gy))
+        results.append((y.array, ops.DepthwiseGradInput(stride, ops.NO_PADDING, x.shape).apply((gy, W))[0].array, gy))
     (y_band, gx_band, _), (y_windows, gx_windows, _) = results
     np.testing.assert_allclose(y_band, y_windows, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gx_band, gx_windows, rtol=1e-5, atol=1e-5)
