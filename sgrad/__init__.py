@@ -4,6 +4,7 @@ Importing sgrad before NumPy (every script and the tests do) also picks OpenBLAS
 ``select_blas_kernels``.
 """
 import argparse
+import contextlib
 import ctypes
 import glob
 import math
@@ -41,18 +42,44 @@ def select_blas_kernels(cpuinfo='/proc/cpuinfo'):
     return None
 
 
-def blas_kernels():
-    """The kernel set NumPy's OpenBLAS runs ('SkylakeX', 'Prescott', ...), or None where NumPy has
-    another BLAS."""
+def _openblas_function(name):
+    """The ctypes function ``name`` of NumPy's OpenBLAS (its 64-bit-integer build suffixes names with
+    64_), or None where NumPy has another BLAS."""
     import numpy as np
     libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), 'numpy.libs', 'libopenblas*.so*')
     for path in glob.glob(libs):
         lib = ctypes.CDLL(path)  # the copy NumPy loaded: the same path gives the same handle
-        for name in ('openblas_get_corename64_', 'openblas_get_corename'):
-            if hasattr(lib, name):
-                getattr(lib, name).restype = ctypes.c_char_p
-                return getattr(lib, name)().decode()
+        for symbol in (name + '64_', name):
+            if hasattr(lib, symbol):
+                return getattr(lib, symbol)
     return None
+
+
+def blas_kernels():
+    """The kernel set NumPy's OpenBLAS runs ('SkylakeX', 'Prescott', ...), or None where NumPy has
+    another BLAS."""
+    corename = _openblas_function('openblas_get_corename')
+    if corename is None:
+        return None
+    corename.restype = ctypes.c_char_p
+    return corename().decode()
+
+
+@contextlib.contextmanager
+def blas_threads(count):
+    """OpenBLAS runs ``count`` threads per call inside the block. For callers that run threads of their
+    own (sgrad.ops.for_blocks): OpenBLAS's idle threads wait for work by spinning, and took the cores
+    from those threads (about a quarter of the samples of `perf record` were their sched_yield)."""
+    get, set_ = _openblas_function('openblas_get_num_threads'), _openblas_function('openblas_set_num_threads')
+    if get is None or set_ is None:
+        yield
+        return
+    before = get()
+    set_(count)
+    try:
+        yield
+    finally:
+        set_(before)
 
 
 select_blas_kernels()

@@ -28,6 +28,8 @@ import chainer.functions as F
 import numpy
 from chainer.backend import get_array_module
 
+from sgrad import blas_threads
+
 
 #: Bytes of one block of blocked work (for_blocks): small enough that a block's input, output and
 #: temporaries stay in a core's L2 cache (4 MB per core here) across the passes made over it.
@@ -59,8 +61,9 @@ def for_blocks(work, blocks):
         return
     if _pool is None:
         _pool = concurrent.futures.ThreadPoolExecutor(worker_count())
-    for _ in _pool.map(work, blocks):  # re-raises a block's exception
-        pass
+    with blas_threads(1):  # each block's products on its own thread
+        for _ in _pool.map(work, blocks):  # re-raises a block's exception
+            pass
 
 
 def plane_blocks(a):
