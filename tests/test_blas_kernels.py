@@ -61,3 +61,14 @@ def test_openblas_runs_the_kernels_chosen_and_computes_right():
         pytest.skip('this CPU has neither AVX-512 nor AVX2: OpenBLAS keeps its own choice (%s)' % running)
     assert running == chosen
     assert float(error) < 1e-6
+
+
+@pytest.mark.skipif(sgrad.blas_kernels() is None, reason='NumPy has no OpenBLAS here')
+def test_blas_threads_sets_openblas_threads_for_the_block_and_restores_them():
+    threads = sgrad._openblas_function('openblas_get_num_threads')
+    before = threads()
+    with sgrad.blas_threads(1):
+        assert threads() == 1
+        a = np.random.RandomState(0).randn(300, 300)
+        np.testing.assert_allclose(a @ a.T, np.einsum('ij,kj->ik', a, a), rtol=1e-10, atol=1e-10)
+    assert threads() == before
