@@ -6,6 +6,7 @@ Importing sgrad before NumPy (every script and the tests do) also picks OpenBLAS
 import argparse
 import contextlib
 import ctypes
+import functools
 import glob
 import math
 import os
@@ -42,6 +43,7 @@ def select_blas_kernels(cpuinfo='/proc/cpuinfo'):
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _openblas_function(name):
     """The ctypes function ``name`` of NumPy's OpenBLAS (its 64-bit-integer build suffixes names with
     64_), or None where NumPy has another BLAS."""

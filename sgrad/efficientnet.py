@@ -71,6 +71,13 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
             self.conv = L.Convolution2D(in_channels, out_channels, ksize, stride, nobias=True, groups=groups)
             self.bn = L.BatchNormalization(out_channels, eps=BN_EPS)
 
+    #: The folded depthwise weights' band matrices (sgrad.ops), made once per input size
+    bands_cache = None
+
+    def fold_batchnorm(self):
+        super().fold_batchnorm()
+        self.bands_cache = {}
+
     def forward(self, x):
         pads = same_pads(x.shape, self.ksize, self.stride)
         folded = self.folded_parameters()
@@ -83,7 +90,7 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
         W, b = folded
         cap = RELU6_CAP if self.activation else None
         if self.depthwise:
-            return depthwise_convolution(x, W, self.stride, b, cap, pads)
+            return depthwise_convolution(x, W, self.stride, b, cap, pads, self.bands_cache)
         if self.ksize == 1 and self.conv.groups == 1:
             return pointwise_convolution(x, W, b, cap)
         h = F.convolution_2d(same_padding(x, self.ksize, self.stride), W, b, self.stride, groups=self.conv.groups)

@@ -418,6 +418,20 @@ def _band_matrices(W, width, stride):
     return T
 
 
+def _cached_bands(W, width, stride, cache, transposed=False):
+    """_band_matrices(W, width, stride), each matrix transposed (contiguous) if ``transposed``; kept in
+    ``cache``, a dict that belongs to this W (or None: made anew), for the next batch."""
+    key = (width, stride, transposed)
+    if cache is not None and key in cache:
+        return cache[key]
+    bands = _band_matrices(W, width, stride)
+    if transposed and bands is not None:
+        bands = get_array_module(W).ascontiguousarray(bands.transpose(0, 1, 3, 2))
+    if cache is not None:
+        cache[key] = bands
+    return bands
+
+
 def _kernel_rows(a, ky, stride, out_height):
     """The rows of (N, C, H, W) ``a`` that kernel row ky meets, one per output row (a strided view)."""
     return a[:, :, ky:ky + (out_height - 1) * stride + 1:stride]
@@ -478,14 +492,14 @@ def _adjoint_block(gy, W, bands_t, stride, padded_shape):
     return gx
 
 
-def _depthwise_forward(x, W, stride, pads, b=None, cap=None):
+def _depthwise_forward(x, W, stride, pads, b=None, cap=None, cache=None):
     """y[n, c] = sum over kernel positions of W[c, 0, ky, kx] * (x[n, c] zero-padded by pads) shifted
     (+ b[c], then clipped to [0, cap] when cap is given), computed block by block (for_blocks)."""
     xp = get_array_module(x)
     h, w = _padded_shape(x.shape, pads)[2:]
     k = W.shape[2]
     y = xp.empty(x.shape[:2] + ((h - k) // stride + 1, (w - k) // stride + 1), dtype=x.dtype)
-    bands = _band_matrices(W, w, stride)
+    bands = _cached_bands(W, w, stride, cache)
 
     def block(index):
         images, channels = index
@@ -499,11 +513,10 @@ def _depthwise_forward(x, W, stride, pads, b=None, cap=None):
     return y
 
 
-def _depthwise_grad_input(gy, W, stride, pads, x_shape):
+def _depthwise_grad_input(gy, W, stride, pads, x_shape, cache=None):
     """The adjoint of _depthwise_forward in x (without bias and clip), block by block."""
     xp = get_array_module(gy)
-    bands = _band_matrices(W, _padded_shape(x_shape, pads)[3], stride)
-    bands_t = None if bands is None else xp.ascontiguousarray(bands.transpose(0, 1, 3, 2))
+    bands_t = _cached_bands(W, _padded_shape(x_shape, pads)[3], stride, cache, transposed=True)
     gx = xp.empty(x_shape, dtype=gy.dtype)
 
     def block(index):
@@ -531,11 +544,12 @@ class DepthwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
     padding pads ((top, bottom), (left, right)), a stride: what F.convolution_2d(F.pad(x, ...), W, b,
     stride=s, groups=C) computes, without the padded copy, im2col buffer and batched matrix products
     of one row; with ``cap`` (6 for ReLU6) followed by F.clipped_relu(., cap), done in place on the
-    output (``guided`` as for ReLU). Its backward is built from the two nodes below, and theirs from
-    these three, so every order of derivative exists."""
+    output (``guided`` as for ReLU). ``cache``: a dict kept with a fixed W (a folded model's) for its
+    band matrices. Its backward is built from the two nodes below, and theirs from these three, so
+    every order of derivative exists."""
 
-    def __init__(self, stride, pads=NO_PADDING, cap=None):
-        self.stride, self.pads = stride, pads
+    def __init__(self, stride, pads=NO_PADDING, cap=None, cache=None):
+        self.stride, self.pads, self.cache = stride, pads, cache
         self.set_cap(cap)
 
     def forward(self, inputs):
@@ -543,14 +557,15 @@ class DepthwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
         self.retain_inputs((0, 1))
         if self.cap is not None:
             self.retain_outputs((0,))
-        return _depthwise_forward(x, W, self.stride, self.pads, inputs[2] if len(inputs) == 3 else None, self.cap),
+        b = inputs[2] if len(inputs) == 3 else None
+        return _depthwise_forward(x, W, self.stride, self.pads, b, self.cap, self.cache),
 
     def backward(self, indexes, grad_outputs):
         x, W = self.get_retained_inputs()
         gy = self.through_clip(grad_outputs[0])
         ret = []
         if 0 in indexes:
-            ret.append(DepthwiseGradInput(self.stride, self.pads, x.shape).apply((gy, W))[0])
+            ret.append(DepthwiseGradInput(self.stride, self.pads, x.shape, self.cache).apply((gy, W))[0])
         if 1 in indexes:
             ret.append(DepthwiseGradWeight(self.stride, self.pads, W.shape[2]).apply((x, gy))[0])
         if 2 in indexes:
@@ -561,20 +576,20 @@ class DepthwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
 class DepthwiseGradInput(chainer.function_node.FunctionNode):
     """gx = the adjoint of the depthwise convolution applied to gy; linear in gy and in W."""
 
-    def __init__(self, stride, pads, x_shape):
-        self.stride, self.pads, self.x_shape = stride, pads, x_shape
+    def __init__(self, stride, pads, x_shape, cache=None):
+        self.stride, self.pads, self.x_shape, self.cache = stride, pads, x_shape, cache
 
     def forward(self, inputs):
         gy, W = inputs
         self.retain_inputs((0, 1))
-        return _depthwise_grad_input(gy, W, self.stride, self.pads, self.x_shape),
+        return _depthwise_grad_input(gy, W, self.stride, self.pads, self.x_shape, self.cache),
 
     def backward(self, indexes, grad_outputs):
         gy, W = self.get_retained_inputs()
         ggx, = grad_outputs
         ret = []
         if 0 in indexes:
-            ret.append(DepthwiseConvolution(self.stride, self.pads).apply((ggx, W))[0])
+            ret.append(DepthwiseConvolution(self.stride, self.pads, cache=self.cache).apply((ggx, W))[0])
         if 1 in indexes:
             ret.append(DepthwiseGradWeight(self.stride, self.pads, W.shape[2]).apply((ggx, gy))[0])
         return ret
@@ -602,10 +617,11 @@ class DepthwiseGradWeight(chainer.function_node.FunctionNode):
         return ret
 
 
-def depthwise_convolution(x, W, stride=1, b=None, cap=None, pads=NO_PADDING):
+def depthwise_convolution(x, W, stride=1, b=None, cap=None, pads=NO_PADDING, cache=None):
     """F.convolution_2d(F.pad(x, pads), W, b, stride=stride, groups=C) for W of shape (C, 1, k, k);
-    with ``cap``, then F.clipped_relu(., cap)."""
-    return DepthwiseConvolution(stride, tuple(map(tuple, pads)), cap).apply((x, W) if b is None else (x, W, b))[0]
+    with ``cap``, then F.clipped_relu(., cap). ``cache``: see DepthwiseConvolution."""
+    node = DepthwiseConvolution(stride, tuple(map(tuple, pads)), cap, cache)
+    return node.apply((x, W) if b is None else (x, W, b))[0]
 
 
 class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):

@@ -115,6 +115,24 @@ def test_depthwise_and_pointwise_convolutions_are_the_same_in_blocks_and_threads
         np.testing.assert_allclose(c, b, rtol=1e-13, atol=1e-13)
 
 
+def test_band_matrices_kept_for_a_fixed_weight_give_the_same_results():
+    rng = np.random.RandomState(5)
+    x, W, gy = rng.randn(2, 3, 9, 9), rng.randn(3, 1, 3, 3), rng.randn(2, 3, 7, 7)
+    cache = {}
+    runs = []
+    for _ in range(2):  # the second run reads the kept matrices
+        xv = chainer.Variable(x)
+        y = depthwise_convolution(xv, W, 1, cache=cache)
+        y.grad = gy
+        y.backward()
+        runs.append((y.array, xv.grad))
+    assert sorted(cache) == [(9, 1, False), (9, 1, True)]  # forward's, and the backward's transposed
+    expected = depthwise_convolution(chainer.Variable(x), W, 1)
+    for y, gx in runs:
+        np.testing.assert_array_equal(y, expected.array)
+        np.testing.assert_array_equal(gx, ops.DepthwiseGradInput(1, ops.NO_PADDING, x.shape).apply((gy, W))[0].array)
+
+
 @pytest.mark.parametrize('width, ksize, stride', [(62, 3, 1), (63, 5, 2), (65, 3, 2)])
 def test_band_matrices_and_windows_agree_at_the_widths_where_the_choice_is_made(width, ksize, stride, monkeypatch):
     rng = np.random.RandomState(1)
