@@ -239,6 +239,20 @@ def test_relu6_inside_the_depthwise_node_equals_clipped_relu_and_passes_gradient
                                          dtype=np.float64, eps=1e-6)
 
 
+def test_blocked_clipped_relu_equals_chainers_and_passes_gradient_check():
+    rng = np.random.RandomState(6)
+    x = 4 * rng.randn(3, 4, 5, 6)
+    y = ops.clipped_relu(x, 6.).array
+    np.testing.assert_array_equal(y, F.clipped_relu(x, 6.).array)
+    assert (y == 0).any() and (y == 6).any()
+    x[np.abs(x) < 0.01] = 0.5
+    x[np.abs(x - 6) < 0.01] = 5.5  # no kink within gradient_check's step
+    relu6 = lambda x: ops.clipped_relu(x, 6.)
+    gy, ggx = rng.randn(*x.shape), rng.randn(*x.shape)
+    gradient_check.check_backward(relu6, x, gy, dtype=np.float64)
+    gradient_check.check_double_backward(relu6, x, gy, ggx, dtype=np.float64)
+
+
 class Unfolded(chainer.Chain):
     """The model as it is, BatchNorm unfolded: Chainer's convolutions, BatchNormalization and clipped_relu
     (GradientEngine would fold a model that offers inference_copy)."""
