@@ -13,10 +13,11 @@ of the short-row copies that make NCHW im2col slow on small feature maps.
 Every node passes ``chainer.gradient_check`` (tests) and works with NumPy or
 CuPy arrays.
 
-EfficientNet-Lite0's nodes (depthwise and 1x1 convolutions, ReLU6 and its gradient) work on
-(N, C, H, W) arrays block by block (``for_blocks``): blocks of about a megabyte, so that the
-several passes made over each stay in a core's cache, spread over threads, so that NumPy's
-single-threaded loops and OpenBLAS's one-thread small products use every core.
+Every node works block by block (``for_blocks``): blocks of about a megabyte (channel ranges of
+(C, H, W, N) activations, column ranges of a GEMM's product, images or channel ranges of (N, C,
+H, W) ones), so that the several passes made over each stay in a core's cache, spread over
+threads, so that NumPy's single-threaded loops and OpenBLAS's one-thread small products use
+every core.
 """
 import concurrent.futures
 import copy
@@ -51,19 +52,16 @@ _pool = None
 
 
 def for_blocks(work, blocks):
-    """work(block) for every block, spread over worker_count() threads. NumPy's loops and BLAS
+    """[work(block) for block in blocks], spread over worker_count() threads. NumPy's loops and BLAS
     release the GIL, so the elementwise passes, which NumPy runs on one core, and the many small
     matrix products, which OpenBLAS runs on one thread each, then use every core."""
     global _pool
     if worker_count() == 1 or len(blocks) == 1:
-        for block in blocks:
-            work(block)
-        return
+        return [work(block) for block in blocks]
     if _pool is None:
         _pool = concurrent.futures.ThreadPoolExecutor(worker_count())
     with blas_threads(1):  # each block's products on its own thread
-        for _ in _pool.map(work, blocks):  # re-raises a block's exception
-            pass
+        return list(_pool.map(work, blocks))  # re-raises a block's exception
 
 
 def plane_blocks(a):
@@ -81,29 +79,70 @@ def plane_blocks(a):
     return [(slice(i, i + 1), slice(k, k + channels)) for i in range(n) for k in range(0, c, channels)]
 
 
+def channel_blocks(a):
+    """Slices of the first axis of a (the channels of (C, H, W, N) activations), about BLOCK_BYTES each
+    and at least one per thread; one for a GPU array."""
+    if not isinstance(a, numpy.ndarray):
+        return [slice(None)]
+    size = max(1, min(BLOCK_BYTES // (a.itemsize * math.prod(a.shape[1:])), -(-a.shape[0] // worker_count())))
+    return [slice(i, i + size) for i in range(0, a.shape[0], size)]
+
+
+def column_blocks(a):
+    """Slices of the columns of the matrix a, about BLOCK_BYTES of it each and at least one per thread;
+    one for a GPU array."""
+    if not isinstance(a, numpy.ndarray):
+        return [slice(None)]
+    size = max(1, min(BLOCK_BYTES // (a.itemsize * a.shape[0]), -(-a.shape[1] // worker_count())))
+    return [slice(i, i + size) for i in range(0, a.shape[1], size)]
+
+
+def blocked_matmul(a, b, epilogue=None):
+    """a @ b for matrices, in column blocks (for_blocks); epilogue(block of the product), if given,
+    runs on each block while it is fresh."""
+    xp = get_array_module(b)
+    out = xp.empty((a.shape[0], b.shape[1]), dtype=b.dtype)
+
+    def block(columns):
+        xp.matmul(a, b[:, columns], out=out[:, columns])
+        if epilogue is not None:
+            epilogue(out[:, columns])
+    for_blocks(block, column_blocks(out))
+    return out
+
+
 def im2col(x):
-    """(C, H, W, N) -> (C*9, H*W*N) patches of a 3x3, pad-1, stride-1 convolution."""
+    """(C, H, W, N) -> (C*9, H*W*N) patches of a 3x3, pad-1, stride-1 convolution, in channel blocks."""
     xp = get_array_module(x)
     c, h, w, n = x.shape
-    padded = xp.zeros((c, h + 2, w + 2, n), dtype=x.dtype)
-    padded[:, 1:-1, 1:-1] = x
     col = xp.empty((c, 3, 3, h, w, n), dtype=x.dtype)
-    for ky in range(3):
-        for kx in range(3):
-            col[:, ky, kx] = padded[:, ky:ky + h, kx:kx + w]
+
+    def block(channels):
+        padded = xp.zeros((len(range(c)[channels]), h + 2, w + 2, n), dtype=x.dtype)
+        padded[:, 1:-1, 1:-1] = x[channels]
+        for ky in range(3):
+            for kx in range(3):
+                col[channels, ky, kx] = padded[:, ky:ky + h, kx:kx + w]
+    for_blocks(block, channel_blocks(x))
     return col.reshape(c * 9, h * w * n)
 
 
 def col2im(col, shape):
-    """The adjoint of :func:`im2col`: (C*9, H*W*N) -> (C, H, W, N), overlapping patches summed."""
+    """The adjoint of :func:`im2col`: (C*9, H*W*N) -> (C, H, W, N), overlapping patches summed, in
+    channel blocks."""
     xp = get_array_module(col)
     c, h, w, n = shape
     col = col.reshape(c, 3, 3, h, w, n)
-    padded = xp.zeros((c, h + 2, w + 2, n), dtype=col.dtype)
-    for ky in range(3):
-        for kx in range(3):
-            padded[:, ky:ky + h, kx:kx + w] += col[:, ky, kx]
-    return padded[:, 1:-1, 1:-1]
+    x = xp.empty(shape, dtype=col.dtype)
+
+    def block(channels):
+        padded = xp.zeros((len(range(c)[channels]), h + 2, w + 2, n), dtype=col.dtype)
+        for ky in range(3):
+            for kx in range(3):
+                padded[:, ky:ky + h, kx:kx + w] += col[channels, ky, kx]
+        x[channels] = padded[:, 1:-1, 1:-1]
+    for_blocks(block, channel_blocks(x))
+    return x
 
 
 def _relu_mask(y, gy, guided, cap=None):
@@ -144,13 +183,14 @@ class ClipsOutput:
         if self.cap is None:
             return gy
         y, = self.get_retained_outputs()
-        return ClippedGradient(y.array, self.cap, gy.array if self.guided else None).apply((gy,))[0]
+        return ReLUGradient(y.array, self.cap, gy.array if self.guided else None).apply((gy,))[0]
 
 
-class ClippedGradient(chainer.function_node.FunctionNode):
-    """gy where min(max(., 0), cap) passed the gradient, read off its output y (0 < y < cap), and,
-    given a ``guide`` (Guided Backprop: the incoming gradient), where the guide is positive; else 0.
-    Computed block by block (for_blocks). Linear in gy with the mask fixed, so its backward is itself."""
+class ReLUGradient(chainer.function_node.FunctionNode):
+    """gy where max(., 0) passed the gradient, or min(max(., 0), cap) given a cap, read off its output y
+    (0 < y, and y < cap), and, given a ``guide`` (Guided Backprop: the incoming gradient), where the
+    guide is positive; else 0. Computed block by block (for_blocks). Linear in gy with the mask
+    fixed, so its backward is itself."""
 
     def __init__(self, y, cap, guide=None):
         self.y, self.cap, self.guide = y, cap, guide
@@ -167,7 +207,7 @@ class ClippedGradient(chainer.function_node.FunctionNode):
         return g,
 
     def backward(self, indexes, grad_outputs):
-        return ClippedGradient(self.y, self.cap, self.guide).apply(grad_outputs)
+        return ReLUGradient(self.y, self.cap, self.guide).apply(grad_outputs)
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):
@@ -186,11 +226,13 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         x, W = inputs[:2]
         o = W.shape[0]
         col = im2col(x)
-        y = W.reshape(o, -1) @ col
-        if len(inputs) == 3:
-            y += inputs[2][:, None]
-        if self.relu:
-            get_array_module(y).maximum(y, 0, out=y)
+
+        def bias_and_relu(y):
+            if len(inputs) == 3:
+                y += inputs[2][:, None]
+            if self.relu:
+                get_array_module(y).maximum(y, 0, out=y)
+        y = blocked_matmul(W.reshape(o, -1), col, bias_and_relu)
         self.col = col if chainer.config.train else None
         self.x_shape = x.shape
         self.retain_inputs((0, 1))
@@ -203,7 +245,7 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         gy, = grad_outputs
         if self.relu:
             y, = self.get_retained_outputs()
-            gy = gy * _relu_mask(y.array, gy.array, self.guided).astype(gy.dtype)
+            gy = ReLUGradient(y.array, None, gy.array if self.guided else None).apply((gy,))[0]
         ret = []
         if 0 in indexes:
             ret.append(Convolution3x3InputGrad(self.x_shape).apply((W, gy))[0])
@@ -224,7 +266,7 @@ class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
     def forward(self, inputs):
         W, gy = inputs
         o = W.shape[0]
-        return col2im(W.reshape(o, -1).T @ gy.reshape(o, -1), self.x_shape),
+        return col2im(blocked_matmul(W.reshape(o, -1).T, gy.reshape(o, -1)), self.x_shape),
 
 
 class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):
@@ -236,7 +278,9 @@ class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):
 
     def forward(self, inputs):
         gy, = inputs
-        return (gy.reshape(gy.shape[0], -1) @ self.col.T).reshape(self.W_shape),
+        gy = gy.reshape(gy.shape[0], -1)
+        partial_sums = for_blocks(lambda columns: gy[:, columns] @ self.col[:, columns].T, column_blocks(self.col))
+        return sum(partial_sums[1:], partial_sums[0]).reshape(self.W_shape),
 
 
 def convolution_3x3(x, W, b=None, relu=False):
@@ -262,8 +306,14 @@ class MaxPooling2x2(chainer.function_node.FunctionNode):
     def forward(self, inputs):
         x, = inputs
         xp = get_array_module(x)
-        views = [x[w] for w in _WINDOW]
-        y = xp.maximum(xp.maximum(views[0], views[1]), xp.maximum(views[2], views[3]))
+        y = xp.empty_like(x[_WINDOW[0]])
+
+        def block(channels):
+            out = y[channels]
+            xp.maximum(x[channels][_WINDOW[0]], x[channels][_WINDOW[1]], out=out)
+            for w in _WINDOW[2:]:
+                xp.maximum(out, x[channels][w], out=out)
+        for_blocks(block, channel_blocks(x))
         self.retain_inputs((0,))
         self.retain_outputs((0,))
         return y,
@@ -275,16 +325,20 @@ class MaxPooling2x2(chainer.function_node.FunctionNode):
 
 
 def first_maximum_masks(x, y):
-    """For each window position, where it holds the window's first maximum (exactly one per window)."""
-    masks, taken = [], None
-    for w in _WINDOW:
-        mask = x[w] == y
-        if taken is None:
-            taken = mask.copy()
-        else:
-            mask &= ~taken
-            taken |= mask
-        masks.append(mask)
+    """For each window position, where it holds the window's first maximum (exactly one per window);
+    in channel blocks."""
+    masks = [get_array_module(y).empty(y.shape, dtype=bool) for _ in _WINDOW]
+
+    def block(channels):
+        taken = None
+        for w, mask in zip(_WINDOW, masks):
+            mask[channels] = x[channels][w] == y[channels]
+            if taken is None:
+                taken = mask[channels].copy()
+            else:
+                mask[channels] &= ~taken
+                taken |= mask[channels]
+    for_blocks(block, channel_blocks(y))
     return masks
 
 
@@ -298,9 +352,13 @@ class MaxPooling2x2Grad(chainer.function_node.FunctionNode):
 
     def forward(self, inputs):
         gy, = inputs
-        gx = get_array_module(gy).empty(self.x_shape, dtype=gy.dtype)
-        for w, mask in zip(_WINDOW, self.masks):
-            gx[w] = gy * mask
+        xp = get_array_module(gy)
+        gx = xp.empty(self.x_shape, dtype=gy.dtype)
+
+        def block(channels):
+            for w, mask in zip(_WINDOW, self.masks):
+                xp.multiply(gy[channels], mask[channels], out=gx[channels][w])
+        for_blocks(block, channel_blocks(gy))
         return gx,
 
     def backward(self, indexes, grad_outputs):
@@ -321,13 +379,18 @@ class ReLU(chainer.function_node.FunctionNode):
 
     def forward(self, inputs):
         x, = inputs
+        y = get_array_module(x).empty_like(x)
+
+        def block(index):
+            get_array_module(x).maximum(x[index], 0, out=y[index])
+        for_blocks(block, plane_blocks(x))
         self.retain_outputs((0,))
-        return get_array_module(x).maximum(x, 0),
+        return y,
 
     def backward(self, indexes, grad_outputs):
         y, = self.get_retained_outputs()
         gy, = grad_outputs
-        return gy * _relu_mask(y.array, gy.array, self.guided).astype(gy.dtype),
+        return ReLUGradient(y.array, None, gy.array if self.guided else None).apply((gy,))
 
 
 def relu(x):

@@ -184,3 +184,28 @@ def test_channel_major_model_equals_plain_chainer_nchw(image, train):
     for name in grads_ref:
         scale = np.abs(grads_ref[name]).max()
         np.testing.assert_allclose(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize('train', [True, False], ids=['training', 'saliency'])
+def test_the_model_in_many_small_blocks_equals_one_block_on_one_thread(image, train, monkeypatch):
+    """The channel-major nodes' blocked, threaded work (sgrad.ops.for_blocks: im2col, col2im, the GEMMs in
+    column blocks, the weight gradient summed over them, pooling, ReLU) against one block on one thread."""
+    from sgrad import ops
+    model = random_cifarnet(seed=5, dtype=np.float64)
+    x = noisy_copies(image, 0.1, 6, np.random.RandomState(0)).astype(np.float64)
+    t = np.arange(6, dtype=np.int32)
+
+    def run():
+        model.cleargrads()
+        xv = chainer.Variable(x)
+        with chainer.using_config('train', train):
+            F.softmax_cross_entropy(model(xv), t).backward()
+        return [xv.grad] + [p.grad.copy() for _, p in sorted(model.namedparams())]
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1 << 40)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    single = run()
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 4096)
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')
+    assert len(ops.channel_blocks(np.empty((16, 32, 32, 6)))) == 16
+    for a, b in zip(run(), single):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
