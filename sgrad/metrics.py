@@ -1,6 +1,8 @@
 """Measures of saliency maps: rank correlation, SSIM, cascading model
-randomization (Adebayo et al. 2018) and deletion / insertion curves (Petsiuk et
-al. 2018). Maps are 2-D (H, W) arrays; batches are (N, H, W)."""
+randomization (Adebayo et al. 2018), deletion / insertion curves (Petsiuk et
+al. 2018), ROAD with noisy linear imputation (Rong et al. 2022), max-sensitivity
+and infidelity (Yeh et al. 2019) and the Gini index of a map's sparseness. Maps
+are 2-D (H, W) arrays; batches are (N, H, W)."""
 import copy
 
 import chainer
@@ -112,3 +114,141 @@ def perturbation_curves(engine, images, maps, targets, steps=16):
 def area_under_curve(curves):
     """Trapezoidal area under (N, K) curves on [0, 1], one value per curve."""
     return ((curves[:, 1:] + curves[:, :-1]) / 2).mean(axis=1)
+
+
+#: ROAD's neighbour weights (Rong et al. 2022): 1/6 for the four pixels that share an edge, 1/12 for the
+#: four that share a corner.
+ROAD_NEIGHBOURS = tuple(((dy, dx), 1 / 6 if dy == 0 or dx == 0 else 1 / 12)
+                        for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+
+#: The fractions of pixels removed along a ROAD curve (the paper's 10% to 90%).
+ROAD_FRACTIONS = tuple(np.round(np.arange(1, 10) / 10, 1))
+
+
+def _neighbour_sum(a):
+    """sum over the 8 neighbours (dy, dx) inside the image of weight * a[..., i + dy, j + dx], for (..., H, W) a."""
+    h, w = a.shape[-2:]
+    total = np.zeros(a.shape, dtype=np.float64)
+    for (dy, dx), weight in ROAD_NEIGHBOURS:
+        total[..., max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] += \
+            weight * a[..., max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    return total
+
+
+def linear_imputation(images, removed, tolerance=1e-7):
+    """ROAD's linear imputation: every removed pixel of (N, C, H, W) images (``removed``: (N, H, W) bools)
+    becomes the weighted mean of its neighbours inside the image (ROAD_NEIGHBOURS), removed neighbours
+    included, channel by channel. The removed values u therefore solve the sparse linear system
+    d_p u_p - sum_{q removed} w_pq u_q = sum_{q kept} w_pq x_q (d_p: the weights of p's neighbours), symmetric
+    and positive definite while any pixel is kept; conjugate gradients solve it for all images and
+    channels at once, to a residual below ``tolerance`` times the right-hand side's. Float64 result."""
+    x = np.asarray(images, np.float64)
+    removed = np.broadcast_to(np.asarray(removed, bool)[:, None], x.shape)
+    weights = _neighbour_sum(np.ones(x.shape[-2:]))
+
+    def system(u):
+        return np.where(removed, weights * u - _neighbour_sum(u), 0.)
+    rhs = np.where(removed, _neighbour_sum(np.where(removed, 0., x)), 0.)
+    u = np.zeros_like(x)
+    residual, direction = rhs.copy(), rhs.copy()
+    norm2 = (residual ** 2).sum(axis=(2, 3), keepdims=True)
+    stop = tolerance ** 2 * norm2
+    for _ in range(int(removed[0, 0].size)):  # exact arithmetic would end within one step per unknown
+        if (norm2 <= stop).all():
+            break
+        product = system(direction)
+        curvature = (direction * product).sum(axis=(2, 3), keepdims=True)
+        step = np.divide(norm2, curvature, out=np.zeros_like(norm2), where=curvature > 0)
+        u += step * direction
+        residual -= step * product
+        norm2, previous = (residual ** 2).sum(axis=(2, 3), keepdims=True), norm2
+        direction = residual + np.divide(norm2, previous, out=np.zeros_like(norm2), where=previous > 0) * direction
+    return np.where(removed, u, x)
+
+
+def noisy_linear_imputation(images, removed, noise=0.01, rng=None):
+    """linear_imputation plus N(0, noise^2) on every removed value (ROAD's NoisyLinearImputer, here in the
+    [0, 1] image space), so that the imputed values carry no trace of the removal's shape; same dtype."""
+    rng = np.random.RandomState(0) if rng is None else rng
+    imputed = linear_imputation(images, removed)
+    mask = np.broadcast_to(np.asarray(removed, bool)[:, None], imputed.shape)
+    imputed[mask] += noise * rng.standard_normal(int(mask.sum()))
+    return imputed.astype(np.asarray(images).dtype)
+
+
+def road_curves(probabilities, images, maps, targets, fractions=ROAD_FRACTIONS, noise=0.01, rng=None):
+    """ROAD (Rong et al. 2022): the target-class probability after removing the most relevant ('MoRF') or the
+    least relevant ('LeRF') fraction of each image's pixels by the map and imputing them
+    (noisy_linear_imputation). ``probabilities(batch)`` gives (B, classes). Returns {'MoRF': (N, F),
+    'LeRF': (N, F)}; a faithful map makes MoRF fall fast and LeRF stay high."""
+    n, c, h, w = images.shape
+    order = np.argsort(-np.asarray(maps).reshape(n, -1), axis=1, kind='stable')
+    rng = np.random.RandomState(0) if rng is None else rng
+    curves = {}
+    for kind, ranked in (('MoRF', order), ('LeRF', order[:, ::-1])):
+        batches = []
+        for fraction in fractions:
+            removed = np.zeros((n, h * w), dtype=bool)
+            np.put_along_axis(removed, ranked[:, :int(round(fraction * h * w))], True, axis=1)
+            batches.append(noisy_linear_imputation(images, removed.reshape(n, h, w), noise, rng))
+        probs = probabilities(np.concatenate(batches))
+        curves[kind] = probs[np.arange(len(probs)), np.tile(targets, len(fractions))].reshape(len(fractions), n).T
+    return curves
+
+
+def max_sensitivity(explain, images, radius=0.02, samples=10, rng=None, relative=True):
+    """Max-sensitivity (Yeh et al. 2019), by Monte Carlo: for each image x, the largest ||Phi(x + d) - Phi(x)||_2
+    over ``samples`` draws of d uniform in the L-infinity ball of ``radius`` (in the [0, 1] image space;
+    x + d is not clipped). ``explain(images)`` gives their attributions Phi (one per image). With
+    ``relative``, divided by ||Phi(x)||_2 (0 where that is 0), which makes methods of different scales
+    comparable: that is captum.metrics.sensitivity_max with its default perturbation and
+    norm_ord='fro'; the paper's definition is relative=False."""
+    rng = np.random.RandomState(0) if rng is None else rng
+    images = np.asarray(images)
+    base = np.asarray(explain(images), np.float64).reshape(len(images), -1)
+    worst = np.zeros(len(images))
+    for _ in range(samples):
+        shifted = images + rng.uniform(-radius, radius, images.shape).astype(images.dtype)
+        change = np.asarray(explain(shifted), np.float64).reshape(len(images), -1) - base
+        worst = np.maximum(worst, np.linalg.norm(change, axis=1))
+    if relative:
+        scale = np.linalg.norm(base, axis=1)
+        worst = np.divide(worst, scale, out=np.zeros_like(worst), where=scale > 0)
+    return worst
+
+
+def infidelity(scores, images, attributions, noise=0.1, samples=50, rng=None, normalize=True):
+    """Infidelity (Yeh et al. 2019) with the paper's noisy baseline, by Monte Carlo: for each image x,
+    E_I[(I . Phi - (f(x) - f(x - I)))^2] with I ~ N(0, noise^2) per input value. ``scores(batch)`` gives
+    the explained class's score f of each image (B,). Attributions (N, C, H, W) meet I element by
+    element; 2-D maps (N, H, W) meet one I per pixel, shared by its channels. With ``normalize``, Phi is
+    first scaled by the beta that minimises the expectation, beta = E[I.Phi dF] / E[(I.Phi)^2] (per image,
+    on the same draws), so that a map's scale does not count: captum.metrics.infidelity with
+    normalize=True; normalize=False is the paper's definition."""
+    rng = np.random.RandomState(0) if rng is None else rng
+    images = np.asarray(images)
+    phi = np.asarray(attributions, np.float64)
+    per_pixel = phi.ndim == 3
+    n = len(images)
+    shape = (samples, n) + (phi.shape[1:] if not per_pixel else (1,) + phi.shape[1:])
+    perturbations = noise * rng.standard_normal(shape)
+    perturbed = (images[None] - perturbations).astype(images.dtype).reshape((-1,) + images.shape[1:])
+    drops = np.asarray(scores(images), np.float64)[None] - np.asarray(scores(perturbed), np.float64).reshape(samples, n)
+    dots = (perturbations * (phi[:, None] if per_pixel else phi)[None]).reshape(samples, n, -1).sum(axis=2)
+    if normalize:
+        square = (dots ** 2).mean(axis=0)
+        beta = np.divide((dots * drops).mean(axis=0), square, out=np.zeros(n), where=square > 0)
+        dots = beta * dots
+    return ((dots - drops) ** 2).mean(axis=0)
+
+
+def gini(maps):
+    """The Gini index of |map| (Hurley & Rickard 2009; for attributions, Chalasani et al. 2020), one value
+    per map of (N, H, W): 0 for a uniform map, 1 - 1/n for a single non-zero pixel of n; 0 for an all-zero
+    map. Higher is sparser."""
+    values = np.sort(np.abs(np.asarray(maps, np.float64)).reshape(len(maps), -1), axis=1)
+    d = values.shape[1]
+    total = values.sum(axis=1)
+    weights = (d - np.arange(1, d + 1) + 0.5) / d
+    share = np.divide(values, total[:, None], out=np.zeros_like(values), where=total[:, None] > 0)
+    return np.where(total > 0, 1 - 2 * (share * weights).sum(axis=1), 0.)

@@ -1,0 +1,170 @@
+"""ROAD's imputation and curves, max-sensitivity, infidelity and the Gini index, on cases whose answer is
+known, and the imputation on real CIFAR-10 images against its defining equations."""
+import numpy as np
+import pytest
+
+from model import load_model
+from sgrad.data import load_test_images
+from sgrad.metrics import (ROAD_NEIGHBOURS, gini, infidelity, linear_imputation, max_sensitivity,
+                           noisy_linear_imputation, road_curves)
+from sgrad.saliency import Gradient, GradientEngine, channel_sum_abs
+
+
+def dense_imputation(image, removed):
+    """The imputation's linear system assembled entry by entry and solved densely: one equation per removed
+    pixel, u_p = sum over neighbours q inside the image of w_pq x_q / sum of those w_pq (x_q = u_q if removed)."""
+    h, w = removed.shape
+    unknowns = {p: k for k, p in enumerate(zip(*np.nonzero(removed)))}
+    result = image.astype(np.float64).copy()
+    for c in range(image.shape[0]):
+        a, b = np.zeros((len(unknowns), len(unknowns))), np.zeros(len(unknowns))
+        for (i, j), k in unknowns.items():
+            for (dy, dx), weight in ROAD_NEIGHBOURS:
+                q = (i + dy, j + dx)
+                if 0 <= q[0] < h and 0 <= q[1] < w:
+                    a[k, k] += weight
+                    if q in unknowns:
+                        a[k, unknowns[q]] -= weight
+                    else:
+                        b[k] += weight * image[c][q]
+        solution = np.linalg.solve(a, b)
+        for (i, j), k in unknowns.items():
+            result[c, i, j] = solution[k]
+    return result
+
+
+def test_one_removed_pixel_becomes_the_weighted_mean_of_its_neighbours():
+    x = np.arange(3 * 5 * 5, dtype=np.float64).reshape(1, 3, 5, 5) ** 1.5
+    removed = np.zeros((1, 5, 5), bool)
+    removed[0, 2, 2] = True
+    weights = dict(ROAD_NEIGHBOURS)  # the paper's: 1/6 sharing an edge, 1/12 sharing a corner
+    assert weights == {(-1, -1): 1 / 12, (-1, 0): 1 / 6, (-1, 1): 1 / 12, (0, -1): 1 / 6, (0, 1): 1 / 6,
+                       (1, -1): 1 / 12, (1, 0): 1 / 6, (1, 1): 1 / 12}
+    expected = sum(weight * x[0, :, 2 + dy, 2 + dx] for (dy, dx), weight in weights.items())  # weights sum to 1
+    np.testing.assert_allclose(linear_imputation(x, removed)[0, :, 2, 2], expected, rtol=1e-12)
+
+
+def test_a_linear_ramp_is_imputed_exactly_away_from_the_border():
+    """The neighbour weights are symmetric, so a linear function is its own neighbour mean inside the image."""
+    i, j = np.mgrid[:12, :10]
+    x = np.stack([0.3 * i - 0.2 * j + 1, 0.1 * i + 0.05 * j, -i + 2. * j])[None]
+    removed = np.zeros((1, 12, 10), bool)
+    removed[0, 2:10, 3:8] = True
+    removed[0, 5, 1] = True
+    np.testing.assert_allclose(linear_imputation(x, removed), x, atol=1e-6)
+
+
+def test_imputation_equals_a_dense_solve_of_its_equations_border_pixels_included():
+    rng = np.random.RandomState(0)
+    x = rng.rand(2, 3, 7, 6)
+    removed = rng.rand(2, 7, 6) < 0.6
+    removed[:, 0, :] = True  # a whole border row
+    result = linear_imputation(x, removed)
+    for k in range(2):
+        np.testing.assert_allclose(result[k], dense_imputation(x[k], removed[k]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(result[~np.broadcast_to(removed[:, None], x.shape)],
+                                  x[~np.broadcast_to(removed[:, None], x.shape)])
+
+
+def test_imputed_real_images_satisfy_the_neighbour_mean_equations():
+    """Real CIFAR-10 images, half their pixels removed in one 16x16 hole and at random: every removed pixel
+    equals the weighted mean of its neighbours (removed ones included) to 1e-6."""
+    images, _ = load_test_images(0, 4)
+    rng = np.random.RandomState(1)
+    removed = rng.rand(4, 32, 32) < 0.35
+    removed[:, 8:24, 8:24] = True
+    imputed = linear_imputation(images, removed)
+    h, w = removed.shape[1:]
+    for n, i, j in zip(*np.nonzero(removed)):
+        pairs = [(weight, imputed[n, :, i + dy, j + dx]) for (dy, dx), weight in ROAD_NEIGHBOURS
+                 if 0 <= i + dy < h and 0 <= j + dx < w]
+        mean = sum(weight * value for weight, value in pairs) / sum(weight for weight, _ in pairs)
+        np.testing.assert_allclose(imputed[n, :, i, j], mean, atol=1e-6)
+    assert imputed[:, :, 12:20, 12:20].std() > 0.01  # the hole is filled from its surroundings, not flat
+
+
+def test_noisy_imputation_adds_noise_to_the_removed_pixels_only():
+    images, _ = load_test_images(0, 2)
+    removed = np.zeros((2, 32, 32), bool)
+    removed[:, ::2] = True
+    plain, noisy = linear_imputation(images, removed), noisy_linear_imputation(images, removed, 0.05)
+    difference = noisy - plain
+    mask = np.broadcast_to(removed[:, None], images.shape)
+    assert noisy.dtype == images.dtype
+    np.testing.assert_allclose(difference[~mask], 0, atol=1e-7)
+    assert difference[mask].std() == pytest.approx(0.05, rel=0.05)
+
+
+def bright_square_probability(batch):
+    """A 'model' whose class 0 is the mean brightness of the centre square (class 1 the rest)."""
+    p = batch[:, :, 12:20, 12:20].mean(axis=(1, 2, 3))
+    return np.stack([p, 1 - p], axis=1)
+
+
+def test_road_removes_the_relevant_square_first_for_a_map_that_marks_it():
+    images = np.zeros((2, 3, 32, 32), np.float32)
+    images[:, :, 12:20, 12:20] = 1
+    square_map = images[:, 0].copy()
+    curves = road_curves(bright_square_probability, images, square_map, np.zeros(2, int), noise=0.)
+    assert curves['MoRF'].shape == curves['LeRF'].shape == (2, 9)
+    # the square is 1/16 of the image: from 10% on, MoRF has removed all of it and imputed it from black
+    np.testing.assert_allclose(curves['MoRF'], 0, atol=1e-6)
+    # LeRF removes black background, imputed black, until the square's turn (from 1 - 1/16 on)
+    np.testing.assert_allclose(curves['LeRF'], 1, atol=1e-6)
+
+
+def test_road_on_the_shipped_model_ranks_the_gradient_above_its_reverse():
+    """Real images and the shipped CifarNet: removing the pixels the SmoothGrad-free gradient marks
+    most relevant lowers the class probability more than removing those it marks least relevant."""
+    model = load_model()
+    images, labels = load_test_images(0, 8)
+    engine = GradientEngine(model)
+    maps = channel_sum_abs(Gradient(engine).attribute(images, labels))
+    curves = road_curves(engine.probabilities, images, maps, labels, fractions=(0.2, 0.5))
+    assert curves['MoRF'].mean() < curves['LeRF'].mean()
+
+
+def test_max_sensitivity_of_the_identity_is_the_largest_perturbation_drawn():
+    x = np.random.RandomState(0).rand(3, 2, 4, 4)
+    identity = lambda images: images
+    largest = np.zeros(3)
+    rng = np.random.RandomState(5)
+    for _ in range(7):
+        largest = np.maximum(largest, np.linalg.norm(rng.uniform(-0.1, 0.1, x.shape).reshape(3, -1), axis=1))
+    absolute = max_sensitivity(identity, x, 0.1, 7, np.random.RandomState(5), relative=False)
+    np.testing.assert_allclose(absolute, largest, rtol=1e-12)
+    relative = max_sensitivity(identity, x, 0.1, 7, np.random.RandomState(5))
+    np.testing.assert_allclose(relative, largest / np.linalg.norm(x.reshape(3, -1), axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(max_sensitivity(lambda images: np.ones_like(images), x, 0.1, 3), 0)
+    assert (absolute <= 0.1 * np.sqrt(32)).all()  # the corner of the ball
+
+
+def test_infidelity_of_a_linear_model():
+    """f(x) = <w, x>: its gradient w explains every perturbation exactly (infidelity 0); 2w only up to
+    its scale, which normalize removes; unnormalized, 2w leaves E[(I.w)^2] on the same draws."""
+    rng = np.random.RandomState(2)
+    w, x = rng.randn(3, 5, 4), rng.rand(2, 3, 5, 4)
+    scores = lambda batch: (batch * w).sum(axis=(1, 2, 3))
+    gradient = np.broadcast_to(w, x.shape)
+    np.testing.assert_allclose(infidelity(scores, x, gradient, 0.1, 20, normalize=False), 0, atol=1e-20)
+    np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 0.1, 20), 0, atol=1e-20)
+    draws = 0.1 * np.random.RandomState(7).standard_normal((20, 2, 3, 5, 4))
+    expected = ((draws * w).sum(axis=(2, 3, 4)) ** 2).mean(axis=0)
+    np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 0.1, 20, np.random.RandomState(7),
+                                          normalize=False), expected, rtol=1e-10)
+
+
+def test_infidelity_of_a_per_pixel_map_shares_each_draw_over_the_channels():
+    """f(x) = sum over channels and pixels of v * x: a 2-D map v explains a per-pixel perturbation
+    shared by the three channels up to the factor 3, which normalize removes."""
+    rng = np.random.RandomState(3)
+    v, x = rng.randn(5, 4), rng.rand(2, 3, 5, 4)
+    scores = lambda batch: (batch * v).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(infidelity(scores, x, np.broadcast_to(v, (2, 5, 4)), 0.1, 10), 0, atol=1e-20)
+    assert infidelity(scores, x, rng.randn(2, 5, 4), 0.1, 10).min() > 0
+
+
+def test_gini_of_known_maps():
+    maps = np.array([np.full((2, 2), 3.), [[0, 0], [0, -5.]], [[0, 0], [1, 3.]], np.zeros((2, 2))])
+    np.testing.assert_allclose(gini(maps), [0, 1 - 1 / 4, 0.625, 0], atol=1e-12)
+    np.testing.assert_allclose(gini(7 * maps), gini(maps), atol=1e-12)
