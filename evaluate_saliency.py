@@ -2,7 +2,8 @@
 """Do the maps mean something? Sanity checks and faithfulness on real CIFAR-10, or on photographs.
 
     python evaluate_saliency.py --images 100 --deletion-images 500     # the full study
-    python evaluate_saliency.py --images 8 --deletion-images 16 --knob-images 4   # a quick look
+    python evaluate_saliency.py --images 8 --deletion-images 16 --road-images 8 --robustness-images 4 \
+        --knob-images 4                                                # a quick look
     python evaluate_saliency.py --model efficientnet-lite0 -o docs/evaluation_imagenet   # the photographs
     mpiexec -n 2 python evaluate_saliency.py ...   # the images split over 2 processes (ChainerMN)
 
@@ -16,7 +17,13 @@
    is better, or copied onto a blurred image (insertion, higher is better), over --deletion-images
    test images. Pixels are ordered by |map|, and also by the signed map (most positive first) for
    signed methods, with a random order as baseline.
-3. SmoothGrad's two knobs: noise level (the three areas above) and sample count (stability: the
+3. ROAD (Rong et al. 2022): pixels removed by noisy linear imputation from their neighbours instead
+   of black (no out-of-distribution holes), most relevant first (MoRF, lower is better) and least
+   relevant first (LeRF, higher is better), 10% to 90%, same orders, over --road-images images.
+4. Robustness and sparseness, over --robustness-images images: max-sensitivity of each method's map
+   and infidelity of its attribution (Yeh et al. 2019), the Gini index of the map, and SmoothGrad's
+   max-sensitivity against its noise level.
+5. SmoothGrad's two knobs: noise level (the deletion/insertion areas) and sample count (stability: the
    rank correlation of two maps from independent noise draws), with picture grids.
 
 Tables go to stdout and OUT_DIR/results.md, plots to OUT_DIR. The target class is the trained
@@ -29,7 +36,7 @@ import os
 import sys
 import time
 
-from sgrad import InputError, OneLineErrorParser, keep_freed_memory, parallel, progress_bar, write_atomic
+from sgrad import InputError, OneLineErrorParser, finite_float, keep_freed_memory, parallel, progress_bar, write_atomic
 parallel.share_cores()  # under mpiexec: BLAS threads per rank, before NumPy loads
 
 import numpy as np  # noqa: E402
@@ -164,21 +171,22 @@ def auc_cells(curves):
     return ['%.3f ± %.3f' % (a.mean(), a.std() / np.sqrt(len(a))) for a in areas]
 
 
-def deletion_insertion(args, model, share, report):
-    import matplotlib.pyplot as plt
-    from sgrad.metrics import perturbation_curves
+def pixel_order_curves(args, model, share, curves_of, unit):
+    """The curves of every pixel order a faithfulness section measures: each method's |map|, the signed
+    map of signed methods (evidence for the class first, evidence against it last) and a random order
+    as baseline. curves_of(engine, maps) -> {kind: curves of this share's images}. Returns the
+    orderings [(label, line style)] and, on rank 0, {(label, kind): curves of all images}."""
     from sgrad.saliency import GradientEngine
     engine = GradientEngine(model, batchsize=args.batchsize)
     methods = make_methods(engine, args.samples, args.steps)
-    # each method's maps, then the curves of every ordering: |map|, the signed map and random
     steps = 2 * len(methods) + sum(m.signed for m in methods.values()) + 1
-    progress = share.progress(steps, 'steps (maps, then curves)')
+    progress = share.progress(steps, 'steps (maps, then %s)' % unit)
     orderings = []  # (label, maps of this share's images, line style)
     for done, (name, method) in enumerate(methods.items()):
         progress(done)
         abs_maps, signed_maps = maps_of(method, share.images, share.targets, share.indices, args.seed)
         orderings.append((name, abs_maps, dict(color='C%d' % done)))
-        if signed_maps is not None:  # evidence for the class first, evidence against it last
+        if signed_maps is not None:
             orderings.append((name + ' (signed)', signed_maps, dict(color='C%d' % done, linestyle='--')))
     random_maps = np.stack([np.random.RandomState([args.seed, index, 1]).rand(*abs_maps.shape[1:])
                             for index in share.indices])  # each image's own stream, as SmoothGrad's noise
@@ -186,29 +194,127 @@ def deletion_insertion(args, model, share, report):
     curves = {}  # (ordering, kind) -> curves of this share's images
     for done, (name, maps, _) in enumerate(orderings, start=len(methods)):
         progress(done)
-        for kind, values in perturbation_curves(engine, share.images, maps, share.targets,
-                                                args.perturbation_steps).items():
+        for kind, values in curves_of(engine, maps).items():
             curves[name, kind] = values
     progress(steps)
-    curves = share.gather(curves)
-    if report is None:
-        return
-    rows, fig = [], plt.figure(figsize=(17, 4))
-    axes = dict(zip(BETTER_AREA, fig.subplots(1, len(BETTER_AREA))))
-    fraction = np.linspace(0, 1, args.perturbation_steps + 1)
-    for name, _, style in orderings:
-        rows.append([name] + auc_cells({kind: curves[name, kind] for kind in BETTER_AREA}))
+    return [(name, style) for name, _, style in orderings], share.gather(curves)
+
+
+def plot_curves(orderings, curves, kinds, fraction, titles):
+    """One panel per kind of curve, the mean curve of every ordering; returns the axes by kind."""
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(6 * len(kinds) - 1, 4))
+    axes = dict(zip(kinds, fig.subplots(1, len(kinds))))
+    for name, style in orderings:
         for kind, ax in axes.items():
             ax.plot(fraction, curves[name, kind].mean(axis=0), label=name, **style)
     for kind, ax in axes.items():
         ax.set_xlabel('fraction of pixels')
         ax.set_ylabel('probability of the target class')
-        ax.set_title('%s (%s is better)' % (kind, BETTER_AREA[kind]))
+        ax.set_title(titles[kind])
         ax.grid(True, alpha=0.3)
-    axes['insertion'].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
+    axes[kinds[-1]].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
+
+
+def deletion_insertion(args, model, share, report):
+    from sgrad.metrics import perturbation_curves
+    orderings, curves = pixel_order_curves(
+        args, model, share, lambda engine, maps: perturbation_curves(engine, share.images, maps, share.targets,
+                                                                     args.perturbation_steps), 'curves')
+    if report is None:
+        return
+    plot_curves(orderings, curves, list(BETTER_AREA), np.linspace(0, 1, args.perturbation_steps + 1),
+                {kind: '%s (%s is better)' % (kind, better) for kind, better in BETTER_AREA.items()})
     report.table('Deletion and insertion AUC over %d images (mean ± s.e.)' % share.total,
-                 ['pixel order'] + AREA_HEADERS, rows)
+                 ['pixel order'] + AREA_HEADERS,
+                 [[name] + auc_cells({kind: curves[name, kind] for kind in BETTER_AREA}) for name, _ in orderings])
     report.figure('deletion_insertion.png')
+
+
+def mean_cell(values):
+    """'mean ± standard error' of per-image values."""
+    return '%.3f ± %.3f' % (np.mean(values), np.std(values) / np.sqrt(len(values)))
+
+
+def road(args, model, share, report):
+    from sgrad.metrics import ROAD_FRACTIONS, road_curves
+    rngs = [np.random.RandomState([args.seed, index, 2]) for index in share.indices]
+    orderings, curves = pixel_order_curves(
+        args, model, share, lambda engine, maps: road_curves(engine.probabilities, share.images, maps, share.targets,
+                                                             noise=args.road_noise, rngs=rngs), 'ROAD curves')
+    if report is None:
+        return
+    plot_curves(orderings, curves, ['MoRF', 'LeRF'], ROAD_FRACTIONS,
+                {'MoRF': 'MoRF: most relevant removed first (lower is better)',
+                 'LeRF': 'LeRF: least relevant removed first (higher is better)'})
+    rows = []
+    for name, _ in orderings:
+        morf, lerf = curves[name, 'MoRF'].mean(axis=1), curves[name, 'LeRF'].mean(axis=1)
+        rows.append([name, mean_cell(morf), mean_cell(lerf), mean_cell(lerf - morf)])
+    report.table('ROAD over %d images, pixels removed by noisy linear imputation (noise %g), mean probability of '
+                 'the target class over %d%%-%d%% removed (mean ± s.e.)'
+                 % (share.total, args.road_noise, 100 * ROAD_FRACTIONS[0], 100 * ROAD_FRACTIONS[-1]),
+                 ['pixel order', 'MoRF (lower is better)', 'LeRF (higher is better)', 'LeRF - MoRF (higher is better)'],
+                 rows)
+    report.figure('road.png')
+
+
+def robustness(args, model, share, report):
+    import matplotlib.pyplot as plt
+    from sgrad.metrics import gini, infidelity, max_sensitivity
+    from sgrad.saliency import Gradient, GradientEngine, SmoothGrad, attribute_each, channel_sum_abs
+    engine = GradientEngine(model, batchsize=args.batchsize)
+    methods = make_methods(engine, args.samples, args.steps)
+    streams = lambda stream: [np.random.RandomState([args.seed, index, stream]) for index in share.indices]
+    # the explained class's score of each image of a batch of whole copies of the share (infidelity's draws)
+    scores = lambda batch: engine.objective_values(batch, np.tile(share.targets, len(batch) // len(share.targets)))
+
+    def measures(method):
+        """Per-image max-sensitivity of the |map| (SmoothGrad: the same noise draws at x and x + d),
+        infidelity of the attribution (signed methods) or |map|, and Gini index of the |map|."""
+        explain = lambda images: channel_sum_abs(attribute_each(method, images, share.targets, share.indices,
+                                                                args.seed))
+        attribution = attribute_each(method, share.images, share.targets, share.indices, args.seed)
+        maps = channel_sum_abs(attribution)
+        return (max_sensitivity(explain, share.images, args.sensitivity_radius, args.sensitivity_samples, streams(3)),
+                infidelity(scores, share.images, attribution if method.signed else maps, args.infidelity_noise,
+                           args.infidelity_samples, streams(4)),
+                gini(maps))
+
+    noise_levels = NOISE_LEVELS[1:]
+    progress = share.progress(len(methods) + len(noise_levels), 'steps (methods, then SmoothGrad noise levels)')
+    results = {}
+    for done, (name, method) in enumerate(methods.items()):
+        progress(done)
+        for key, values in zip(('sensitivity', 'infidelity', 'gini'), measures(method)):
+            results[key, name] = values
+    for done, noise in enumerate(noise_levels, start=len(methods)):
+        progress(done)
+        results['sensitivity', noise], _, _ = measures(SmoothGrad(Gradient(engine), noise, args.samples, 'sum_abs'))
+    progress(len(methods) + len(noise_levels))
+    results = share.gather(results)
+    if report is None:
+        return
+    report.table('Robustness and sparseness over %d images (mean ± s.e.): max-sensitivity of the map (relative, '
+                 'radius %g, %d draws), infidelity (noisy baseline, sd %g, %d draws, optimally scaled), Gini index'
+                 % (share.total, args.sensitivity_radius, args.sensitivity_samples, args.infidelity_noise,
+                    args.infidelity_samples),
+                 ['method', 'max-sensitivity (lower is better)', 'infidelity (lower is better)', 'Gini (sparser)'],
+                 [[name] + [mean_cell(results[key, name]) for key in ('sensitivity', 'infidelity', 'gini')]
+                  for name in methods])
+    means = [np.mean(results['sensitivity', noise]) for noise in noise_levels]
+    errors = [np.std(results['sensitivity', noise]) / np.sqrt(share.total) for noise in noise_levels]
+    report.table('SmoothGrad (N=%d): max-sensitivity against the noise level, %d images' % (args.samples, share.total),
+                 ['noise', 'max-sensitivity'], [['%g%%' % (100 * noise), mean_cell(results['sensitivity', noise])]
+                                                for noise in noise_levels])
+    plt.figure(figsize=(5, 3.5))
+    plt.errorbar([100 * noise for noise in noise_levels], means, yerr=errors, marker='o')
+    plt.axhline(np.mean(results['sensitivity', 'gradient']), color='gray', linestyle=':', label='gradient (no noise)')
+    plt.xlabel('SmoothGrad noise level (%)')
+    plt.ylabel('max-sensitivity of the map (relative)')
+    plt.grid(True, alpha=0.3)
+    plt.legend(fontsize=8)
+    report.figure('sensitivity_noise.png')
 
 
 def knobs(args, model, share, report):
@@ -265,6 +371,13 @@ def knobs(args, model, share, report):
         report.figure(name)
 
 
+#: The sections, in the order they run, and the flag that sizes each.
+SECTIONS = {'sanity': sanity_check, 'deletion': deletion_insertion, 'road': road, 'robustness': robustness,
+            'knobs': knobs}
+SECTION_SIZES = {'sanity': 'images', 'deletion': 'deletion_images', 'road': 'road_images',
+                 'robustness': 'robustness_images', 'knobs': 'knob_images'}
+
+
 def load_images(explained, photos, n):
     """The first n CIFAR-10 test images for a 32x32 model, else the photographs of a folder."""
     from sgrad.data import PHOTOS_DIR, have_local_cifar10, load_cifar10, load_image_folder
@@ -282,11 +395,21 @@ def main(argv=None):
     p.add_argument('--images', type=int, default=100, help='test images for the randomization check')
     p.add_argument('--deletion-images', type=int, default=500, help='test images for deletion/insertion')
     p.add_argument('--knob-images', type=int, default=50, help='test images for the noise and sample sweeps')
-    p.add_argument('--only', nargs='+', choices=('sanity', 'deletion', 'knobs'),
-                   default=['sanity', 'deletion', 'knobs'])
+    p.add_argument('--road-images', type=int, default=500, help='test images for ROAD')
+    p.add_argument('--robustness-images', type=int, default=50,
+                   help='test images for max-sensitivity, infidelity and sparseness')
+    p.add_argument('--only', nargs='+', choices=tuple(SECTIONS), default=list(SECTIONS))
     p.add_argument('--samples', type=int, default=25, help='SmoothGrad samples (default: %(default)s)')
     p.add_argument('--steps', type=int, default=16, help='Integrated Gradients steps (default: %(default)s)')
     p.add_argument('--perturbation-steps', type=int, default=16, help='points of each deletion/insertion curve')
+    p.add_argument('--road-noise', type=finite_float, default=0.01,
+                   help="sd of ROAD's imputation noise, [0, 1] image space (default: %(default)s)")
+    p.add_argument('--sensitivity-radius', type=finite_float, default=0.02,
+                   help='max-sensitivity: L-infinity radius of the perturbations (default: %(default)s, as Captum)')
+    p.add_argument('--sensitivity-samples', type=int, default=10, help='max-sensitivity: draws (default: %(default)s)')
+    p.add_argument('--infidelity-noise', type=finite_float, default=0.1,
+                   help='infidelity: sd of the Gaussian perturbations (default: %(default)s)')
+    p.add_argument('--infidelity-samples', type=int, default=50, help='infidelity: draws (default: %(default)s)')
     p.add_argument('--batchsize', '-b', type=int, default=500)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--model', '-m', default=None, metavar='PATH|efficientnet-lite0',
@@ -300,16 +423,18 @@ def main(argv=None):
                    help='ChainerMN communicator under mpiexec, the images split over the ranks (default: naive '
                    'when mpiexec starts more than one process)')
     args = p.parse_args(argv)
-    for name in ('images', 'deletion_images', 'knob_images', 'samples', 'steps', 'perturbation_steps',
-                 'batchsize'):
+    for name in ('images', 'deletion_images', 'knob_images', 'road_images', 'robustness_images', 'samples', 'steps',
+                 'perturbation_steps', 'batchsize', 'sensitivity_samples', 'infidelity_samples'):
         if getattr(args, name) <= 0:
             p.error('--%s must be positive' % name.replace('_', '-'))
 
     from sgrad.models import load_explained
     from sgrad.saliency import GradientEngine
-    n_max = max(args.images, args.deletion_images, args.knob_images)
-    sections = {'sanity': (sanity_check, args.images), 'deletion': (deletion_insertion, args.deletion_images),
-                'knobs': (knobs, args.knob_images)}
+    for name in ('road_noise', 'sensitivity_radius', 'infidelity_noise'):
+        if getattr(args, name) < 0:
+            p.error('--%s must not be negative' % name.replace('_', '-'))
+    sections = {name: (SECTIONS[name], getattr(args, size)) for name, size in SECTION_SIZES.items()}
+    n_max = max(sections[name][1] for name in args.only)
     try:
         comm = parallel.create_communicator(args.communicator)
         ranks = 1 if comm is None else comm.size

@@ -166,49 +166,56 @@ def linear_imputation(images, removed, tolerance=1e-7):
     return np.where(removed, u, x)
 
 
-def noisy_linear_imputation(images, removed, noise=0.01, rng=None):
+def image_streams(rngs, n):
+    """One random stream per image: ``rngs`` as given, or RandomState(i) for image i. Drawing image by
+    image keeps an image's draws independent of the images beside it (and of the rank under mpiexec)."""
+    return [np.random.RandomState(i) for i in range(n)] if rngs is None else rngs
+
+
+def noisy_linear_imputation(images, removed, noise=0.01, rngs=None):
     """linear_imputation plus N(0, noise^2) on every removed value (ROAD's NoisyLinearImputer, here in the
-    [0, 1] image space), so that the imputed values carry no trace of the removal's shape; same dtype."""
-    rng = np.random.RandomState(0) if rng is None else rng
+    [0, 1] image space), so that the imputed values carry no trace of the removal's shape; same dtype.
+    ``rngs``: one stream per image (image_streams)."""
     imputed = linear_imputation(images, removed)
-    mask = np.broadcast_to(np.asarray(removed, bool)[:, None], imputed.shape)
-    imputed[mask] += noise * rng.standard_normal(int(mask.sum()))
+    masks = np.broadcast_to(np.asarray(removed, bool)[:, None], imputed.shape)
+    for image, mask, rng in zip(imputed, masks, image_streams(rngs, len(imputed))):
+        image[mask] += noise * rng.standard_normal(int(mask.sum()))
     return imputed.astype(np.asarray(images).dtype)
 
 
-def road_curves(probabilities, images, maps, targets, fractions=ROAD_FRACTIONS, noise=0.01, rng=None):
+def road_curves(probabilities, images, maps, targets, fractions=ROAD_FRACTIONS, noise=0.01, rngs=None):
     """ROAD (Rong et al. 2022): the target-class probability after removing the most relevant ('MoRF') or the
     least relevant ('LeRF') fraction of each image's pixels by the map and imputing them
-    (noisy_linear_imputation). ``probabilities(batch)`` gives (B, classes). Returns {'MoRF': (N, F),
-    'LeRF': (N, F)}; a faithful map makes MoRF fall fast and LeRF stay high."""
+    (noisy_linear_imputation, ``rngs`` one stream per image). ``probabilities(batch)`` gives (B, classes).
+    Returns {'MoRF': (N, F), 'LeRF': (N, F)}; a faithful map makes MoRF fall fast and LeRF stay high."""
     n, c, h, w = images.shape
     order = np.argsort(-np.asarray(maps).reshape(n, -1), axis=1, kind='stable')
-    rng = np.random.RandomState(0) if rng is None else rng
+    rngs = image_streams(rngs, n)
     curves = {}
     for kind, ranked in (('MoRF', order), ('LeRF', order[:, ::-1])):
         batches = []
         for fraction in fractions:
             removed = np.zeros((n, h * w), dtype=bool)
             np.put_along_axis(removed, ranked[:, :int(round(fraction * h * w))], True, axis=1)
-            batches.append(noisy_linear_imputation(images, removed.reshape(n, h, w), noise, rng))
+            batches.append(noisy_linear_imputation(images, removed.reshape(n, h, w), noise, rngs))
         probs = probabilities(np.concatenate(batches))
         curves[kind] = probs[np.arange(len(probs)), np.tile(targets, len(fractions))].reshape(len(fractions), n).T
     return curves
 
 
-def max_sensitivity(explain, images, radius=0.02, samples=10, rng=None, relative=True):
+def max_sensitivity(explain, images, radius=0.02, samples=10, rngs=None, relative=True):
     """Max-sensitivity (Yeh et al. 2019), by Monte Carlo: for each image x, the largest ||Phi(x + d) - Phi(x)||_2
     over ``samples`` draws of d uniform in the L-infinity ball of ``radius`` (in the [0, 1] image space;
     x + d is not clipped). ``explain(images)`` gives their attributions Phi (one per image). With
     ``relative``, divided by ||Phi(x)||_2 (0 where that is 0), which makes methods of different scales
     comparable: that is captum.metrics.sensitivity_max with its default perturbation and
-    norm_ord='fro'; the paper's definition is relative=False."""
-    rng = np.random.RandomState(0) if rng is None else rng
+    norm_ord='fro'; the paper's definition is relative=False. ``rngs``: one stream per image (image_streams)."""
     images = np.asarray(images)
+    rngs = image_streams(rngs, len(images))
     base = np.asarray(explain(images), np.float64).reshape(len(images), -1)
     worst = np.zeros(len(images))
     for _ in range(samples):
-        shifted = images + rng.uniform(-radius, radius, images.shape).astype(images.dtype)
+        shifted = images + np.stack([rng.uniform(-radius, radius, images.shape[1:]) for rng in rngs]).astype(images.dtype)
         change = np.asarray(explain(shifted), np.float64).reshape(len(images), -1) - base
         worst = np.maximum(worst, np.linalg.norm(change, axis=1))
     if relative:
@@ -217,21 +224,20 @@ def max_sensitivity(explain, images, radius=0.02, samples=10, rng=None, relative
     return worst
 
 
-def infidelity(scores, images, attributions, noise=0.1, samples=50, rng=None, normalize=True):
+def infidelity(scores, images, attributions, noise=0.1, samples=50, rngs=None, normalize=True):
     """Infidelity (Yeh et al. 2019) with the paper's noisy baseline, by Monte Carlo: for each image x,
     E_I[(I . Phi - (f(x) - f(x - I)))^2] with I ~ N(0, noise^2) per input value. ``scores(batch)`` gives
     the explained class's score f of each image (B,). Attributions (N, C, H, W) meet I element by
     element; 2-D maps (N, H, W) meet one I per pixel, shared by its channels. With ``normalize``, Phi is
     first scaled by the beta that minimises the expectation, beta = E[I.Phi dF] / E[(I.Phi)^2] (per image,
     on the same draws), so that a map's scale does not count: captum.metrics.infidelity with
-    normalize=True; normalize=False is the paper's definition."""
-    rng = np.random.RandomState(0) if rng is None else rng
+    normalize=True; normalize=False is the paper's definition. ``rngs``: one stream per image (image_streams)."""
     images = np.asarray(images)
     phi = np.asarray(attributions, np.float64)
     per_pixel = phi.ndim == 3
     n = len(images)
-    shape = (samples, n) + (phi.shape[1:] if not per_pixel else (1,) + phi.shape[1:])
-    perturbations = noise * rng.standard_normal(shape)
+    shape = (samples,) + (phi.shape[1:] if not per_pixel else (1,) + phi.shape[1:])
+    perturbations = noise * np.stack([rng.standard_normal(shape) for rng in image_streams(rngs, n)], axis=1)
     perturbed = (images[None] - perturbations).astype(images.dtype).reshape((-1,) + images.shape[1:])
     drops = np.asarray(scores(images), np.float64)[None] - np.asarray(scores(perturbed), np.float64).reshape(samples, n)
     dots = (perturbations * (phi[:, None] if per_pixel else phi)[None]).reshape(samples, n, -1).sum(axis=2)

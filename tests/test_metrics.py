@@ -92,22 +92,26 @@ def test_cascading_randomization_is_cumulative_and_decorrelates_gradients(image)
 
 
 def test_evaluate_saliency_rejects_bad_arguments():
-    with pytest.raises(SystemExit) as e:
-        evaluate_saliency.main(['--images', '0'])
-    assert e.value.code == 2
+    for bad in (['--images', '0'], ['--road-images', '0'], ['--sensitivity-radius', '-1'],
+                ['--infidelity-noise', 'nan'], ['--only', 'nothing']):
+        with pytest.raises(SystemExit) as e:
+            evaluate_saliency.main(bad)
+        assert e.value.code == 2
 
 
 @needs_cifar10
 def test_evaluate_saliency_end_to_end(tmp_path, model_file):
     out = str(tmp_path / 'eval')
     assert evaluate_saliency.main(['--model', model_file, '--images', '2', '--deletion-images', '3',
-                                   '--knob-images', '1', '--samples', '2', '--steps', '2',
-                                   '--perturbation-steps', '4', '-o', out]) == 0
+                                   '--road-images', '2', '--robustness-images', '2', '--knob-images', '1',
+                                   '--samples', '2', '--steps', '2', '--perturbation-steps', '4',
+                                   '--sensitivity-samples', '2', '--infidelity-samples', '3', '-o', out]) == 0
     assert sorted(os.listdir(out)) == ['deletion_insertion.png', 'knob_noise.png', 'knob_samples.png',
-                                       'results.md', 'sanity_randomization.png']
+                                       'results.md', 'road.png', 'sanity_randomization.png', 'sensitivity_noise.png']
     text = open(os.path.join(out, 'results.md')).read()
     for expected in ('Cascading randomization', 'next image (control)', 'random (baseline)',
-                     'integrated_gradients (signed)', 'blurred deletion AUC', 'Sample count'):
+                     'integrated_gradients (signed)', 'blurred deletion AUC', 'Sample count', 'LeRF - MoRF',
+                     'max-sensitivity (lower is better)', 'Gini', 'against the noise level'):
         assert expected in text
 
 

@@ -122,7 +122,8 @@ def test_maps_of_many_images_are_the_same_on_two_ranks(tmp_path):
 @needs_cifar10
 def test_evaluation_tables_are_the_same_on_two_ranks(tmp_path, model_file):
     args = ['evaluate_saliency.py', '--model', model_file, '--images', '2', '--deletion-images', '3',
-            '--knob-images', '2', '--samples', '2', '--steps', '2', '--perturbation-steps', '4']
+            '--road-images', '3', '--robustness-images', '2', '--knob-images', '2', '--samples', '2', '--steps', '2',
+            '--perturbation-steps', '4', '--sensitivity-samples', '2', '--infidelity-samples', '3']
     one = run_script(args + ['-o', str(tmp_path / 'one')])
     two = run_script(args + ['-o', str(tmp_path / 'two')], ranks=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr

@@ -127,16 +127,17 @@ def test_road_on_the_shipped_model_ranks_the_gradient_above_its_reverse():
 def test_max_sensitivity_of_the_identity_is_the_largest_perturbation_drawn():
     x = np.random.RandomState(0).rand(3, 2, 4, 4)
     identity = lambda images: images
-    largest = np.zeros(3)
-    rng = np.random.RandomState(5)
-    for _ in range(7):
-        largest = np.maximum(largest, np.linalg.norm(rng.uniform(-0.1, 0.1, x.shape).reshape(3, -1), axis=1))
-    absolute = max_sensitivity(identity, x, 0.1, 7, np.random.RandomState(5), relative=False)
+    streams = lambda: [np.random.RandomState([5, k]) for k in range(3)]
+    largest = [max(np.linalg.norm(rng.uniform(-0.1, 0.1, x.shape[1:])) for _ in range(7)) for rng in streams()]
+    absolute = max_sensitivity(identity, x, 0.1, 7, streams(), relative=False)
     np.testing.assert_allclose(absolute, largest, rtol=1e-12)
-    relative = max_sensitivity(identity, x, 0.1, 7, np.random.RandomState(5))
+    relative = max_sensitivity(identity, x, 0.1, 7, streams())
     np.testing.assert_allclose(relative, largest / np.linalg.norm(x.reshape(3, -1), axis=1), rtol=1e-12)
     np.testing.assert_array_equal(max_sensitivity(lambda images: np.ones_like(images), x, 0.1, 3), 0)
     assert (absolute <= 0.1 * np.sqrt(32)).all()  # the corner of the ball
+    # an image's draws do not depend on the images beside it
+    np.testing.assert_array_equal(max_sensitivity(identity, x[1:], 0.1, 7, streams()[1:], relative=False),
+                                  absolute[1:])
 
 
 def test_infidelity_of_a_linear_model():
@@ -148,10 +149,11 @@ def test_infidelity_of_a_linear_model():
     gradient = np.broadcast_to(w, x.shape)
     np.testing.assert_allclose(infidelity(scores, x, gradient, 0.1, 20, normalize=False), 0, atol=1e-20)
     np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 0.1, 20), 0, atol=1e-20)
-    draws = 0.1 * np.random.RandomState(7).standard_normal((20, 2, 3, 5, 4))
-    expected = ((draws * w).sum(axis=(2, 3, 4)) ** 2).mean(axis=0)
-    np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 0.1, 20, np.random.RandomState(7),
-                                          normalize=False), expected, rtol=1e-10)
+    expected = [((0.1 * np.random.RandomState([7, k]).standard_normal((20, 3, 5, 4)) * w).sum(axis=(1, 2, 3)) ** 2).mean()
+                for k in range(2)]
+    streams = [np.random.RandomState([7, k]) for k in range(2)]
+    np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 0.1, 20, streams, normalize=False), expected,
+                               rtol=1e-10)
 
 
 def test_infidelity_of_a_per_pixel_map_shares_each_draw_over_the_channels():
