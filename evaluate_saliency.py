@@ -32,6 +32,7 @@ local copy (CHAINER_DATASET_ROOT); any other on the photographs of --photos (dat
 many as there are.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -91,13 +92,14 @@ class Report:
 
 class Share:
     """This rank's share of the study's images (all of them in one process): their pixels,
-    targets and indices in the study; per-image results go back to rank 0 through ``gather``."""
+    targets and indices in the study (the first image's being ``offset``); per-image results go back
+    to rank 0 through ``gather``."""
 
-    def __init__(self, images, targets, comm):
+    def __init__(self, images, targets, comm, offset=0):
         self.comm = comm
-        self.study_images, self.total = images, len(images)
-        self.indices = parallel.split(np.arange(len(images)), comm)
-        self.images, self.targets = images[self.indices], targets[self.indices]
+        self.study_images, self.study_targets, self.total = images, targets, len(images)
+        self.indices = offset + parallel.split(np.arange(len(images)), comm)
+        self.images, self.targets = images[self.indices - offset], targets[self.indices - offset]
 
     def gather(self, arrays):
         """{key: per-image rows of this share} -> the same for all images, on rank 0; else None."""
@@ -106,6 +108,81 @@ class Share:
     def progress(self, total, unit):
         """A progress function for ``total`` steps, drawn by rank 0 alone."""
         return (lambda done: progress_bar(done, total, unit)) if parallel.is_root(self.comm) else (lambda done: None)
+
+
+#: The flags, beyond the maps' (--samples, --steps, --seed), that a section's per-image results depend on.
+SHARD_SETTINGS = {'deletion': ('perturbation_steps',), 'road': ('road_noise',),
+                  'robustness': ('sensitivity_radius', 'sensitivity_samples', 'infidelity_noise', 'infidelity_samples')}
+
+
+def shard_bounds(total, size, ranks):
+    """(start, stop) of consecutive shards of ``total`` images, ``size`` each (one shard for 0); a last
+    shard too small to split over the ranks joins the one before."""
+    starts = list(range(0, total, size or total))
+    if len(starts) > 1 and total - starts[-1] < ranks:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [total]))
+
+
+def shard_settings(args, model, section, images, targets):
+    """What a shard's results depend on, as JSON: the section, its flags, the model's weights and the
+    shard's images and targets (digests)."""
+    import hashlib
+    weights = hashlib.sha1()
+    for name, param in sorted(model.namedparams()):
+        weights.update(name.encode() + np.ascontiguousarray(param.array).tobytes())
+    flags = ('samples', 'steps', 'seed') + SHARD_SETTINGS[section]
+    return json.dumps(dict({flag: getattr(args, flag) for flag in flags}, section=section,
+                           weights=weights.hexdigest(), images=hashlib.sha1(images.tobytes()).hexdigest(),
+                           targets=targets.tolist()), sort_keys=True)
+
+
+def load_shard(path, settings):
+    """{key: per-image rows} saved in ``path`` with these settings, or None."""
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as saved:
+        if str(saved['settings']) != settings:
+            return None
+        return {tuple(json.loads(name)): saved[name] for name in saved.files if name != 'settings'}
+
+
+def save_shard(path, settings, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arrays = {json.dumps(list(key)): value for key, value in rows.items()}
+    write_atomic(path, lambda f: np.savez_compressed(f, settings=settings, **arrays))
+
+
+def sharded(args, model, section, share, compute):
+    """compute(part) -> per-image results of a Share ``part`` gathered on rank 0 ({key: rows}; None on the
+    other ranks), run over the share's images --shard-size at a time. Each shard's results go to
+    OUT_DIR/shards/ as soon as they are done, and a rerun with the same settings loads them instead of
+    computing them again, so that a long run cut short resumes where it stopped. Returns the results
+    of all images on rank 0, else None. Without --shard-size, compute(share), nothing saved."""
+    comm = share.comm
+    if not args.shard_size:
+        return compute(share)
+    bounds = shard_bounds(share.total, args.shard_size, 1 if comm is None else comm.size)
+    done = []
+    for number, (start, stop) in enumerate(bounds, 1):
+        images, targets = share.study_images[start:stop], share.study_targets[start:stop]
+        path = os.path.join(args.out_dir, 'shards', '%s-%06d-%06d.npz' % (section, start, stop))
+        settings = shard_settings(args, model, section, images, targets)
+        rows = load_shard(path, settings) if parallel.is_root(comm) else None
+        if parallel.broadcast(rows is not None, comm):
+            done.append(rows)
+            how = 'loaded from ' + path
+        else:
+            rows = compute(Share(images, targets, comm, offset=start))
+            if rows is not None:
+                save_shard(path, settings, rows)
+                done.append(rows)
+            how = 'computed, saved in ' + path
+        if len(bounds) > 1 and parallel.is_root(comm):
+            print('%s: shard %d/%d (images %d-%d) %s' % (section, number, len(bounds), start, stop - 1, how))
+    if not parallel.is_root(comm):
+        return None
+    return {key: np.concatenate([rows[key] for rows in done]) for key in done[0]}
 
 
 def sanity_check(args, model, share, report):
@@ -171,33 +248,42 @@ def auc_cells(curves):
     return ['%.3f ± %.3f' % (a.mean(), a.std() / np.sqrt(len(a))) for a in areas]
 
 
+def pixel_orders(model):
+    """[(label, line style)] of every pixel order a faithfulness section measures: each method's |map|,
+    the signed map of signed methods (evidence for the class first, evidence against it last) and a
+    random order as baseline."""
+    from sgrad.saliency import GradientEngine
+    orders = []
+    for k, (name, method) in enumerate(make_methods(GradientEngine(model), 1, 1).items()):
+        orders.append((name, dict(color='C%d' % k)))
+        if method.signed:
+            orders.append((name + ' (signed)', dict(color='C%d' % k, linestyle='--')))
+    return orders + [('random (baseline)', dict(color='black', linestyle=':'))]
+
+
 def pixel_order_curves(args, model, share, curves_of, unit):
-    """The curves of every pixel order a faithfulness section measures: each method's |map|, the signed
-    map of signed methods (evidence for the class first, evidence against it last) and a random order
-    as baseline. curves_of(engine, maps) -> {kind: curves of this share's images}. Returns the
-    orderings [(label, line style)] and, on rank 0, {(label, kind): curves of all images}."""
+    """The curves of every pixel order (pixel_orders) for a share's images: curves_of(engine, maps) ->
+    {kind: curves of the images}. Returns {(label, kind): curves of all images} on rank 0, else None."""
     from sgrad.saliency import GradientEngine
     engine = GradientEngine(model, batchsize=args.batchsize)
     methods = make_methods(engine, args.samples, args.steps)
-    steps = 2 * len(methods) + sum(m.signed for m in methods.values()) + 1
+    orders = [label for label, _ in pixel_orders(model)]
+    steps = len(methods) + len(orders)
     progress = share.progress(steps, 'steps (maps, then %s)' % unit)
-    orderings = []  # (label, maps of this share's images, line style)
-    for done, (name, method) in enumerate(methods.items()):
+    maps = []  # in the order of pixel_orders
+    for done, method in enumerate(methods.values()):
         progress(done)
         abs_maps, signed_maps = maps_of(method, share.images, share.targets, share.indices, args.seed)
-        orderings.append((name, abs_maps, dict(color='C%d' % done)))
-        if signed_maps is not None:
-            orderings.append((name + ' (signed)', signed_maps, dict(color='C%d' % done, linestyle='--')))
-    random_maps = np.stack([np.random.RandomState([args.seed, index, 1]).rand(*abs_maps.shape[1:])
-                            for index in share.indices])  # each image's own stream, as SmoothGrad's noise
-    orderings.append(('random (baseline)', random_maps, dict(color='black', linestyle=':')))
-    curves = {}  # (ordering, kind) -> curves of this share's images
-    for done, (name, maps, _) in enumerate(orderings, start=len(methods)):
+        maps += [abs_maps] if signed_maps is None else [abs_maps, signed_maps]
+    maps.append(np.stack([np.random.RandomState([args.seed, index, 1]).rand(*abs_maps.shape[1:])
+                          for index in share.indices]))  # each image's own stream, as SmoothGrad's noise
+    curves = {}  # (order, kind) -> curves of this share's images
+    for done, (label, order_maps) in enumerate(zip(orders, maps), start=len(methods)):
         progress(done)
-        for kind, values in curves_of(engine, maps).items():
-            curves[name, kind] = values
+        for kind, values in curves_of(engine, order_maps).items():
+            curves[label, kind] = values
     progress(steps)
-    return [(name, style) for name, _, style in orderings], share.gather(curves)
+    return share.gather(curves)
 
 
 def plot_curves(orderings, curves, kinds, fraction, titles):
@@ -218,9 +304,10 @@ def plot_curves(orderings, curves, kinds, fraction, titles):
 
 def deletion_insertion(args, model, share, report):
     from sgrad.metrics import perturbation_curves
-    orderings, curves = pixel_order_curves(
-        args, model, share, lambda engine, maps: perturbation_curves(engine, share.images, maps, share.targets,
-                                                                     args.perturbation_steps), 'curves')
+    orderings = pixel_orders(model)
+    curves = sharded(args, model, 'deletion', share, lambda part: pixel_order_curves(
+        args, model, part, lambda engine, maps: perturbation_curves(engine, part.images, maps, part.targets,
+                                                                    args.perturbation_steps), 'curves'))
     if report is None:
         return
     plot_curves(orderings, curves, list(BETTER_AREA), np.linspace(0, 1, args.perturbation_steps + 1),
@@ -238,10 +325,13 @@ def mean_cell(values):
 
 def road(args, model, share, report):
     from sgrad.metrics import ROAD_FRACTIONS, road_curves
-    rngs = [np.random.RandomState([args.seed, index, 2]) for index in share.indices]
-    orderings, curves = pixel_order_curves(
-        args, model, share, lambda engine, maps: road_curves(engine.probabilities, share.images, maps, share.targets,
-                                                             noise=args.road_noise, rngs=rngs), 'ROAD curves')
+
+    def curves_of(part):
+        rngs = lambda: [np.random.RandomState([args.seed, index, 2]) for index in part.indices]
+        return pixel_order_curves(args, model, part, lambda engine, maps: road_curves(
+            engine.probabilities, part.images, maps, part.targets, noise=args.road_noise, rngs=rngs()), 'ROAD curves')
+    orderings = pixel_orders(model)
+    curves = sharded(args, model, 'road', share, curves_of)
     if report is None:
         return
     plot_curves(orderings, curves, ['MoRF', 'LeRF'], ROAD_FRACTIONS,
@@ -263,36 +353,37 @@ def robustness(args, model, share, report):
     import matplotlib.pyplot as plt
     from sgrad.metrics import gini, infidelity, max_sensitivity
     from sgrad.saliency import Gradient, GradientEngine, SmoothGrad, attribute_each, channel_sum_abs
-    engine = GradientEngine(model, batchsize=args.batchsize)
-    methods = make_methods(engine, args.samples, args.steps)
-    streams = lambda stream: [np.random.RandomState([args.seed, index, stream]) for index in share.indices]
-    # the explained class's score of each image of a batch of whole copies of the share (infidelity's draws)
-    scores = lambda batch: engine.objective_values(batch, np.tile(share.targets, len(batch) // len(share.targets)))
-
-    def measures(method):
-        """Per-image max-sensitivity of the |map| (SmoothGrad: the same noise draws at x and x + d),
-        infidelity of the attribution (signed methods) or |map|, and Gini index of the |map|."""
-        explain = lambda images: channel_sum_abs(attribute_each(method, images, share.targets, share.indices,
-                                                                args.seed))
-        attribution = attribute_each(method, share.images, share.targets, share.indices, args.seed)
-        maps = channel_sum_abs(attribution)
-        return (max_sensitivity(explain, share.images, args.sensitivity_radius, args.sensitivity_samples, streams(3)),
-                infidelity(scores, share.images, attribution if method.signed else maps, args.infidelity_noise,
-                           args.infidelity_samples, streams(4)),
-                gini(maps))
-
     noise_levels = NOISE_LEVELS[1:]
-    progress = share.progress(len(methods) + len(noise_levels), 'steps (methods, then SmoothGrad noise levels)')
-    results = {}
-    for done, (name, method) in enumerate(methods.items()):
-        progress(done)
-        for key, values in zip(('sensitivity', 'infidelity', 'gini'), measures(method)):
-            results[key, name] = values
-    for done, noise in enumerate(noise_levels, start=len(methods)):
-        progress(done)
-        results['sensitivity', noise], _, _ = measures(SmoothGrad(Gradient(engine), noise, args.samples, 'sum_abs'))
-    progress(len(methods) + len(noise_levels))
-    results = share.gather(results)
+
+    def compute(part):
+        engine = GradientEngine(model, batchsize=args.batchsize)
+        methods = make_methods(engine, args.samples, args.steps)
+        streams = lambda stream: [np.random.RandomState([args.seed, index, stream]) for index in part.indices]
+        attribute = lambda method, images: attribute_each(method, images, part.targets, part.indices, args.seed)
+
+        def sensitivity(method):
+            """Max-sensitivity of the |map| (SmoothGrad: the same noise draws at x and at x + d)."""
+            return max_sensitivity(lambda images: channel_sum_abs(attribute(method, images)), part.images,
+                                   args.sensitivity_radius, args.sensitivity_samples, streams(3))
+        # the explained class's score of each image of a batch of whole copies of the part (infidelity's draws)
+        scores = lambda batch: engine.objective_values(batch, np.tile(part.targets, len(batch) // len(part.targets)))
+        progress = part.progress(len(methods) + len(noise_levels), 'steps (methods, then SmoothGrad noise levels)')
+        results = {}
+        for done, (name, method) in enumerate(methods.items()):
+            progress(done)
+            attribution = attribute(method, part.images)
+            maps = channel_sum_abs(attribution)
+            results['sensitivity', name] = sensitivity(method)
+            results['infidelity', name] = infidelity(scores, part.images, attribution if method.signed else maps,
+                                                     args.infidelity_noise, args.infidelity_samples, streams(4))
+            results['gini', name] = gini(maps)
+        for done, noise in enumerate(noise_levels, start=len(methods)):
+            progress(done)
+            results['sensitivity', noise] = sensitivity(SmoothGrad(Gradient(engine), noise, args.samples, 'sum_abs'))
+        progress(len(methods) + len(noise_levels))
+        return part.gather(results)
+    methods = list(make_methods(GradientEngine(model), 1, 1))
+    results = sharded(args, model, 'robustness', share, compute)
     if report is None:
         return
     report.table('Robustness and sparseness over %d images (mean ± s.e.): max-sensitivity of the map (relative, '
@@ -419,6 +510,9 @@ def main(argv=None):
     p.add_argument('--photos', default=None, metavar='DIR',
                    help='the images for a model that is not 32x32 (default: data/photos)')
     p.add_argument('--out-dir', '-o', default=os.path.join('results', 'saliency'))
+    p.add_argument('--shard-size', type=int, default=0, metavar='K',
+                   help='deletion, ROAD and robustness: save results every K images in OUT_DIR/shards/, and on a rerun '
+                   'with the same settings load the shards already done (default: no shards)')
     p.add_argument('--communicator', metavar='NAME',
                    help='ChainerMN communicator under mpiexec, the images split over the ranks (default: naive '
                    'when mpiexec starts more than one process)')
@@ -430,7 +524,7 @@ def main(argv=None):
 
     from sgrad.models import load_explained
     from sgrad.saliency import GradientEngine
-    for name in ('road_noise', 'sensitivity_radius', 'infidelity_noise'):
+    for name in ('road_noise', 'sensitivity_radius', 'infidelity_noise', 'shard_size'):
         if getattr(args, name) < 0:
             p.error('--%s must not be negative' % name.replace('_', '-'))
     sections = {name: (SECTIONS[name], getattr(args, size)) for name, size in SECTION_SIZES.items()}
@@ -440,6 +534,8 @@ def main(argv=None):
         ranks = 1 if comm is None else comm.size
         explained = load_explained(args.model, args.arch)
         images = load_images(explained, args.photos, n_max)
+        if 0 < args.shard_size < ranks:
+            raise InputError('shards of %d images cannot be split over %d ranks' % (args.shard_size, ranks))
         fewest = min(min(sections[name][1], len(images)) for name in args.only)
         if fewest < ranks:
             raise InputError('%d images cannot be split over %d ranks' % (fewest, ranks))

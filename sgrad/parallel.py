@@ -109,6 +109,11 @@ def gather_rows(arrays, comm):
     return merged
 
 
+def broadcast(value, comm):
+    """Rank 0's ``value`` (not None) on every rank; ``value`` itself in one process."""
+    return value if comm is None else comm.bcast_obj(value)
+
+
 def broadcast_file(path, comm):
     """The bytes of the file ``path`` names on rank 0 (None there: None everywhere), sent to every
     rank, so that ranks on other machines need no shared file system."""

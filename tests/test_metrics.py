@@ -126,3 +126,37 @@ def test_evaluate_saliency_on_photographs_with_a_users_model(tmp_path):
     text = open(os.path.join(out, 'results.md')).read()
     assert '| fc | conv2 | conv1 | conv1, next image (control) |' in text.replace('method | ', '')
     assert 'deletion: 3 images' in text and 'random (baseline)' in text
+
+
+def test_shard_bounds():
+    assert evaluate_saliency.shard_bounds(10, 0, 1) == [(0, 10)]
+    assert evaluate_saliency.shard_bounds(10, 4, 1) == [(0, 4), (4, 8), (8, 10)]
+    assert evaluate_saliency.shard_bounds(9, 4, 2) == [(0, 4), (4, 9)]  # a last shard of 1 cannot split over 2
+    assert evaluate_saliency.shard_bounds(3, 5, 2) == [(0, 3)]
+
+
+@needs_cifar10
+def test_a_sharded_section_resumes_and_equals_an_unsharded_run(tmp_path, model_file, capsys):
+    """Shards are saved as they finish; a rerun loads them, computes a missing one again, and recomputes
+    them all when a setting changes; the tables equal those of a run without shards."""
+    args = ['--model', model_file, '--only', 'robustness', '--robustness-images', '5', '--samples', '2',
+            '--steps', '2', '--sensitivity-samples', '1', '--infidelity-samples', '2']
+    tables = lambda out: [line for line in open(os.path.join(out, 'results.md')).read().splitlines()
+                          if 'on this machine' not in line]
+    plain, out = str(tmp_path / 'plain'), str(tmp_path / 'sharded')
+    assert evaluate_saliency.main(args + ['-o', plain]) == 0
+    assert not os.path.exists(os.path.join(plain, 'shards'))
+    assert evaluate_saliency.main(args + ['-o', out, '--shard-size', '2']) == 0
+    shards = sorted(os.listdir(os.path.join(out, 'shards')))
+    assert shards == ['robustness-000000-000002.npz', 'robustness-000002-000004.npz',
+                      'robustness-000004-000005.npz']
+    assert tables(out) == tables(plain)
+    os.remove(os.path.join(out, 'shards', shards[1]))
+    capsys.readouterr()
+    assert evaluate_saliency.main(args + ['-o', out, '--shard-size', '2']) == 0
+    printed = capsys.readouterr().out
+    assert printed.count('loaded from') == 2 and 'robustness: shard 2/3 (images 2-3) computed, saved' in printed
+    assert tables(out) == tables(plain)
+    assert evaluate_saliency.main(args + ['-o', out, '--shard-size', '2', '--infidelity-noise', '0.2']) == 0
+    printed = capsys.readouterr().out
+    assert 'loaded from' not in printed and printed.count('computed, saved in') == 3
