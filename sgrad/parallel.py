@@ -110,8 +110,9 @@ def gather_rows(arrays, comm):
 
 
 def broadcast(value, comm):
-    """Rank 0's ``value`` (not None) on every rank; ``value`` itself in one process."""
-    return value if comm is None else comm.bcast_obj(value)
+    """Rank 0's ``value`` (not None) on every rank, whatever the others pass; ``value`` itself in one
+    process."""
+    return value if comm is None else comm.bcast_obj(value if comm.rank == 0 else None)
 
 
 def broadcast_file(path, comm):
