@@ -125,16 +125,18 @@ def shard_bounds(total, size, ranks):
 
 
 def shard_settings(args, model, section, images, targets):
-    """What a shard's results depend on, as JSON: the section, its flags, the model's weights and the
-    shard's images and targets (digests)."""
+    """What a shard's results depend on, as JSON: the section, its flags, the methods, the model's weights
+    and the shard's images and targets (digests)."""
     import hashlib
+    from sgrad.saliency import GradientEngine
     weights = hashlib.sha1()
     for name, param in sorted(model.namedparams()):
         weights.update(name.encode() + np.ascontiguousarray(param.array).tobytes())
     flags = ('samples', 'steps', 'seed') + SHARD_SETTINGS[section]
     return json.dumps(dict({flag: getattr(args, flag) for flag in flags}, section=section,
-                           weights=weights.hexdigest(), images=hashlib.sha1(images.tobytes()).hexdigest(),
-                           targets=targets.tolist()), sort_keys=True)
+                           methods=list(make_methods(GradientEngine(model), 1, 1)), weights=weights.hexdigest(),
+                           images=hashlib.sha1(images.tobytes()).hexdigest(), targets=targets.tolist()),
+                      sort_keys=True)
 
 
 def load_shard(path, settings):
@@ -179,7 +181,8 @@ def sharded(args, model, section, share, compute):
                 done.append(rows)
             how = 'computed, saved in ' + path
         if len(bounds) > 1 and parallel.is_root(comm):
-            print('%s: shard %d/%d (images %d-%d) %s' % (section, number, len(bounds), start, stop - 1, how))
+            print('%s: shard %d/%d (images %d-%d) %s' % (section, number, len(bounds), start, stop - 1, how),
+                  flush=True)  # a long run's log shows each shard as it ends
     if not parallel.is_root(comm):
         return None
     return {key: np.concatenate([rows[key] for rows in done]) for key in done[0]}
