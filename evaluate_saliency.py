@@ -32,6 +32,7 @@ local copy (CHAINER_DATASET_ROOT); any other on the photographs of --photos (dat
 many as there are.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -56,6 +57,12 @@ def make_methods(engine, samples, steps):
     methods = {name: make_method(name, engine, steps) for name in METHODS}
     methods['smoothgrad'] = SmoothGrad(Gradient(engine), 0.1, samples, 'sum_abs')
     return methods
+
+
+def method_names(model):
+    """The names of make_methods' methods, in their order."""
+    from sgrad.saliency import GradientEngine
+    return list(make_methods(GradientEngine(model), 1, 1))
 
 
 def maps_of(method, images, targets, indices, seed):
@@ -124,18 +131,21 @@ def shard_bounds(total, size, ranks):
     return list(zip(starts, starts[1:] + [total]))
 
 
-def shard_settings(args, model, section, images, targets):
-    """What a shard's results depend on, as JSON: the section, its flags, the methods, the model's weights
-    and the shard's images and targets (digests)."""
-    import hashlib
-    from sgrad.saliency import GradientEngine
+def section_settings(args, model, section):
+    """What every shard of a section depends on: the section, its flags, the methods and the model's
+    weights (a digest)."""
     weights = hashlib.sha1()
     for name, param in sorted(model.namedparams()):
         weights.update(name.encode() + np.ascontiguousarray(param.array).tobytes())
     flags = ('samples', 'steps', 'seed') + SHARD_SETTINGS[section]
-    return json.dumps(dict({flag: getattr(args, flag) for flag in flags}, section=section,
-                           methods=list(make_methods(GradientEngine(model), 1, 1)), weights=weights.hexdigest(),
-                           images=hashlib.sha1(images.tobytes()).hexdigest(), targets=targets.tolist()),
+    return dict({flag: getattr(args, flag) for flag in flags}, section=section, methods=method_names(model),
+                weights=weights.hexdigest())
+
+
+def shard_settings(section, images, targets):
+    """A shard's settings as JSON: its section's (section_settings) and the digest of its images and its
+    targets."""
+    return json.dumps(dict(section, images=hashlib.sha1(images.tobytes()).hexdigest(), targets=targets.tolist()),
                       sort_keys=True)
 
 
@@ -165,11 +175,12 @@ def sharded(args, model, section, share, compute):
     if not args.shard_size:
         return compute(share)
     bounds = shard_bounds(share.total, args.shard_size, 1 if comm is None else comm.size)
+    common = section_settings(args, model, section)
     done = []
     for number, (start, stop) in enumerate(bounds, 1):
         images, targets = share.study_images[start:stop], share.study_targets[start:stop]
         path = os.path.join(args.out_dir, 'shards', '%s-%06d-%06d.npz' % (section, start, stop))
-        settings = shard_settings(args, model, section, images, targets)
+        settings = shard_settings(common, images, targets)
         rows = load_shard(path, settings) if parallel.is_root(comm) else None
         if parallel.broadcast(rows is not None, comm):
             done.append(rows)
@@ -244,11 +255,20 @@ def sanity_check(args, model, share, report):
     report.figure('sanity_randomization.png')
 
 
+def mean_and_error(values):
+    """The mean of per-image values and its standard error."""
+    return np.mean(values), np.std(values) / np.sqrt(len(values))
+
+
+def mean_cell(values):
+    """'mean ± standard error' of per-image values, as a table cell."""
+    return '%.3f ± %.3f' % mean_and_error(values)
+
+
 def auc_cells(curves):
     """The area under each kind of perturbation curve as 'mean ± standard error' table cells."""
     from sgrad.metrics import area_under_curve
-    areas = [area_under_curve(curves[kind]) for kind in BETTER_AREA]
-    return ['%.3f ± %.3f' % (a.mean(), a.std() / np.sqrt(len(a))) for a in areas]
+    return [mean_cell(area_under_curve(curves[kind])) for kind in BETTER_AREA]
 
 
 def pixel_orders(model):
@@ -321,11 +341,6 @@ def deletion_insertion(args, model, share, report):
     report.figure('deletion_insertion.png')
 
 
-def mean_cell(values):
-    """'mean ± standard error' of per-image values."""
-    return '%.3f ± %.3f' % (np.mean(values), np.std(values) / np.sqrt(len(values)))
-
-
 def road(args, model, share, report):
     from sgrad.metrics import ROAD_FRACTIONS, road_curves
 
@@ -385,7 +400,7 @@ def robustness(args, model, share, report):
             results['sensitivity', noise] = sensitivity(SmoothGrad(Gradient(engine), noise, args.samples, 'sum_abs'))
         progress(len(methods) + len(noise_levels))
         return part.gather(results)
-    methods = list(make_methods(GradientEngine(model), 1, 1))
+    methods = method_names(model)
     results = sharded(args, model, 'robustness', share, compute)
     if report is None:
         return
@@ -396,8 +411,7 @@ def robustness(args, model, share, report):
                  ['method', 'max-sensitivity (lower is better)', 'infidelity (lower is better)', 'Gini (sparser)'],
                  [[name] + [mean_cell(results[key, name]) for key in ('sensitivity', 'infidelity', 'gini')]
                   for name in methods])
-    means = [np.mean(results['sensitivity', noise]) for noise in noise_levels]
-    errors = [np.std(results['sensitivity', noise]) / np.sqrt(share.total) for noise in noise_levels]
+    means, errors = zip(*[mean_and_error(results['sensitivity', noise]) for noise in noise_levels])
     report.table('SmoothGrad (N=%d): max-sensitivity against the noise level, %d images' % (args.samples, share.total),
                  ['noise', 'max-sensitivity'], [['%g%%' % (100 * noise), mean_cell(results['sensitivity', noise])]
                                                 for noise in noise_levels])

@@ -87,18 +87,27 @@ def blur(x, k=5):
     return sliding_window_view(padded, (k, k), axis=(-2, -1)).mean(axis=(-2, -1)).astype(x.dtype)
 
 
+def relevance_order(maps):
+    """Each map's pixel indices, most relevant (largest) first; ties keep their raster order."""
+    return np.argsort(-np.asarray(maps).reshape(len(maps), -1), axis=1, kind='stable')
+
+
+def leading_pixels(order, counts):
+    """(N, K, pixels) bools: for each of the K counts, the first ``count`` pixels of each row of ``order``."""
+    masks = np.zeros((len(order), len(counts), order.shape[1]), dtype=bool)
+    for k, count in enumerate(counts):
+        np.put_along_axis(masks[:, k], order[:, :count], True, axis=1)
+    return masks
+
+
 def perturbation_curves(engine, images, maps, targets, steps=16):
     """The softmax probability of the target class as the most salient pixels, 1/steps of
     them at a time, are set to black ('deletion', as in the paper), replaced by a blurred copy
     ('blurred deletion': no black holes, which a CNN may react to whatever their place), or
     restored onto a blurred canvas ('insertion'). Returns {kind: (N, steps + 1) array}."""
     n, c, h, w = images.shape
-    order = np.argsort(-maps.reshape(n, -1), axis=1, kind='stable')
     counts = np.linspace(0, h * w, steps + 1).astype(int)
-    salient = np.zeros((n, steps + 1, h * w), dtype=bool)
-    for k, count in enumerate(counts):
-        np.put_along_axis(salient[:, k], order[:, :count], True, axis=1)
-    salient = salient.reshape(n, steps + 1, 1, h, w)
+    salient = leading_pixels(relevance_order(maps), counts).reshape(n, steps + 1, 1, h, w)
     blurred = blur(images)
     perturbations = {'deletion': (np.zeros_like(images), ~salient),
                      'blurred deletion': (blurred, ~salient),
@@ -189,15 +198,13 @@ def road_curves(probabilities, images, maps, targets, fractions=ROAD_FRACTIONS, 
     (noisy_linear_imputation, ``rngs`` one stream per image). ``probabilities(batch)`` gives (B, classes).
     Returns {'MoRF': (N, F), 'LeRF': (N, F)}; a faithful map makes MoRF fall fast and LeRF stay high."""
     n, c, h, w = images.shape
-    order = np.argsort(-np.asarray(maps).reshape(n, -1), axis=1, kind='stable')
+    order = relevance_order(maps)
+    counts = [int(round(fraction * h * w)) for fraction in fractions]
     rngs = image_streams(rngs, n)
     curves = {}
     for kind, ranked in (('MoRF', order), ('LeRF', order[:, ::-1])):
-        batches = []
-        for fraction in fractions:
-            removed = np.zeros((n, h * w), dtype=bool)
-            np.put_along_axis(removed, ranked[:, :int(round(fraction * h * w))], True, axis=1)
-            batches.append(noisy_linear_imputation(images, removed.reshape(n, h, w), noise, rngs))
+        removed = leading_pixels(ranked, counts).reshape(n, len(fractions), h, w)
+        batches = [noisy_linear_imputation(images, removed[:, k], noise, rngs) for k in range(len(fractions))]
         probs = probabilities(np.concatenate(batches))
         curves[kind] = probs[np.arange(len(probs)), np.tile(targets, len(fractions))].reshape(len(fractions), n).T
     return curves

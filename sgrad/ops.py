@@ -64,6 +64,13 @@ def for_blocks(work, blocks):
         return list(_pool.map(work, blocks))  # re-raises a block's exception
 
 
+def _ranges(count, item_bytes):
+    """Slices that cover range(count), each about BLOCK_BYTES of items of ``item_bytes`` and at least one
+    per thread."""
+    size = max(1, min(BLOCK_BYTES // item_bytes, -(-count // worker_count())))
+    return [slice(i, i + size) for i in range(0, count, size)]
+
+
 def plane_blocks(a):
     """(images, channels) slice pairs that cover the (N, C, ...) array a, about BLOCK_BYTES each: groups
     of whole images (at least one block per thread) where an image is smaller, else channel ranges of
@@ -73,8 +80,7 @@ def plane_blocks(a):
     n, c = a.shape[:2]
     channel = a.itemsize * math.prod(a.shape[2:])
     if c * channel <= BLOCK_BYTES:
-        images = max(1, min(BLOCK_BYTES // (c * channel), -(-n // worker_count())))
-        return [(slice(i, i + images), slice(None)) for i in range(0, n, images)]
+        return [(images, slice(None)) for images in _ranges(n, c * channel)]
     channels = max(1, BLOCK_BYTES // channel)
     return [(slice(i, i + 1), slice(k, k + channels)) for i in range(n) for k in range(0, c, channels)]
 
@@ -84,8 +90,7 @@ def channel_blocks(a):
     and at least one per thread; one for a GPU array."""
     if not isinstance(a, numpy.ndarray):
         return [slice(None)]
-    size = max(1, min(BLOCK_BYTES // (a.itemsize * math.prod(a.shape[1:])), -(-a.shape[0] // worker_count())))
-    return [slice(i, i + size) for i in range(0, a.shape[0], size)]
+    return _ranges(a.shape[0], a.itemsize * math.prod(a.shape[1:]))
 
 
 def column_blocks(a):
@@ -93,8 +98,7 @@ def column_blocks(a):
     one for a GPU array."""
     if not isinstance(a, numpy.ndarray):
         return [slice(None)]
-    size = max(1, min(BLOCK_BYTES // (a.itemsize * a.shape[0]), -(-a.shape[1] // worker_count())))
-    return [slice(i, i + size) for i in range(0, a.shape[1], size)]
+    return _ranges(a.shape[1], a.itemsize * a.shape[0])
 
 
 def blocked_matmul(a, b, epilogue=None):
@@ -145,14 +149,14 @@ def col2im(col, shape):
     return x
 
 
-def _relu_mask(y, gy, guided, cap=None):
+def _relu_mask(y, cap=None, guide=None):
     """Where a ReLU passes the gradient, read off its output y: y > 0 (and y < cap for the clipped
-    min(max(x, 0), cap)), and also gy > 0 under Guided Backprop."""
+    min(max(x, 0), cap)), and also guide > 0 under Guided Backprop (guide: the incoming gradient)."""
     mask = y > 0
     if cap is not None:
         mask &= y < cap
-    if guided:
-        mask &= gy > 0
+    if guide is not None:
+        mask &= guide > 0
     return mask
 
 
@@ -183,7 +187,7 @@ class ClipsOutput:
         if self.cap is None:
             return gy
         y, = self.get_retained_outputs()
-        return ReLUGradient(y.array, self.cap, gy.array if self.guided else None).apply((gy,))[0]
+        return relu_gradient(y, gy, self.guided, self.cap)
 
 
 class ReLUGradient(chainer.function_node.FunctionNode):
@@ -200,14 +204,19 @@ class ReLUGradient(chainer.function_node.FunctionNode):
         g = get_array_module(gy).empty_like(gy)
 
         def block(index):
-            mask = _relu_mask(self.y[index], None if self.guide is None else self.guide[index],
-                              self.guide is not None, self.cap)
+            mask = _relu_mask(self.y[index], self.cap, None if self.guide is None else self.guide[index])
             get_array_module(gy).multiply(gy[index], mask, out=g[index])
         for_blocks(block, plane_blocks(g))
         return g,
 
     def backward(self, indexes, grad_outputs):
         return ReLUGradient(self.y, self.cap, self.guide).apply(grad_outputs)
+
+
+def relu_gradient(y, gy, guided, cap=None):
+    """The gradient gy carried back through a ReLU (or, with a cap, min(max(., 0), cap)) whose output is
+    the variable y; with ``guided``, the Guided Backprop rule."""
+    return ReLUGradient(y.array, cap, gy.array if guided else None).apply((gy,))[0]
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):
@@ -245,7 +254,7 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         gy, = grad_outputs
         if self.relu:
             y, = self.get_retained_outputs()
-            gy = ReLUGradient(y.array, None, gy.array if self.guided else None).apply((gy,))[0]
+            gy = relu_gradient(y, gy, self.guided)
         ret = []
         if 0 in indexes:
             ret.append(Convolution3x3InputGrad(self.x_shape).apply((W, gy))[0])
@@ -390,7 +399,7 @@ class ReLU(chainer.function_node.FunctionNode):
     def backward(self, indexes, grad_outputs):
         y, = self.get_retained_outputs()
         gy, = grad_outputs
-        return ReLUGradient(y.array, None, gy.array if self.guided else None).apply((gy,))
+        return relu_gradient(y, gy, self.guided),
 
 
 def relu(x):
