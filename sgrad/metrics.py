@@ -144,35 +144,93 @@ def _neighbour_sum(a):
     return total
 
 
-def linear_imputation(images, removed, tolerance=1e-7):
+def _diagonal(blocks, offset):
+    """A writable view of the ``offset``-th diagonal of the last two axes of a C-contiguous (..., W, W) array."""
+    w = blocks.shape[-1]
+    flat = blocks.reshape(blocks.shape[:-2] + (w * w,))
+    return flat[..., offset if offset >= 0 else -offset * w::w + 1][..., :w - abs(offset)]
+
+
+def _imputation_blocks(removed):
+    """linear_imputation's system over the whole pixel grid, one block per image row, for (B, H, W) bools
+    ``removed``: a removed pixel's row is d_p at p and -w_pq at each removed neighbour q; a kept pixel's
+    row is the identity. Returns the diagonal blocks (B, H, W, W), which couple a row to itself, and
+    the blocks that couple row i to row i - 1 as their three diagonals (B, H, 3, W): [..., k, j] is the
+    entry of (i, j) and (i - 1, j + k - 1) (row 0's are zero). The block below row i is the transpose
+    of the block above row i + 1: the system is symmetric."""
+    b, h, w = removed.shape
+    r = removed.astype(np.float64)
+    weights = dict(ROAD_NEIGHBOURS)
+    diagonal_blocks = np.zeros((b, h, w, w))
+    _diagonal(diagonal_blocks, 0)[...] = np.where(removed, _neighbour_sum(np.ones((h, w))), 1.)
+    _diagonal(diagonal_blocks, 1)[...] = _diagonal(diagonal_blocks, -1)[...] = \
+        -weights[0, 1] * r[..., :-1] * r[..., 1:]
+    here, above = r[:, 1:], r[:, :-1]
+    lower = np.zeros((b, h, 3, w))
+    lower[:, 1:, 0, 1:] = -weights[-1, -1] * here[..., 1:] * above[..., :-1]
+    lower[:, 1:, 1] = -weights[-1, 0] * here * above
+    lower[:, 1:, 2, :-1] = -weights[-1, 1] * here[..., :-1] * above[..., 1:]
+    return diagonal_blocks, lower
+
+
+def _times_lower(lower, m, transposed=False):
+    """The product of a row-coupling block, given by its three diagonals (B, 3, W), or of its
+    transpose, with (B, W, K) matrices m."""
+    product = lower[:, 1, :, None] * m
+    before, after = (lower[:, 0], lower[:, 2]) if not transposed else (lower[:, 2], lower[:, 0])
+    product[:, 1:] += (before[:, 1:] if not transposed else before[:, :-1])[..., None] * m[:, :-1]
+    product[:, :-1] += (after[:, :-1] if not transposed else after[:, 1:])[..., None] * m[:, 1:]
+    return product
+
+
+def _solve_row_by_row(diagonal_blocks, lower, rhs):
+    """Solve the symmetric block-tridiagonal systems of _imputation_blocks for (B, H, W, K) right-hand
+    sides by block Gaussian elimination down the rows and back substitution up them (the block Thomas
+    algorithm); no pivoting across rows is needed, the system being symmetric positive definite."""
+    b, h, w, _ = diagonal_blocks.shape
+    identity = np.broadcast_to(np.eye(w), (b, w, w))
+    eliminated = np.empty_like(diagonal_blocks)  # S_i^-1 U_i, U_i the block above row i + 1
+    partial = np.empty_like(rhs)  # S_i^-1 y_i
+    schur, y = diagonal_blocks[:, 0], rhs[:, 0]
+    for i in range(h - 1):
+        upper = _times_lower(lower[:, i + 1], identity, transposed=True)
+        solved = np.linalg.solve(schur, np.concatenate([upper, y], axis=-1))
+        eliminated[:, i], partial[:, i] = solved[..., :w], solved[..., w:]
+        schur = diagonal_blocks[:, i + 1] - _times_lower(lower[:, i + 1], eliminated[:, i])
+        y = rhs[:, i + 1] - _times_lower(lower[:, i + 1], partial[:, i])
+    solution = np.empty_like(rhs)
+    solution[:, -1] = np.linalg.solve(schur, y)
+    for i in range(h - 2, -1, -1):
+        solution[:, i] = partial[:, i] - eliminated[:, i] @ solution[:, i + 1]
+    return solution
+
+
+#: Bytes of block matrices per group of images that linear_imputation solves at once.
+IMPUTATION_BYTES = 16 << 20
+
+
+def linear_imputation(images, removed):
     """ROAD's linear imputation: every removed pixel of (N, C, H, W) images (``removed``: (N, H, W) bools)
     becomes the weighted mean of its neighbours inside the image (ROAD_NEIGHBOURS), removed neighbours
     included, channel by channel. The removed values u therefore solve the sparse linear system
     d_p u_p - sum_{q removed} w_pq u_q = sum_{q kept} w_pq x_q (d_p: the weights of p's neighbours), symmetric
-    and positive definite while any pixel is kept; conjugate gradients solve it for all images and
-    channels at once, to a residual below ``tolerance`` times the right-hand side's. Float64 result."""
+    and positive definite while any pixel is kept. Solved directly (exact to rounding), with the image's
+    rows of pixels as the blocks of a block-tridiagonal system: O(H W^3) per image, all channels at once,
+    groups of images on every core (sgrad.ops.for_blocks). Float64 result."""
+    from sgrad.ops import for_blocks
     x = np.asarray(images, np.float64)
-    removed = np.broadcast_to(np.asarray(removed, bool)[:, None], x.shape)
-    weights = _neighbour_sum(np.ones(x.shape[-2:]))
+    removed = np.asarray(removed, bool)
+    if x.shape[-1] > x.shape[-2]:  # the shorter side as the block size; the weights are symmetric
+        return linear_imputation(x.swapaxes(-1, -2), removed.swapaxes(-1, -2)).swapaxes(-1, -2)
+    rhs = np.where(removed[:, None], _neighbour_sum(np.where(removed[:, None], 0., x)), 0.).transpose(0, 2, 3, 1)
+    imputed = x.copy()
 
-    def system(u):
-        return np.where(removed, weights * u - _neighbour_sum(u), 0.)
-    rhs = np.where(removed, _neighbour_sum(np.where(removed, 0., x)), 0.)
-    u = np.zeros_like(x)
-    residual, direction = rhs.copy(), rhs.copy()
-    norm2 = (residual ** 2).sum(axis=(2, 3), keepdims=True)
-    stop = tolerance ** 2 * norm2
-    for _ in range(int(removed[0, 0].size)):  # exact arithmetic would end within one step per unknown
-        if (norm2 <= stop).all():
-            break
-        product = system(direction)
-        curvature = (direction * product).sum(axis=(2, 3), keepdims=True)
-        step = np.divide(norm2, curvature, out=np.zeros_like(norm2), where=curvature > 0)
-        u += step * direction
-        residual -= step * product
-        norm2, previous = (residual ** 2).sum(axis=(2, 3), keepdims=True), norm2
-        direction = residual + np.divide(norm2, previous, out=np.zeros_like(norm2), where=previous > 0) * direction
-    return np.where(removed, u, x)
+    def solve(group):
+        solution = _solve_row_by_row(*_imputation_blocks(removed[group]), np.ascontiguousarray(rhs[group]))
+        imputed[group] = np.where(removed[group, None], solution.transpose(0, 3, 1, 2), x[group])
+    size = max(1, IMPUTATION_BYTES // (2 * x[0, 0].size * x.shape[-1] * 8))
+    for_blocks(solve, [slice(i, i + size) for i in range(0, len(x), size)])
+    return imputed
 
 
 def image_streams(rngs, n):
