@@ -272,9 +272,10 @@ def max_sensitivity(explain, images, radius=0.02, samples=10, rngs=None, relativ
     """Max-sensitivity (Yeh et al. 2019), by Monte Carlo: for each image x, the largest ||Phi(x + d) - Phi(x)||_2
     over ``samples`` draws of d uniform in the L-infinity ball of ``radius`` (in the [0, 1] image space;
     x + d is not clipped). ``explain(images)`` gives their attributions Phi (one per image). With
-    ``relative``, divided by ||Phi(x)||_2 (0 where that is 0), which makes methods of different scales
-    comparable: that is captum.metrics.sensitivity_max with its default perturbation and
-    norm_ord='fro'; the paper's definition is relative=False. ``rngs``: one stream per image (image_streams)."""
+    ``relative``, divided by ||Phi(x)||_2, which makes methods of different scales comparable: that is
+    captum.metrics.sensitivity_max with its default perturbation and norm_ord='fro' (a test holds the two
+    equal on the same draws), except for an all-zero Phi(x), where Captum divides by 1 and this gives 0;
+    the paper's definition is relative=False. ``rngs``: one stream per image (image_streams)."""
     images = np.asarray(images)
     rngs = image_streams(rngs, len(images))
     base = np.asarray(explain(images), np.float64).reshape(len(images), -1)
@@ -296,7 +297,7 @@ def infidelity(scores, images, attributions, noise=0.1, samples=50, rngs=None, n
     element; 2-D maps (N, H, W) meet one I per pixel, shared by its channels. With ``normalize``, Phi is
     first scaled by the beta that minimises the expectation, beta = E[I.Phi dF] / E[(I.Phi)^2] (per image,
     on the same draws), so that a map's scale does not count: captum.metrics.infidelity with
-    normalize=True; normalize=False is the paper's definition. ``rngs``: one stream per image (image_streams)."""
+    normalize=True (a test holds the two equal on the same draws); normalize=False is the paper's definition. ``rngs``: one stream per image (image_streams)."""
     images = np.asarray(images)
     phi = np.asarray(attributions, np.float64)
     per_pixel = phi.ndim == 3

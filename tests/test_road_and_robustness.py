@@ -1,5 +1,7 @@
 """ROAD's imputation and curves, max-sensitivity, infidelity and the Gini index, on cases whose answer is
-known, and the imputation on real CIFAR-10 images against its defining equations."""
+known, the imputation on real CIFAR-10 images against its defining equations, and max-sensitivity and
+infidelity on real images against Captum's (optional: skipped without torch and captum)."""
+import chainer
 import numpy as np
 import pytest
 
@@ -174,3 +176,74 @@ def test_gini_of_known_maps():
     maps = np.array([np.full((2, 2), 3.), [[0, 0], [0, -5.]], [[0, 0], [1, 3.]], np.zeros((2, 2))])
     np.testing.assert_allclose(gini(maps), [0, 1 - 1 / 4, 0.625, 0], atol=1e-12)
     np.testing.assert_allclose(gini(7 * maps), gini(maps), atol=1e-12)
+
+
+def captum_or_skip():
+    torch = pytest.importorskip('torch', reason='optional peer check: pip install torch==2.13.0')
+    metrics = pytest.importorskip('captum.metrics', reason='optional peer check: pip install captum')
+    return torch, metrics
+
+
+@pytest.fixture(scope='module')
+def shipped_gradients():
+    """The shipped CifarNet, six real test images, their predicted classes and gradient attributions."""
+    model = load_model()
+    images, _ = load_test_images(0, 6)
+    engine = GradientEngine(model)
+    targets = engine.probabilities(images).argmax(axis=1)
+    return model, engine, images, targets, Gradient(engine)
+
+
+def test_max_sensitivity_equals_captums_on_real_images(shipped_gradients):
+    """captum.metrics.sensitivity_max, given the very perturbations our per-image streams draw, on the
+    shipped model's gradient maps of real images: the same relative max-sensitivity."""
+    torch, captum_metrics = captum_or_skip()
+    _, _, images, targets, gradient = shipped_gradients
+    samples, radius = 5, 0.02
+    streams = lambda: [np.random.RandomState([11, k]) for k in range(len(images))]
+    # ours draws sample by sample, each image from its own stream; Captum wants them image by image
+    draws = [[rng.uniform(-radius, radius, images.shape[1:]) for _ in range(samples)] for rng in streams()]
+    deltas = np.asarray(draws).astype(images.dtype).reshape((-1,) + images.shape[1:])
+
+    def explain(x):  # (B, C, H, W) -> |map| (B, H, W), each copy explained for its image's class
+        return channel_sum_abs(gradient.attribute(x, np.repeat(targets, len(x) // len(targets))))
+    ours = max_sensitivity(explain, images, radius, samples, streams())
+    theirs = captum_metrics.sensitivity_max(
+        lambda x: (torch.from_numpy(explain((x[0] if isinstance(x, tuple) else x).numpy())),),  # tuples in and out
+        torch.from_numpy(images),
+        perturb_func=lambda x, _: x + torch.from_numpy(deltas), perturb_radius=radius, n_perturb_samples=samples)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5)
+    assert ours.min() > 0.05  # gradients of a ReLU network move: not a comparison of zeros
+
+
+@pytest.mark.parametrize('per_pixel', [False, True])
+def test_infidelity_equals_captums_on_real_images(shipped_gradients, per_pixel):
+    """captum.metrics.infidelity (normalize=True and False), given the very perturbations our per-image
+    streams draw, on the shipped model's logits and gradient x input attributions of real images (each
+    input value its own draw) or their |map| (one draw per pixel: Captum gets the map split evenly over
+    the channels and the draw repeated over them, which gives the same I . Phi)."""
+    torch, captum_metrics = captum_or_skip()
+    model, engine, images, targets, gradient = shipped_gradients
+    samples, noise = 8, 0.1
+    attribution = gradient.attribute(images, targets) * images
+    n, c = images.shape[:2]
+    draw_shape = (samples,) + ((1,) if per_pixel else (c,)) + images.shape[2:]
+    streams = lambda: [np.random.RandomState([12, k]) for k in range(n)]
+    perturbations = noise * np.stack([rng.standard_normal(draw_shape) for rng in streams()])  # image by image
+    perturbations = np.broadcast_to(perturbations, (n, samples) + images.shape[1:]).reshape((-1,) + images.shape[1:])
+    phi = channel_sum_abs(attribution) if per_pixel else attribution
+    captum_phi = np.broadcast_to(phi[:, None] / c, images.shape) if per_pixel else phi
+
+    def logits(x):
+        with chainer.using_config('train', False), chainer.no_backprop_mode():
+            return torch.from_numpy(model(x.numpy()).array.astype(np.float64))
+    scores = lambda batch: engine.objective_values(batch, np.tile(targets, len(batch) // n))
+    for normalize in (True, False):
+        ours = infidelity(scores, images, phi, noise, samples, streams(), normalize=normalize)
+        theirs = captum_metrics.infidelity(
+            logits, lambda x: (torch.from_numpy(perturbations.copy()),
+                               torch.from_numpy((x.numpy() - perturbations).astype(images.dtype))),
+            torch.from_numpy(images), torch.from_numpy(np.ascontiguousarray(captum_phi, np.float64)),
+            target=torch.from_numpy(targets.astype(np.int64)), n_perturb_samples=samples, normalize=normalize)
+        np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5)
+        assert ours.min() > 0
