@@ -74,10 +74,12 @@ def maps_of(method, images, targets, indices, seed):
 
 
 class Report:
-    """Prints tables and collects them for results.md."""
+    """Prints tables and collects them for results.md, section by section: each section's block ends with
+    its line '_name: ..._' (end_section), and a run replaces only the blocks of the sections it ran, so
+    that ``--only road`` keeps the tables of an earlier full run."""
 
     def __init__(self, out_dir):
-        self.out_dir, self.lines = out_dir, []
+        self.out_dir, self.lines, self.sections = out_dir, [], {}
 
     def table(self, title, header, rows):
         text = ['### ' + title, '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -92,9 +94,35 @@ class Report:
         plt.close('all')
         self.lines += ['![%s](%s)' % (name, name), '']
 
+    def end_section(self, name, line):
+        """Close the section ``name``'s block with ``line`` and write results.md."""
+        self.sections[name] = self.lines + ['_%s: %s_' % (name, line), '']
+        self.lines = []
+        self.save()
+
     def save(self):
-        text = '\n'.join(self.lines) + '\n'
-        write_atomic(os.path.join(self.out_dir, 'results.md'), lambda f: f.write(text.encode()))
+        path = os.path.join(self.out_dir, 'results.md')
+        blocks = {}
+        if os.path.exists(path):
+            with open(path, encoding='utf-8') as f:
+                blocks = results_blocks(f.read())
+        blocks.update(self.sections)
+        order = sorted(blocks, key=lambda name: list(SECTIONS).index(name) if name in SECTIONS else len(SECTIONS))
+        text = '\n'.join(line for name in order for line in blocks[name]) + '\n'
+        write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def results_blocks(text):
+    """{section: its lines} of a results.md written by Report: each block runs up to its section's
+    closing line '_name: ..._'."""
+    blocks, lines = {}, []
+    for line in text.splitlines():
+        if lines or line.strip():  # a block starts at its first non-blank line
+            lines.append(line)
+        name = line[1:].split(':')[0] if line.startswith('_') and line.endswith('_') and ':' in line else None
+        if name in SECTIONS:
+            blocks[name], lines = lines + [''], []
+    return blocks
 
 
 class Share:
@@ -572,11 +600,10 @@ def main(argv=None):
         start = time.time()
         section(args, model, Share(images[:n], targets[:n], comm), report)
         if report is not None:
-            line = '%s: %d images, %.0f s on this machine%s' % (name, min(n, len(images)), time.time() - start,
-                                                               ', %d ranks' % ranks if comm else '')
-            print(line + '\n')
-            report.lines += ['_%s_' % line, '']
-            report.save()  # after every section, so a long run that is cut keeps what it finished
+            line = '%d images, %.0f s on this machine%s' % (min(n, len(images)), time.time() - start,
+                                                           ', %d ranks' % ranks if comm else '')
+            print('%s: %s\n' % (name, line))
+            report.end_section(name, line)  # writes results.md: a long run that is cut keeps what it finished
     if report is not None:
         print('tables and plots in %s' % args.out_dir)
     return 0

@@ -116,16 +116,23 @@ def test_evaluate_saliency_end_to_end(tmp_path, model_file):
 
 
 def test_evaluate_saliency_on_photographs_with_a_users_model(tmp_path):
-    """Any model: the photographs at its IMAGE_SIZE, its randomization cascade from its call order."""
+    """Any model: the photographs at its IMAGE_SIZE, its randomization cascade from its call order.
+    Runs of single sections fill one results.md, in the sections' order, a rerun replacing its block."""
     source = tmp_path / 'net.py'
     source.write_text(USER_MODEL)
     out = str(tmp_path / 'eval')
-    assert evaluate_saliency.main(['--arch', '%s:Net' % source, '--images', '2', '--deletion-images', '3',
-                                   '--only', 'sanity', 'deletion', '--samples', '2', '--steps', '2',
-                                   '--perturbation-steps', '4', '-o', out]) == 0
+    run = lambda *args: evaluate_saliency.main(['--arch', '%s:Net' % source, '--images', '2', '--deletion-images', '3',
+                                                '--samples', '2', '--steps', '2', '-o', out] + list(args))
+    assert run('--only', 'deletion', '--perturbation-steps', '2') == 0
+    assert run('--only', 'sanity') == 0
     text = open(os.path.join(out, 'results.md')).read()
     assert '| fc | conv2 | conv1 | conv1, next image (control) |' in text.replace('method | ', '')
-    assert 'deletion: 3 images' in text and 'random (baseline)' in text
+    assert text.index('Cascading randomization') < text.index('_sanity: 2 images') < text.index('Deletion and')
+    assert run('--only', 'deletion', '--perturbation-steps', '4') == 0
+    text = open(os.path.join(out, 'results.md')).read()
+    assert text.count('Deletion and insertion') == text.count('_deletion: 3 images') == 1
+    assert text.count('Cascading randomization') == 1 and 'random (baseline)' in text
+    assert evaluate_saliency.results_blocks(text).keys() == {'sanity', 'deletion'}
 
 
 def test_shard_bounds():
