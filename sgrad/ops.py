@@ -3,13 +3,15 @@ on channel-major, batch-minor (C, H, W, N) activations, and a ReLU. The ReLU nod
 (``ReLU``, and the convolution with ``relu=True``) have a ``guided`` switch that
 sgrad.hooks.GuidedReLU turns on for Guided Backprop.
 
-Why this layout: a 3x3 convolution is one GEMM, W (O, 9C) @ col (9C, H*W*N).
-With activations laid out (C, H, W, N), the im2col buffer is built in exactly
-that (9C, H*W*N) order by nine copies whose contiguous runs are W*N values
-long (the batch is innermost), and the GEMM's (O, H*W*N) result is already the
-next layer's (C, H, W, N) input: none of the large transposes that Chainer's
-NCHW ``convolution_2d`` pays for (about a quarter of its CPU time), and none
-of the short-row copies that make NCHW im2col slow on small feature maps.
+Why this layout: with activations laid out (C, H, W, N), one image row of all
+channels is a contiguous run of W*N values (the batch is innermost). A 3x3
+convolution then needs no im2col: three copies of the input, shifted by -1, 0
+and +1 pixels along W (``row_patches``, (3C, (H+2)*W*N)), hold every patch, the
+kernel row ky being an offset of ky*W*N columns into the same buffer; three
+GEMMs, W_ky (O, 3C) @ those columns, accumulate in place in the (O, H*W*N)
+result, which is already the next layer's (C, H, W, N) input. None of the large
+transposes that Chainer's NCHW ``convolution_2d`` pays for (about a quarter of
+its CPU time), a third of im2col's copies, and a third of its buffer.
 Every node passes ``chainer.gradient_check`` (tests) and works with NumPy or
 CuPy arrays.
 
@@ -21,6 +23,8 @@ every core.
 """
 import concurrent.futures
 import copy
+import ctypes
+import functools
 import math
 import os
 
@@ -29,7 +33,7 @@ import chainer.functions as F
 import numpy
 from chainer.backend import get_array_module
 
-from sgrad import blas_threads
+from sgrad import _openblas_function, blas_threads
 
 
 #: Bytes of one block of blocked work (for_blocks): small enough that a block's input, output and
@@ -101,52 +105,95 @@ def column_blocks(a):
     return _ranges(a.shape[1], a.itemsize * a.shape[0])
 
 
-def blocked_matmul(a, b, epilogue=None):
-    """a @ b for matrices, in column blocks (for_blocks); epilogue(block of the product), if given,
-    runs on each block while it is fresh."""
-    xp = get_array_module(b)
-    out = xp.empty((a.shape[0], b.shape[1]), dtype=b.dtype)
+@functools.lru_cache(maxsize=None)
+def _cblas_gemm(dtype):
+    """NumPy's OpenBLAS cblas_sgemm / cblas_dgemm for float32 / float64, its argument types set, or None."""
+    name = {numpy.dtype(numpy.float32): 'cblas_sgemm', numpy.dtype(numpy.float64): 'cblas_dgemm'}.get(dtype)
+    function = _openblas_function(name) if name else None
+    if function is not None:
+        size = ctypes.c_int64 if function.__name__.endswith('64_') else ctypes.c_int  # the 64-bit-integer build
+        scalar = numpy.ctypeslib.as_ctypes_type(dtype)
+        function.restype = None
+        function.argtypes = [ctypes.c_int] * 3 + [size] * 3 + [scalar, ctypes.c_void_p, size, ctypes.c_void_p, size,
+                                                                scalar, ctypes.c_void_p, size]
+    return function
 
-    def block(columns):
-        xp.matmul(a, b[:, columns], out=out[:, columns])
-        if epilogue is not None:
-            epilogue(out[:, columns])
-    for_blocks(block, column_blocks(out))
-    return out
+
+_ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE = 101, 111, 112  # CBLAS's enumerations
 
 
-def im2col(x):
-    """(C, H, W, N) -> (C*9, H*W*N) patches of a 3x3, pad-1, stride-1 convolution, in channel blocks."""
+def gemm(a, b, out, accumulate=False, transpose_b=False):
+    """out = a @ b, or a @ b.T with ``transpose_b``, plus the old out with ``accumulate``: one BLAS call
+    on matrices whose rows are contiguous (column ranges of C-contiguous matrices are), with no
+    temporary; NumPy's product on other arrays (CuPy, another BLAS)."""
+    function = _cblas_gemm(out.dtype) if isinstance(out, numpy.ndarray) else None
+    if function is None or a.dtype != out.dtype or b.dtype != out.dtype:
+        product = a @ (b.T if transpose_b else b)
+        if accumulate:
+            out += product
+        else:
+            out[...] = product
+        return
+    for m in (a, b, out):
+        assert m.strides[1] == m.itemsize, 'rows must be contiguous'
+    rows = lambda m: m.strides[0] // m.itemsize
+    function(_ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE if transpose_b else _NO_TRANSPOSE, out.shape[0], out.shape[1],
+             a.shape[1], 1., a.ctypes.data, rows(a), b.ctypes.data, rows(b), 1. if accumulate else 0.,
+             out.ctypes.data, rows(out))
+
+
+def row_patches(x):
+    """(C, H, W, N) -> (3C, (H+2)*W*N): for each channel c and kx = 0, 1, 2, the image padded by one
+    row above and below, its rows shifted by kx - 1 pixels along W (zeros shifted in): row (c, kx),
+    column ((hp, w, n)) holds x_padded[c, hp, w + kx, n]. A 3x3 convolution's patch for output row h
+    and kernel row ky is then the column range starting at (h + ky)*W*N: three GEMMs over one buffer,
+    a third of im2col's copies."""
     xp = get_array_module(x)
     c, h, w, n = x.shape
-    col = xp.empty((c, 3, 3, h, w, n), dtype=x.dtype)
+    rows = xp.empty((c, 3, h + 2, w, n), dtype=x.dtype)
 
     def block(channels):
-        padded = xp.zeros((len(range(c)[channels]), h + 2, w + 2, n), dtype=x.dtype)
-        padded[:, 1:-1, 1:-1] = x[channels]
-        for ky in range(3):
-            for kx in range(3):
-                col[channels, ky, kx] = padded[:, ky:ky + h, kx:kx + w]
+        out, source = rows[channels], x[channels]
+        out[:, :, [0, -1]] = 0
+        out[:, 1, 1:-1] = source
+        out[:, 0, 1:-1, 0] = out[:, 2, 1:-1, -1] = 0
+        out[:, 0, 1:-1, 1:] = source[:, :, :-1]
+        out[:, 2, 1:-1, :-1] = source[:, :, 1:]
     for_blocks(block, channel_blocks(x))
-    return col.reshape(c * 9, h * w * n)
+    return rows.reshape(3 * c, (h + 2) * w * n)
 
 
-def col2im(col, shape):
-    """The adjoint of :func:`im2col`: (C*9, H*W*N) -> (C, H, W, N), overlapping patches summed, in
-    channel blocks."""
-    xp = get_array_module(col)
+def row_patches_adjoint(rows, shape):
+    """The adjoint of :func:`row_patches`: (3C, (H+2)*W*N) -> (C, H, W, N), the shifted copies summed
+    back (the padding rows dropped), in channel blocks."""
+    xp = get_array_module(rows)
     c, h, w, n = shape
-    col = col.reshape(c, 3, 3, h, w, n)
-    x = xp.empty(shape, dtype=col.dtype)
+    rows = rows.reshape(c, 3, h + 2, w, n)
+    x = xp.empty(shape, dtype=rows.dtype)
 
     def block(channels):
-        padded = xp.zeros((len(range(c)[channels]), h + 2, w + 2, n), dtype=col.dtype)
-        for ky in range(3):
-            for kx in range(3):
-                padded[:, ky:ky + h, kx:kx + w] += col[channels, ky, kx]
-        x[channels] = padded[:, 1:-1, 1:-1]
+        source, out = rows[channels, :, 1:-1], x[channels]
+        out[...] = source[:, 1]
+        out[:, :, :-1] += source[:, 0, :, 1:]
+        out[:, :, 1:] += source[:, 2, :, :-1]
     for_blocks(block, channel_blocks(x))
     return x
+
+
+def _kernels_by_row(W, transposed=False):
+    """(O, C, 3, 3) weights -> (3, O, 3C): for each kernel row ky, the (O, (c, kx)) matrix that meets
+    row_patches' rows; or its transpose, (3, 3C, O)."""
+    xp = get_array_module(W)
+    o, c = W.shape[:2]
+    if transposed:
+        return xp.ascontiguousarray(W.transpose(2, 1, 3, 0)).reshape(3, 3 * c, o)
+    return xp.ascontiguousarray(W.transpose(2, 0, 1, 3)).reshape(3, o, 3 * c)
+
+
+def _column_range(columns, count):
+    """(start, stop) of a slice of range(count)."""
+    span = range(count)[columns]
+    return span.start, span.stop
 
 
 def _relu_mask(y, cap=None, guide=None):
@@ -220,9 +267,11 @@ def relu_gradient(y, gy, guided, cap=None):
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):
-    """y = W * x (+ b) (then ReLU if ``relu``), 3x3 kernel, pad 1, stride 1, (C, H, W, N) layout.
+    """y = W * x (+ b) (then ReLU if ``relu``), 3x3 kernel, pad 1, stride 1, (C, H, W, N) layout:
+    y[:, h] = sum over ky of W_ky (O, 3C) @ the row_patches of row h + ky, three GEMMs accumulated in
+    place on each column block of y, bias and ReLU applied to the block while it is fresh.
 
-    The im2col buffer is kept for the weight gradient only in training mode;
+    The row_patches buffer is kept for the weight gradient only in training mode;
     otherwise (saliency: input gradients only) it is rebuilt if ever needed.
     """
 
@@ -233,21 +282,27 @@ class Convolution3x3(chainer.function_node.FunctionNode):
 
     def forward(self, inputs):
         x, W = inputs[:2]
-        o = W.shape[0]
-        col = im2col(x)
+        xp = get_array_module(x)
+        c, h, w, n = x.shape
+        rows, kernels = row_patches(x), _kernels_by_row(W)
+        y = xp.empty((W.shape[0], h * w * n), dtype=x.dtype)
 
-        def bias_and_relu(y):
+        def block(columns):
+            start, stop = _column_range(columns, y.shape[1])
+            out = y[:, start:stop]
+            for ky in range(3):
+                gemm(kernels[ky], rows[:, ky * w * n + start:ky * w * n + stop], out, accumulate=ky > 0)
             if len(inputs) == 3:
-                y += inputs[2][:, None]
+                out += inputs[2][:, None]
             if self.relu:
-                get_array_module(y).maximum(y, 0, out=y)
-        y = blocked_matmul(W.reshape(o, -1), col, bias_and_relu)
-        self.col = col if chainer.config.train else None
+                xp.maximum(out, 0, out=out)
+        for_blocks(block, column_blocks(y))
+        self.rows = rows if chainer.config.train else None
         self.x_shape = x.shape
         self.retain_inputs((0, 1))
         if self.relu:
             self.retain_outputs((0,))
-        return y.reshape((o,) + x.shape[1:]),
+        return y.reshape((W.shape[0],) + x.shape[1:]),
 
     def backward(self, indexes, grad_outputs):
         x, W = self.get_retained_inputs()
@@ -259,37 +314,65 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         if 0 in indexes:
             ret.append(Convolution3x3InputGrad(self.x_shape).apply((W, gy))[0])
         if 1 in indexes:
-            col = self.col if self.col is not None else im2col(x.array)
-            ret.append(Convolution3x3WeightGrad(col, W.shape).apply((gy,))[0])
+            rows = self.rows if self.rows is not None else row_patches(x.array)
+            ret.append(Convolution3x3WeightGrad(rows, W.shape).apply((gy,))[0])
         if 2 in indexes:
             ret.append(F.sum(gy, axis=(1, 2, 3)))
         return ret
 
 
 class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
-    """Gradient with respect to the input: col2im(W^T gy)."""
+    """Gradient with respect to the input: the row_patches gradient, sum over ky of W_ky^T gy placed
+    ky rows down (each column block of it summed from the gy columns that reach it), then
+    row_patches_adjoint."""
 
     def __init__(self, x_shape):
         self.x_shape = x_shape
 
     def forward(self, inputs):
         W, gy = inputs
-        o = W.shape[0]
-        return col2im(blocked_matmul(W.reshape(o, -1).T, gy.reshape(o, -1)), self.x_shape),
+        xp = get_array_module(gy)
+        c, h, w, n = self.x_shape
+        gy = gy.reshape(gy.shape[0], -1)
+        kernels, shift = _kernels_by_row(W, transposed=True), w * n
+        g_rows = xp.empty((3 * c, (h + 2) * shift), dtype=gy.dtype)
+
+        def block(columns):
+            start, stop = _column_range(columns, g_rows.shape[1])
+            g_rows[:, start:stop] = 0
+            for ky in range(3):
+                first, last = max(start, ky * shift), min(stop, ky * shift + gy.shape[1])
+                if first < last:
+                    gemm(kernels[ky], gy[:, first - ky * shift:last - ky * shift], g_rows[:, first:last],
+                         accumulate=True)
+        for_blocks(block, column_blocks(g_rows))
+        return row_patches_adjoint(g_rows, self.x_shape),
 
 
 class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):
-    """Gradient with respect to the weights: gy col^T."""
+    """Gradient with respect to the weights: gW_ky = gy row_patches_ky^T, summed over column blocks."""
 
-    def __init__(self, col, W_shape):
-        self.col = col
+    def __init__(self, rows, W_shape):
+        self.rows = rows
         self.W_shape = W_shape
 
     def forward(self, inputs):
         gy, = inputs
-        gy = gy.reshape(gy.shape[0], -1)
-        partial_sums = for_blocks(lambda columns: gy[:, columns] @ self.col[:, columns].T, column_blocks(self.col))
-        return sum(partial_sums[1:], partial_sums[0]).reshape(self.W_shape),
+        xp = get_array_module(gy)
+        o, c = self.W_shape[:2]
+        shift = gy.shape[2] * gy.shape[3]  # W*N: one row of the image
+        gy = gy.reshape(o, -1)
+
+        def block(columns):
+            start, stop = _column_range(columns, gy.shape[1])
+            part = xp.empty((3, o, 3 * c), dtype=gy.dtype)
+            for ky in range(3):
+                gemm(gy[:, start:stop], self.rows[:, ky * shift + start:ky * shift + stop], part[ky],
+                     transpose_b=True)
+            return part
+        parts = for_blocks(block, column_blocks(gy))
+        gW = sum(parts[1:], parts[0]).reshape(3, o, c, 3)
+        return xp.ascontiguousarray(gW.transpose(1, 2, 0, 3)),
 
 
 def convolution_3x3(x, W, b=None, relu=False):

@@ -63,7 +63,7 @@ def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, 
 
     inputs = (nchw_to_chwn(x).copy(), W) + ((b,) if bias else ())
     gy = rng.randn(5, *shape[2:], shape[0])
-    with chainer.using_config('train', True):  # keeps the im2col buffer for the weight gradient
+    with chainer.using_config('train', True):  # keeps the row_patches buffer for the weight gradient
         gradient_check.check_backward(lambda *a: convolution_3x3(*a, relu=relu), inputs, gy,
                                       dtype=np.float64, atol=1e-6, rtol=1e-6)
     with chainer.using_config('train', False):  # rebuilds it
@@ -188,8 +188,9 @@ def test_channel_major_model_equals_plain_chainer_nchw(image, train):
 
 @pytest.mark.parametrize('train', [True, False], ids=['training', 'saliency'])
 def test_the_model_in_many_small_blocks_equals_one_block_on_one_thread(image, train, monkeypatch):
-    """The channel-major nodes' blocked, threaded work (sgrad.ops.for_blocks: im2col, col2im, the GEMMs in
-    column blocks, the weight gradient summed over them, pooling, ReLU) against one block on one thread."""
+    """The channel-major nodes' blocked, threaded work (sgrad.ops.for_blocks: row_patches and its adjoint,
+    the GEMMs in column blocks, the weight gradient summed over them, pooling, ReLU) against one block on
+    one thread."""
     from sgrad import ops
     model = random_cifarnet(seed=5, dtype=np.float64)
     x = noisy_copies(image, 0.1, 6, np.random.RandomState(0)).astype(np.float64)
