@@ -210,3 +210,42 @@ def test_the_model_in_many_small_blocks_equals_one_block_on_one_thread(image, tr
     assert len(ops.channel_blocks(np.empty((16, 32, 32, 6)))) == 16
     for a, b in zip(run(), single):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_gemm_on_column_ranges_equals_numpy(dtype, monkeypatch):
+    """sgrad.ops.gemm on column ranges of larger matrices (what the convolution hands it): OpenBLAS's
+    call with its row strides, and NumPy's product where there is no OpenBLAS, against a @ b."""
+    from sgrad import ops
+    rng = np.random.RandomState(0)
+    a, b = rng.randn(5, 30).astype(dtype), rng.randn(7, 40).astype(dtype)
+    left, right, transposed = a[:, 3:10], b[:, 11:30], b[:, 2:9]
+    for blas in (True, False):
+        if not blas:
+            monkeypatch.setattr(ops, '_cblas_gemm', lambda dtype: None)
+        out = np.ones((5, 50), dtype)
+        ops.gemm(left, right, out[:, 20:39])
+        np.testing.assert_allclose(out[:, 20:39], left @ right, rtol=1e-5)
+        ops.gemm(left, right, out[:, 20:39], accumulate=True)
+        np.testing.assert_allclose(out[:, 20:39], 2 * (left @ right), rtol=1e-5)
+        assert (out[:, :20] == 1).all() and (out[:, 39:] == 1).all()
+        ops.gemm(a[:, :7], transposed, out[:, :7], transpose_b=True)
+        np.testing.assert_allclose(out[:, :7], a[:, :7] @ transposed.T, rtol=1e-5)
+
+
+def test_the_convolution_without_openblas_equals_it_with(monkeypatch):
+    """CuPy arrays and NumPy on another BLAS take NumPy's product: the model's outputs and gradients equal."""
+    from sgrad import ops
+    model = random_cifarnet(seed=3, dtype=np.float64)
+    x = np.random.RandomState(1).rand(3, 3, 32, 32)
+
+    def run():
+        model.cleargrads()
+        xv = chainer.Variable(x)
+        with chainer.using_config('train', True):
+            F.sum(model(xv) ** 2).backward()
+        return [xv.grad] + [p.grad.copy() for _, p in sorted(model.namedparams())]
+    with_blas = run()
+    monkeypatch.setattr(ops, '_cblas_gemm', lambda dtype: None)
+    for a, b in zip(run(), with_blas):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
