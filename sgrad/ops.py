@@ -339,12 +339,14 @@ class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
 
         def block(columns):
             start, stop = _column_range(columns, g_rows.shape[1])
-            g_rows[:, start:stop] = 0
-            for ky in range(3):
+            # kernel row 1 reaches every row but the two padding rows: it writes, the other two add
+            g_rows[:, start:max(start, min(stop, shift))] = 0
+            g_rows[:, min(stop, max(start, g_rows.shape[1] - shift)):stop] = 0
+            for ky in (1, 0, 2):
                 first, last = max(start, ky * shift), min(stop, ky * shift + gy.shape[1])
                 if first < last:
                     gemm(kernels[ky], gy[:, first - ky * shift:last - ky * shift], g_rows[:, first:last],
-                         accumulate=True)
+                         accumulate=ky != 1)
         for_blocks(block, column_blocks(g_rows))
         return row_patches_adjoint(g_rows, self.x_shape),
 
