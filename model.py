@@ -16,7 +16,7 @@ import chainer.links as L
 import numpy as np
 
 from sgrad import WEIGHTS_ERRORS, InputError, weights_error
-from sgrad.ops import FoldsBatchNorm, convolution_3x3, folded_copy, max_pooling_2x2, relu
+from sgrad.ops import FoldsBatchNorm, batch_normalization_relu, convolution_3x3, folded_copy, max_pooling_2x2, relu
 
 #: The shipped weights that smoothgrad.py explains by default.
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'cifarnet.npz')
@@ -59,7 +59,10 @@ class ConvBN(FoldsBatchNorm, chainer.Chain):
         folded = self.folded_parameters()
         if folded is not None:
             return convolution_3x3(x, *folded, relu=True)
-        return relu(self.bn(convolution_3x3(x, self.conv.W)))
+        h = convolution_3x3(x, self.conv.W)
+        if chainer.config.train and not chainer.config.in_recomputing:
+            return batch_normalization_relu(h, self.bn)
+        return relu(self.bn(h))
 
 
 class Residual(chainer.Chain):

@@ -383,6 +383,81 @@ def convolution_3x3(x, W, b=None, relu=False):
     return Convolution3x3(relu).apply(inputs)[0]
 
 
+class BatchNormReLU(chainer.function_node.FunctionNode):
+    """Training mode: y = ReLU(gamma (x - mean) / sqrt(var + eps) + beta) over each channel of (C, H, W, N)
+    activations, mean and (biased) var those of the batch, as F.batch_normalization(axis=(1, 2, 3)) then
+    F.relu compute, in one pass per channel block; the running statistics (avg_mean, avg_var) are
+    updated in place as Chainer's BatchNormalization link does (decay, unbiased var)."""
+
+    def __init__(self, eps, decay, avg_mean, avg_var):
+        self.eps, self.decay, self.avg_mean, self.avg_var = eps, decay, avg_mean, avg_var
+
+    def forward(self, inputs):
+        x, gamma, beta = inputs
+        xp = get_array_module(x)
+        c, count = x.shape[0], x.size // x.shape[0]
+        y = xp.empty_like(x)
+        mean, var = xp.empty(c, dtype=x.dtype), xp.empty(c, dtype=x.dtype)
+
+        def block(channels):
+            values = x[channels].reshape(-1, count)
+            mean[channels] = values.mean(axis=1)
+            centred = values - mean[channels, None]
+            var[channels] = (centred * centred).mean(axis=1)
+            out = y[channels].reshape(-1, count)
+            xp.multiply(centred, (gamma[channels] / xp.sqrt(var[channels] + self.eps))[:, None], out=out)
+            out += beta[channels, None]
+            xp.maximum(out, 0, out=out)
+        for_blocks(block, channel_blocks(x))
+        self.avg_mean *= self.decay
+        self.avg_mean += (1 - self.decay) * mean
+        self.avg_var *= self.decay
+        self.avg_var += (1 - self.decay) * count / max(count - 1., 1.) * var
+        self.mean, self.inv_std = mean, 1 / xp.sqrt(var + self.eps)
+        self.retain_inputs((0, 1))
+        self.retain_outputs((0,))
+        return y,
+
+    def backward(self, indexes, grad_outputs):
+        x, gamma = self.get_retained_inputs()
+        y, = self.get_retained_outputs()
+        grads = BatchNormReLUGrad(self.mean, self.inv_std).apply((x, gamma, y) + grad_outputs)
+        return [grads[i] for i in indexes]
+
+
+class BatchNormReLUGrad(chainer.function_node.FunctionNode):
+    """The gradients of BatchNormReLU (x, gamma, beta), per channel block: with g the ReLU-masked gy and
+    x^ = (x - mean) / std, gbeta = sum g, ggamma = sum g x^, gx = gamma / std (g - (gbeta + x^ ggamma) / M)."""
+
+    def __init__(self, mean, inv_std):
+        self.mean, self.inv_std = mean, inv_std
+
+    def forward(self, inputs):
+        x, gamma, y, gy = inputs
+        xp = get_array_module(x)
+        c, count = x.shape[0], x.size // x.shape[0]
+        gx, ggamma, gbeta = xp.empty_like(x), xp.empty(c, dtype=x.dtype), xp.empty(c, dtype=x.dtype)
+
+        def block(channels):
+            normalized = (x[channels].reshape(-1, count) - self.mean[channels, None]) * self.inv_std[channels, None]
+            g = gy[channels].reshape(-1, count) * (y[channels].reshape(-1, count) > 0)
+            gbeta[channels] = g.sum(axis=1)
+            ggamma[channels] = (g * normalized).sum(axis=1)
+            normalized *= (ggamma[channels] / count)[:, None]
+            normalized += (gbeta[channels] / count)[:, None]
+            g -= normalized
+            g *= (gamma[channels] * self.inv_std[channels])[:, None]
+            gx[channels] = g.reshape(gx[channels].shape)
+        for_blocks(block, channel_blocks(x))
+        return gx, ggamma, gbeta
+
+
+def batch_normalization_relu(x, bn):
+    """Training mode: F.relu(bn(x)) for a chainer.links.BatchNormalization ``bn`` over axes (1, 2, 3) of
+    (C, H, W, N) activations, bn's running statistics updated as bn(x) updates them."""
+    return BatchNormReLU(bn.eps, bn.decay, bn.avg_mean, bn.avg_var).apply((x, bn.gamma, bn.beta))[0]
+
+
 #: The four positions of a 2x2 window, as strided views of the (C, H, W, N) activations.
 _WINDOW = [(slice(None), slice(dy, None, 2), slice(dx, None, 2)) for dy in (0, 1) for dx in (0, 1)]
 

@@ -249,3 +249,43 @@ def test_the_convolution_without_openblas_equals_it_with(monkeypatch):
     monkeypatch.setattr(ops, '_cblas_gemm', lambda dtype: None)
     for a, b in zip(run(), with_blas):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
+
+
+def test_batch_normalization_relu_equals_chainers_link_then_relu(monkeypatch):
+    """Training mode on (C, H, W, N) activations, in channel blocks on two threads: the output, the
+    running statistics after two steps, and the gradients of x, gamma and beta equal
+    F.relu(L.BatchNormalization(axis=(1, 2, 3))(x)); and the node passes gradient_check."""
+    import chainer.links as L
+    from sgrad import ops
+    from sgrad.ops import batch_normalization_relu
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 2048)
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')
+    rng = np.random.RandomState(4)
+    x = rng.randn(5, 6, 4, 3) * 2 + 1
+    gy = rng.randn(*x.shape)
+    links = []
+    for fused in (True, False):
+        bn = L.BatchNormalization(5, axis=(1, 2, 3), dtype=np.float64)
+        bn.gamma.array[...] = rng.uniform(0.5, 1.5, 5) if not links else links[0][0].gamma.array
+        bn.beta.array[...] = rng.normal(0, 0.5, 5) if not links else links[0][0].beta.array
+        xv = chainer.Variable(x.copy())
+        with chainer.using_config('train', True):
+            batch_normalization_relu(xv, bn) if fused else F.relu(bn(xv))  # the first step's statistics
+            y = batch_normalization_relu(xv, bn) if fused else F.relu(bn(xv))
+        y.grad = gy
+        y.backward()
+        links.append((bn, y.array, xv.grad))
+    (fused, y, gx), (reference, y_ref, gx_ref) = links
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert (y == 0).mean() > 0.2  # the ReLU cuts
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-10, atol=1e-12)
+    for name in ('avg_mean', 'avg_var'):
+        np.testing.assert_allclose(getattr(fused, name), getattr(reference, name), rtol=1e-12)
+    for name in ('gamma', 'beta'):
+        np.testing.assert_allclose(getattr(fused, name).grad, getattr(reference, name).grad, rtol=1e-10, atol=1e-12)
+    bn = L.BatchNormalization(5, axis=(1, 2, 3), dtype=np.float64)
+    with chainer.using_config('train', True):
+        gradient_check.check_backward(
+            lambda x, gamma, beta: ops.BatchNormReLU(bn.eps, bn.decay, bn.avg_mean, bn.avg_var).apply(
+                (x, gamma, beta))[0], (x, rng.uniform(0.5, 1.5, 5), rng.normal(0, 0.5, 5)), gy,
+            dtype=np.float64, atol=1e-6, rtol=1e-6)
