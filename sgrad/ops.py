@@ -427,7 +427,8 @@ class BatchNormReLU(chainer.function_node.FunctionNode):
 
 class BatchNormReLUGrad(chainer.function_node.FunctionNode):
     """The gradients of BatchNormReLU (x, gamma, beta), per channel block: with g the ReLU-masked gy and
-    x^ = (x - mean) / std, gbeta = sum g, ggamma = sum g x^, gx = gamma / std (g - (gbeta + x^ ggamma) / M)."""
+    x^ = (x - mean) / std, gbeta = sum g, ggamma = sum g x^, gx = gamma / std (g - (gbeta + x^ ggamma) / M),
+    computed as a g + b x + c per channel (no x^ buffer)."""
 
     def __init__(self, mean, inv_std):
         self.mean, self.inv_std = mean, inv_std
@@ -439,15 +440,17 @@ class BatchNormReLUGrad(chainer.function_node.FunctionNode):
         gx, ggamma, gbeta = xp.empty_like(x), xp.empty(c, dtype=x.dtype), xp.empty(c, dtype=x.dtype)
 
         def block(channels):
-            normalized = (x[channels].reshape(-1, count) - self.mean[channels, None]) * self.inv_std[channels, None]
-            g = gy[channels].reshape(-1, count) * (y[channels].reshape(-1, count) > 0)
+            values, out = x[channels].reshape(-1, count), gx[channels].reshape(-1, count)
+            g = xp.where(y[channels].reshape(-1, count) > 0, gy[channels].reshape(-1, count), 0)
+            mean, inv_std = self.mean[channels], self.inv_std[channels]
             gbeta[channels] = g.sum(axis=1)
-            ggamma[channels] = (g * normalized).sum(axis=1)
-            normalized *= (ggamma[channels] / count)[:, None]
-            normalized += (gbeta[channels] / count)[:, None]
-            g -= normalized
-            g *= (gamma[channels] * self.inv_std[channels])[:, None]
-            gx[channels] = g.reshape(gx[channels].shape)
+            ggamma[channels] = inv_std * (xp.einsum('ij,ij->i', g, values) - mean * gbeta[channels])
+            scale = gamma[channels] * inv_std
+            slope = -scale * inv_std * ggamma[channels] / count
+            xp.multiply(g, scale[:, None], out=out)
+            g = xp.multiply(values, slope[:, None], out=g)
+            out += g
+            out -= (scale * gbeta[channels] / count + slope * mean)[:, None]
         for_blocks(block, channel_blocks(x))
         return gx, ggamma, gbeta
 
