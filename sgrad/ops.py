@@ -127,16 +127,16 @@ def gemm(a, b, out, accumulate=False, transpose_b=False):
     on matrices whose rows are contiguous (column ranges of C-contiguous matrices are), with no
     temporary; NumPy's product on other arrays (CuPy, another BLAS)."""
     function = _cblas_gemm(out.dtype) if isinstance(out, numpy.ndarray) else None
-    if function is None or a.dtype != out.dtype or b.dtype != out.dtype:
+    matrices = (a, b, out)
+    if (function is None or any(m.dtype != out.dtype for m in matrices)
+            or any(m.shape[1] > 1 and m.strides[1] != m.itemsize for m in matrices)):
         product = a @ (b.T if transpose_b else b)
         if accumulate:
             out += product
         else:
             out[...] = product
         return
-    for m in (a, b, out):
-        assert m.strides[1] == m.itemsize, 'rows must be contiguous'
-    rows = lambda m: m.strides[0] // m.itemsize
+    rows = lambda m: m.strides[0] // m.itemsize if m.shape[0] > 1 else max(1, m.shape[1])  # BLAS's leading dimension
     function(_ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE if transpose_b else _NO_TRANSPOSE, out.shape[0], out.shape[1],
              a.shape[1], 1., a.ctypes.data, rows(a), b.ctypes.data, rows(b), 1. if accumulate else 0.,
              out.ctypes.data, rows(out))

@@ -289,3 +289,20 @@ def test_batch_normalization_relu_equals_chainers_link_then_relu(monkeypatch):
             lambda x, gamma, beta: ops.BatchNormReLU(bn.eps, bn.decay, bn.avg_mean, bn.avg_var).apply(
                 (x, gamma, beta))[0], (x, rng.uniform(0.5, 1.5, 5), rng.normal(0, 0.5, 5)), gy,
             dtype=np.float64, atol=1e-6, rtol=1e-6)
+
+
+def test_gemm_on_single_rows_and_columns_and_strided_columns():
+    """The shapes a one-channel layer or a one-image batch hands sgrad.ops.gemm, and a non-contiguous
+    column view (NumPy's product then), against a @ b."""
+    from sgrad import ops
+    rng = np.random.RandomState(1)
+    for m, k, n in ((1, 4, 6), (3, 1, 5), (2, 3, 1), (1, 1, 1)):
+        a, b = rng.randn(m, k).astype(np.float32), rng.randn(k, n).astype(np.float32)
+        out = np.empty((m, n), np.float32)
+        ops.gemm(a, b, out)
+        np.testing.assert_allclose(out, a @ b, rtol=1e-6)
+    a, b = rng.randn(2, 3), rng.randn(3, 10)
+    out = np.zeros((2, 10))
+    ops.gemm(a, b[:, ::2], out[:, ::2])
+    np.testing.assert_allclose(out[:, ::2], a @ b[:, ::2], rtol=1e-12)
+    assert (out[:, 1::2] == 0).all()
