@@ -281,7 +281,8 @@ def max_sensitivity(explain, images, radius=0.02, samples=10, rngs=None, relativ
     base = np.asarray(explain(images), np.float64).reshape(len(images), -1)
     worst = np.zeros(len(images))
     for _ in range(samples):
-        shifted = images + np.stack([rng.uniform(-radius, radius, images.shape[1:]) for rng in rngs]).astype(images.dtype)
+        draws = np.stack([rng.uniform(-radius, radius, images.shape[1:]) for rng in rngs])
+        shifted = images + draws.astype(images.dtype)
         change = np.asarray(explain(shifted), np.float64).reshape(len(images), -1) - base
         worst = np.maximum(worst, np.linalg.norm(change, axis=1))
     if relative:
@@ -297,7 +298,8 @@ def infidelity(scores, images, attributions, noise=0.1, samples=50, rngs=None, n
     element; 2-D maps (N, H, W) meet one I per pixel, shared by its channels. With ``normalize``, Phi is
     first scaled by the beta that minimises the expectation, beta = E[I.Phi dF] / E[(I.Phi)^2] (per image,
     on the same draws), so that a map's scale does not count: captum.metrics.infidelity with
-    normalize=True (a test holds the two equal on the same draws); normalize=False is the paper's definition. ``rngs``: one stream per image (image_streams)."""
+    normalize=True (a test holds the two equal on the same draws); normalize=False is the paper's definition.
+    ``rngs``: one stream per image (image_streams)."""
     images = np.asarray(images)
     phi = np.asarray(attributions, np.float64)
     per_pixel = phi.ndim == 3

@@ -155,8 +155,8 @@ def test_infidelity_of_a_linear_model():
     gradient = np.broadcast_to(w, x.shape)
     np.testing.assert_allclose(infidelity(scores, x, gradient, 0.1, 20, normalize=False), 0, atol=1e-20)
     np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 0.1, 20), 0, atol=1e-20)
-    expected = [((0.1 * np.random.RandomState([7, k]).standard_normal((20, 3, 5, 4)) * w).sum(axis=(1, 2, 3)) ** 2).mean()
-                for k in range(2)]
+    draws = [0.1 * np.random.RandomState([7, k]).standard_normal((20, 3, 5, 4)) for k in range(2)]
+    expected = [((draw * w).sum(axis=(1, 2, 3)) ** 2).mean() for draw in draws]
     streams = [np.random.RandomState([7, k]) for k in range(2)]
     np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 0.1, 20, streams, normalize=False), expected,
                                rtol=1e-10)
