@@ -398,14 +398,16 @@ class BatchNormReLU(chainer.function_node.FunctionNode):
         c, count = x.shape[0], x.size // x.shape[0]
         y = xp.empty_like(x)
         mean, var = xp.empty(c, dtype=x.dtype), xp.empty(c, dtype=x.dtype)
+        inv_std = xp.empty(c, dtype=x.dtype)
 
         def block(channels):
             values = x[channels].reshape(-1, count)
             mean[channels] = values.mean(axis=1)
             centred = values - mean[channels, None]
             var[channels] = (centred * centred).mean(axis=1)
+            inv_std[channels] = 1 / xp.sqrt(var[channels] + self.eps)
             out = y[channels].reshape(-1, count)
-            xp.multiply(centred, (gamma[channels] / xp.sqrt(var[channels] + self.eps))[:, None], out=out)
+            xp.multiply(centred, (gamma[channels] * inv_std[channels])[:, None], out=out)
             out += beta[channels, None]
             xp.maximum(out, 0, out=out)
         for_blocks(block, channel_blocks(x))
@@ -413,7 +415,7 @@ class BatchNormReLU(chainer.function_node.FunctionNode):
         self.avg_mean += (1 - self.decay) * mean
         self.avg_var *= self.decay
         self.avg_var += (1 - self.decay) * count / max(count - 1., 1.) * var
-        self.mean, self.inv_std = mean, 1 / xp.sqrt(var + self.eps)
+        self.mean, self.inv_std = mean, inv_std
         self.retain_inputs((0, 1))
         self.retain_outputs((0,))
         return y,
@@ -441,7 +443,7 @@ class BatchNormReLUGrad(chainer.function_node.FunctionNode):
 
         def block(channels):
             values, out = x[channels].reshape(-1, count), gx[channels].reshape(-1, count)
-            g = xp.where(y[channels].reshape(-1, count) > 0, gy[channels].reshape(-1, count), 0)
+            g = xp.where(_relu_mask(y[channels].reshape(-1, count)), gy[channels].reshape(-1, count), 0)
             mean, inv_std = self.mean[channels], self.inv_std[channels]
             gbeta[channels] = g.sum(axis=1)
             ggamma[channels] = inv_std * (xp.einsum('ij,ij->i', g, values) - mean * gbeta[channels])
