@@ -2,6 +2,7 @@
 against Chainer's, and loading weights."""
 import chainer
 import chainer.functions as F
+import chainer.links as L
 import numpy as np
 import pytest
 from chainer import gradient_check
@@ -128,6 +129,23 @@ def test_folded_batchnorm_copy_gives_the_same_outputs(model, image):
     with pytest.raises(RuntimeError):
         with chainer.using_config('train', True):
             folded(x)
+
+
+def test_folded_copy_keeps_its_weights_when_the_model_changes(image):
+    net = random_cifarnet(width=4, seed=11)
+    x = noisy_copies(image, 0.1, 3, np.random.RandomState(1))
+    folded = net.inference_copy()
+    with chainer.using_config('train', False):
+        before = folded(x).array
+        for param in net.params():
+            param.array *= 1.5   # as an optimizer's in-place update would
+        for link in net.links():
+            if isinstance(link, L.BatchNormalization):
+                link.avg_var += 1.
+        np.testing.assert_array_equal(folded(x).array, before)
+        assert not np.allclose(net(x).array, before)
+    assert not any(np.shares_memory(mine, theirs.array)
+                   for mine in (p.array for p in folded.params()) for theirs in net.params())
 
 
 def test_normalize_standardises_the_training_statistics():
