@@ -354,11 +354,15 @@ def plot_curves(orderings, curves, kinds, fraction, titles):
 
 
 def deletion_insertion(args, model, share, report):
-    from sgrad.metrics import perturbation_curves
+    from sgrad.metrics import curve_ends, perturbation_curves
+    from sgrad.saliency import GradientEngine
+
+    def curves_of(part):
+        ends = curve_ends(GradientEngine(model, batchsize=args.batchsize), part.images, part.targets)
+        return pixel_order_curves(args, model, part, lambda engine, maps: perturbation_curves(
+            engine, part.images, maps, part.targets, args.perturbation_steps, ends), 'curves')
     orderings = pixel_orders(model)
-    curves = sharded(args, model, 'deletion', share, lambda part: pixel_order_curves(
-        args, model, part, lambda engine, maps: perturbation_curves(engine, part.images, maps, part.targets,
-                                                                    args.perturbation_steps), 'curves'))
+    curves = sharded(args, model, 'deletion', share, curves_of)
     if report is None:
         return
     plot_curves(orderings, curves, list(BETTER_AREA), np.linspace(0, 1, args.perturbation_steps + 1),
@@ -455,9 +459,10 @@ def robustness(args, model, share, report):
 
 def knobs(args, model, share, report):
     import matplotlib.pyplot as plt
-    from sgrad.metrics import perturbation_curves, spearman
+    from sgrad.metrics import curve_ends, perturbation_curves, spearman
     from sgrad.saliency import Gradient, GradientEngine, SmoothGrad
     engine = GradientEngine(model, batchsize=args.batchsize)
+    ends = curve_ends(engine, share.images, share.targets)
 
     def smoothgrad_maps(noise, samples, seed):
         method = SmoothGrad(Gradient(engine), noise, samples, 'sum_abs')
@@ -470,7 +475,7 @@ def knobs(args, model, share, report):
         progress(done)
         results['noise', noise] = maps = smoothgrad_maps(noise, args.samples, args.seed)
         for kind, values in perturbation_curves(engine, share.images, maps, share.targets,
-                                                args.perturbation_steps).items():
+                                                args.perturbation_steps, ends).items():
             results['curves', noise, kind] = values
     for done, samples in enumerate(SAMPLE_COUNTS, start=len(NOISE_LEVELS)):
         progress(done)

@@ -100,23 +100,39 @@ def leading_pixels(order, counts):
     return masks
 
 
-def perturbation_curves(engine, images, maps, targets, steps=16):
+def target_probabilities(engine, batch, targets):
+    """The softmax probability of class targets[i] for each image batch[i]."""
+    if not len(batch):
+        return np.empty(0, batch.dtype)
+    return engine.probabilities(batch)[np.arange(len(batch)), targets]
+
+
+def curve_ends(engine, images, targets):
+    """The probability of the target class for the images themselves, black images and their blurred
+    copies, (3, N): where every perturbation curve starts and ends, whatever the pixel order."""
+    batch = np.concatenate([images, np.zeros_like(images), blur(images)])
+    return target_probabilities(engine, batch, np.tile(targets, 3)).reshape(3, len(images))
+
+
+def perturbation_curves(engine, images, maps, targets, steps=16, ends=None):
     """The softmax probability of the target class as the most salient pixels, 1/steps of
     them at a time, are set to black ('deletion', as in the paper), replaced by a blurred copy
     ('blurred deletion': no black holes, which a CNN may react to whatever their place), or
-    restored onto a blurred canvas ('insertion'). Returns {kind: (N, steps + 1) array}."""
+    restored onto a blurred canvas ('insertion'). ``ends``: curve_ends of the images, which the
+    curves of every pixel order share (computed if not given). Returns {kind: (N, steps + 1) array}."""
     n, c, h, w = images.shape
-    counts = np.linspace(0, h * w, steps + 1).astype(int)
-    salient = leading_pixels(relevance_order(maps), counts).reshape(n, steps + 1, 1, h, w)
+    counts = np.linspace(0, h * w, steps + 1).astype(int)[1:-1]  # the inner points; the ends are ``ends``
+    salient = leading_pixels(relevance_order(maps), counts).reshape(n, steps - 1, 1, h, w)
     blurred = blur(images)
-    perturbations = {'deletion': (np.zeros_like(images), ~salient),
-                     'blurred deletion': (blurred, ~salient),
-                     'insertion': (blurred, salient)}
+    original, black, blurred_original = curve_ends(engine, images, targets) if ends is None else ends
+    perturbations = {'deletion': (np.zeros_like(images), ~salient, original, black),
+                     'blurred deletion': (blurred, ~salient, original, blurred_original),
+                     'insertion': (blurred, salient, blurred_original, original)}
     curves = {}
-    for kind, (canvas, keep_image) in perturbations.items():
+    for kind, (canvas, keep_image, first, last) in perturbations.items():
         batch = np.where(keep_image, images[:, None], canvas[:, None]).reshape(-1, c, h, w)
-        probs = engine.probabilities(batch)[np.arange(len(batch)), np.repeat(targets, steps + 1)]
-        curves[kind] = probs.reshape(n, steps + 1)
+        inner = target_probabilities(engine, batch, np.repeat(targets, steps - 1)).reshape(n, steps - 1)
+        curves[kind] = np.column_stack([first, inner, last])
     return curves
 
 

@@ -9,8 +9,10 @@ import pytest
 import evaluate_saliency
 from conftest import needs_cifar10, random_cifarnet
 from test_cli import USER_MODEL
-from sgrad.metrics import (area_under_curve, cascading_randomization, perturbation_curves, randomization_stages,
-                           ranks, spearman, ssim)
+from model import load_model
+from sgrad.data import load_test_images
+from sgrad.metrics import (area_under_curve, blur, cascading_randomization, curve_ends, perturbation_curves,
+                           randomization_stages, ranks, spearman, ssim)
 from sgrad.saliency import Gradient, GradientEngine, channel_sum_abs
 
 
@@ -64,6 +66,37 @@ def test_oracle_ordering_beats_random_on_deletion_and_insertion():
         np.testing.assert_allclose(oracle[kind][:, -1], random[kind][:, -1])
     np.testing.assert_allclose(oracle['insertion'][:, -1], untouched, rtol=1e-5)
     np.testing.assert_allclose(oracle['blurred deletion'][:, -1], oracle['insertion'][:, 0])
+
+
+def test_every_curve_point_is_its_perturbed_image_s_probability():
+    """Real CIFAR-10 images, the shipped model, a gradient map's order: each point of each curve (the
+    end points, which all orders share, included) is the target probability of that perturbed image
+    computed on its own."""
+    model = load_model()
+    images, _ = load_test_images(0, 3)
+    engine = GradientEngine(model)
+    targets = engine.probabilities(images).argmax(axis=1)
+    maps = channel_sum_abs(Gradient(engine).attribute(images, targets))
+    steps = 4
+    curves = perturbation_curves(engine, images, maps, targets, steps)
+    for i, (image, target) in enumerate(zip(images, targets)):
+        ranking = sorted(range(32 * 32), key=lambda p: -maps[i].ravel()[p])  # ties: raster order
+        for k in range(steps + 1):
+            salient = np.zeros(32 * 32, bool)
+            salient[ranking[:k * 32 * 32 // steps]] = True
+            salient = salient.reshape(32, 32)
+            expected = {'deletion': np.where(salient, 0, image),
+                        'blurred deletion': np.where(salient, blur(image), image),
+                        'insertion': np.where(salient, image, blur(image))}
+            for kind, x in expected.items():
+                p = engine.probabilities(x[None].astype(np.float32))[0, target]
+                assert curves[kind][i, k] == pytest.approx(p, rel=1e-5, abs=1e-7), (kind, i, k)
+    ends = curve_ends(engine, images, targets)
+    given = perturbation_curves(engine, images, maps, targets, steps, ends)
+    for kind in curves:
+        np.testing.assert_array_equal(given[kind], curves[kind])
+    ends_only = perturbation_curves(engine, images, maps, targets, 1, ends)
+    np.testing.assert_array_equal(ends_only['deletion'], ends[[0, 1]].T)
 
 
 def test_area_under_curve_of_known_curves():
