@@ -8,8 +8,10 @@
    naive Chainer (standard NCHW layers, the blog's .backward() on the tiled batch), this project
    (whole batch and chunks), PyTorch + Captum NoiseTunnel(Saliency) on the identical network and
    weights, and the FLOP bound (forward + input backward at the measured float32 GEMM rate).
-2. Training images/s (batch 128, MomentumSGD): naive Chainer, this project, PyTorch.
-3. Peak memory of one N=1000 map (tracemalloc, NumPy buffers), whole batch against chunks of 100.
+2. Where a map's time goes: milliseconds per node (each layer's convolution, its gradient, ...) and
+   outside the nodes.
+3. Training images/s (batch 128, MomentumSGD): naive Chainer, this project, PyTorch.
+4. Peak memory of one N=1000 map (tracemalloc, NumPy buffers), whole batch against chunks of 100.
 
 PyTorch and Captum are optional (`pip install torch==2.13.0 captum`, then `pip install
 "setuptools<70"` again, since torch pulls a setuptools that Chainer 7.8.1 cannot import with);
@@ -17,9 +19,10 @@ without them their rows are skipped with a message.
 """
 import argparse
 import os
+import time
 import tracemalloc
 
-from common import blog_smoothgrad, interleaved_median_ms, median_ms  # first: the project on sys.path, sgrad before NumPy
+from common import NodeTimer, blog_smoothgrad, interleaved_median_ms, median_ms  # first: the project on sys.path, sgrad before NumPy
 
 import chainer
 import chainer.functions as F
@@ -173,6 +176,20 @@ def main():
     print('%-46s %12s %14s' % ('variant', 'ms per map', 'x PyTorch time'))
     for name, ms in results:
         print('%-46s %12.1f %14s' % (name, ms, '%.2f' % (ms / reference) if reference else '-'))
+
+    print('\nWhere the time goes: this project, whole batch, ms per map, the mean of %d maps' % args.repeats)
+    timer, start = NodeTimer(), time.perf_counter()
+    with timer:
+        for _ in range(args.repeats):
+            smoothgrad(model, x, target, noise, n, None, np.random.RandomState(0))
+    wall = 1000 * (time.perf_counter() - start) / args.repeats
+    nodes = timer.ms.most_common()
+    rows = [('%s %s' % key, ms) for key, ms in nodes[:12]] + [('other nodes', sum(ms for _, ms in nodes[12:]))]
+    rows = [(name, ms / args.repeats) for name, ms in rows]
+    rows.append(('outside the nodes (noise, Python, the graph)', wall - sum(ms for _, ms in rows)))
+    print('%-46s %12s %14s' % ('node, shape of its first input', 'ms per map', 'share of time'))
+    for name, ms in rows:
+        print('%-46s %12.1f %13.0f%%' % (name, ms, 100 * ms / wall))
 
     print('\nTraining, batch 128, MomentumSGD, images/s (median of %d steps)' % args.train_steps)
     xb = np.random.RandomState(1).rand(128, 3, 32, 32).astype(np.float32)

@@ -1,5 +1,6 @@
 """Timing helpers shared by the benchmark scripts, which import this module first: it puts the
 project on sys.path and imports sgrad before NumPy (sgrad picks OpenBLAS's kernels)."""
+import collections
 import os
 import sys
 import time
@@ -40,3 +41,22 @@ def blog_smoothgrad(forward, model, x, target, noise, samples, rng):
     model.cleargrads()
     F.sum(F.select_item(y, np.full(samples, target, np.int32))).backward()
     return channel_sum_abs(xv.grad)
+
+
+class NodeTimer(chainer.FunctionHook):
+    """Milliseconds spent in each FunctionNode's forward, by (label, shape of its first input): the
+    layers of a network apart. A backward's work runs as forwards of nodes of its own (the gradient
+    nodes), so nothing is counted twice; what no node does (drawing noise, Python, building the graph)
+    is the rest of the wall time."""
+
+    name = 'NodeTimer'
+
+    def __init__(self):
+        self.ms = collections.Counter()
+        self._starts = []
+
+    def forward_preprocess(self, function, in_data):
+        self._starts.append(time.perf_counter())
+
+    def forward_postprocess(self, function, in_data):
+        self.ms[function.label, in_data[0].shape] += 1000 * (time.perf_counter() - self._starts.pop())
