@@ -128,7 +128,10 @@ def results_blocks(text):
 class Share:
     """This rank's share of the study's images (all of them in one process): their pixels,
     targets and indices in the study (the first image's being ``offset``); per-image results go back
-    to rank 0 through ``gather``."""
+    to rank 0 through ``gather``. ``shards_loaded``: (shards loaded from earlier runs, shards) once
+    ``sharded`` has run over it."""
+
+    shards_loaded = None
 
     def __init__(self, images, targets, comm, offset=0):
         self.comm = comm
@@ -204,7 +207,7 @@ def sharded(args, model, section, share, compute):
         return compute(share)
     bounds = shard_bounds(share.total, args.shard_size, 1 if comm is None else comm.size)
     common = section_settings(args, model, section)
-    done = []
+    done, loaded = [], 0
     for number, (start, stop) in enumerate(bounds, 1):
         images, targets = share.study_images[start:stop], share.study_targets[start:stop]
         path = os.path.join(args.out_dir, 'shards', '%s-%06d-%06d.npz' % (section, start, stop))
@@ -212,6 +215,7 @@ def sharded(args, model, section, share, compute):
         rows = load_shard(path, settings) if parallel.is_root(comm) else None
         if parallel.broadcast(rows is not None, comm):
             done.append(rows)
+            loaded += 1
             how = 'loaded from ' + path
         else:
             rows = compute(Share(images, targets, comm, offset=start))
@@ -222,6 +226,7 @@ def sharded(args, model, section, share, compute):
         if len(bounds) > 1 and parallel.is_root(comm):
             print('%s: shard %d/%d (images %d-%d) %s' % (section, number, len(bounds), start, stop - 1, how),
                   flush=True)  # a long run's log shows each shard as it ends
+    share.shards_loaded = (loaded, len(bounds))
     if not parallel.is_root(comm):
         return None
     return {key: np.concatenate([rows[key] for rows in done]) for key in done[0]}
@@ -603,10 +608,13 @@ def main(argv=None):
     for name in args.only:
         section, n = sections[name]
         start = time.time()
-        section(args, model, Share(images[:n], targets[:n], comm), report)
+        share = Share(images[:n], targets[:n], comm)
+        section(args, model, share, report)
         if report is not None:
             line = '%d images, %.0f s on this machine%s' % (min(n, len(images)), time.time() - start,
                                                            ', %d ranks' % ranks if comm else '')
+            if share.shards_loaded and share.shards_loaded[0]:
+                line += ' (%d of its %d shards done by earlier runs)' % share.shards_loaded
             print('%s: %s\n' % (name, line))
             report.end_section(name, line)  # writes results.md: a long run that is cut keeps what it finished
     if report is not None:

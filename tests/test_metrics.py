@@ -196,7 +196,9 @@ def test_a_sharded_section_resumes_and_equals_an_unsharded_run(tmp_path, model_f
     assert evaluate_saliency.main(args + ['-o', out, '--shard-size', '2']) == 0
     printed = capsys.readouterr().out
     assert printed.count('loaded from') == 2 and 'robustness: shard 2/3 (images 2-3) computed, saved' in printed
+    assert 'robustness: 5 images, ' in printed and '(2 of its 3 shards done by earlier runs)' in printed
     assert tables(out) == tables(plain)
     assert evaluate_saliency.main(args + ['-o', out, '--shard-size', '2', '--infidelity-noise', '0.2']) == 0
     printed = capsys.readouterr().out
     assert 'loaded from' not in printed and printed.count('computed, saved in') == 3
+    assert 'earlier runs' not in printed
