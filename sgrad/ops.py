@@ -932,9 +932,10 @@ class FoldsBatchNorm:
 
 def folded_copy(model):
     """A copy of model for saliency maps: every FoldsBatchNorm block folded (same outputs, faster). The
-    links and parameters are new objects holding copies of the arrays, as a deepcopy's would (a later
-    update of model leaves the copy as it was), made in a millisecond: Chainer's share-mode copy, then
-    new parameters (copy.deepcopy of the Python objects took 8-12 ms, a twentieth of a CifarNet map)."""
+    links and parameters are new objects holding copies of the arrays, and the folded weights are
+    computed from the running statistics once, so a later update of model leaves the copy as it was (the
+    statistics' arrays themselves stay shared, read only by the folding). Made in a millisecond:
+    Chainer's share-mode copy, then new parameters (copy.deepcopy took 8-12 ms, a twentieth of a map)."""
     model = model.copy(mode='share')
     for link in model.links():
         own = [(name[1:], param) for name, param in link.namedparams(include_uninit=False) if name.count('/') == 1]
