@@ -8,4 +8,7 @@ python -m pip install --no-build-isolation -r requirements.txt
 # Python 3.12: NumPy has no numpy.distutils, which `import chainer` asks for; this installs a
 # stand-in as a start-up hook of the environment (see sgrad/chainer_py312.py). Nothing on 3.8-3.11.
 python -m sgrad.chainer_py312
+# The compiled 3x3 convolution (sgrad/native.c -> sgrad/_native.so, for this CPU); without a C
+# compiler it says so and the NumPy + OpenBLAS convolution runs instead.
+python -m sgrad.native
 python -c "import chainer, numpy; print('chainer', chainer.__version__, '/ numpy', numpy.__version__, ': ready')"

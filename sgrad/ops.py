@@ -12,6 +12,9 @@ GEMMs, W_ky (O, 3C) @ those columns, accumulate in place in the (O, H*W*N)
 result, which is already the next layer's (C, H, W, N) input. None of the large
 transposes that Chainer's NCHW ``convolution_2d`` pays for (about a quarter of
 its CPU time), a third of im2col's copies, and a third of its buffer.
+Where sgrad.native's compiled kernel is built (setup.sh does), it computes the convolution and its
+input gradient directly instead (``direct_convolution``: no patches, no GEMM; see native.c), and the
+GEMM path stays for the weight gradient, for CuPy arrays and where no C compiler was at hand.
 Every node passes ``chainer.gradient_check`` (tests) and works with NumPy or
 CuPy arrays.
 
@@ -32,7 +35,7 @@ import chainer.functions as F
 import numpy
 from chainer.backend import get_array_module
 
-from sgrad import _openblas_function, blas_threads
+from sgrad import _openblas_function, blas_threads, native
 
 
 #: Bytes of one block of blocked work (for_blocks): small enough that a block's input, output and
@@ -199,6 +202,34 @@ def _column_range(columns, count):
     return span.start, span.stop
 
 
+def _output_blocks(channels, rows):
+    """(output channels, rows) slice pairs for the direct convolution, at least one per thread: ranges of
+    whole tiles of output channels, and rows cut too where there are fewer tiles than threads."""
+    workers, tile = worker_count(), native.tile_channels()
+    tiles = -(-channels // tile)
+    parts = min(tiles, workers)
+    row_parts = min(rows, -(-workers // parts))
+    return [(slice(tile * (tiles * i // parts), tile * (tiles * (i + 1) // parts)),
+             slice(rows * k // row_parts, rows * (k + 1) // row_parts))
+            for i in range(parts) for k in range(row_parts)]
+
+
+def direct_convolution(x, W, b=None, relu=False, mask=None):
+    """The 3x3 convolution (pad 1) of (C, H, W, N) x with (O, C, 3, 3) kernels W, plus b, then ReLU if
+    ``relu``, of x where ``mask`` > 0 only if a mask is given, by sgrad.native's compiled kernel on
+    every core; None where that kernel cannot take these arrays (not built, CuPy, another dtype)."""
+    if W.dtype != x.dtype or not native.supports(x, *(a for a in (b, mask) if a is not None)):
+        return None
+    c, h, w, n = x.shape
+    xpad = native.empty_with_slack((c, (h + 2) * (w + 2) * n), x.dtype)
+    for_blocks(lambda channels: native.pad(x, mask, xpad, channels), channel_blocks(x))
+    kernels = native.tile_kernels(W)
+    y = native.empty_with_slack((W.shape[0], h, w, n), x.dtype)
+    for_blocks(lambda block: native.convolve(xpad, x.shape, kernels, b, relu, y, *block),
+               _output_blocks(W.shape[0], h))
+    return y
+
+
 def _relu_mask(y, cap=None, guide=None):
     """Where a ReLU passes the gradient, read off its output y: y > 0 (and y < cap for the clipped
     min(max(x, 0), cap)), and also guide > 0 under Guided Backprop (guide: the incoming gradient)."""
@@ -270,12 +301,13 @@ def relu_gradient(y, gy, guided, cap=None):
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):
-    """y = W * x (+ b) (then ReLU if ``relu``), 3x3 kernel, pad 1, stride 1, (C, H, W, N) layout:
-    y[:, h] = sum over ky of W_ky (O, 3C) @ the row_patches of row h + ky, three GEMMs accumulated in
-    place on each column block of y, bias and ReLU applied to the block while it is fresh.
+    """y = W * x (+ b) (then ReLU if ``relu``), 3x3 kernel, pad 1, stride 1, (C, H, W, N) layout.
 
-    The row_patches buffer is kept for the weight gradient only in training mode;
-    otherwise (saliency: input gradients only) it is rebuilt if ever needed.
+    By sgrad.native's compiled kernel where it is built (direct_convolution); else y[:, h] = sum over
+    ky of W_ky (O, 3C) @ the row_patches of row h + ky, three GEMMs accumulated in place on each column
+    block of y, bias and ReLU applied to the block while it is fresh. The row_patches buffer, which the
+    weight gradient needs, is then kept in training mode; otherwise (and always after the compiled
+    kernel) it is built if that gradient is asked for.
     """
 
     def __init__(self, relu=False):
@@ -285,6 +317,14 @@ class Convolution3x3(chainer.function_node.FunctionNode):
 
     def forward(self, inputs):
         x, W = inputs[:2]
+        self.x_shape = x.shape
+        self.retain_inputs((0, 1))
+        if self.relu:
+            self.retain_outputs((0,))
+        y = direct_convolution(x, W, inputs[2] if len(inputs) == 3 else None, self.relu)
+        if y is not None:
+            self.rows = None  # the weight gradient builds it
+            return y,
         xp = get_array_module(x)
         c, h, w, n = x.shape
         rows, kernels = row_patches(x), _kernels_by_row(W)
@@ -301,10 +341,6 @@ class Convolution3x3(chainer.function_node.FunctionNode):
                 xp.maximum(out, 0, out=out)
         for_blocks(block, column_blocks(y))
         self.rows = rows if chainer.config.train else None
-        self.x_shape = x.shape
-        self.retain_inputs((0, 1))
-        if self.relu:
-            self.retain_outputs((0,))
         return y.reshape((W.shape[0],) + x.shape[1:]),
 
     def backward(self, indexes, grad_outputs):
@@ -312,6 +348,8 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         gy, = grad_outputs
         if self.relu:
             y, = self.get_retained_outputs()
+            if indexes == (0,) and not self.guided:  # saliency: the ReLU's mask applied inside the input gradient
+                return Convolution3x3InputGrad(self.x_shape, y.array).apply((W, gy))
             gy = relu_gradient(y, gy, self.guided)
         ret = []
         if 0 in indexes:
@@ -325,15 +363,24 @@ class Convolution3x3(chainer.function_node.FunctionNode):
 
 
 class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
-    """Gradient with respect to the input: the row_patches gradient, sum over ky of W_ky^T gy placed
-    ky rows down (each column block of it summed from the gy columns that reach it), then
+    """Gradient with respect to the input, of the convolution, or given ``relu_output`` (the output of
+    ReLU(convolution)) of the convolution and its ReLU: the adjoint of a 3x3 convolution is the
+    convolution with kernels transposed and flipped, which sgrad.native computes (the ReLU's mask
+    applied as it pads gy). Without it: the row_patches gradient, sum over ky of W_ky^T gy placed ky
+    rows down (each column block of it summed from the gy columns that reach it), then
     row_patches_adjoint."""
 
-    def __init__(self, x_shape):
+    def __init__(self, x_shape, relu_output=None):
         self.x_shape = x_shape
+        self.relu_output = relu_output
 
     def forward(self, inputs):
         W, gy = inputs
+        g = direct_convolution(gy, W.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], mask=self.relu_output)
+        if g is not None:
+            return g,
+        if self.relu_output is not None:
+            gy = gy * (self.relu_output > 0)
         xp = get_array_module(gy)
         c, h, w, n = self.x_shape
         gy = gy.reshape(gy.shape[0], -1)

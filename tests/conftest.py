@@ -31,6 +31,17 @@ def random_cifarnet(width=4, seed=0, dtype=np.float32):
     return model
 
 
+@pytest.fixture(params=['compiled', 'numpy'])
+def convolution_path(request, monkeypatch):
+    """Runs a test on both 3x3 convolutions: sgrad.native's compiled kernel, and the NumPy + OpenBLAS one."""
+    from sgrad import native
+    if request.param == 'numpy':
+        monkeypatch.setattr(native, 'library', lambda: None)
+    elif native.library() is None:
+        pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+    return request.param
+
+
 @pytest.fixture(scope='session')
 def model():
     return random_cifarnet()

@@ -51,7 +51,7 @@ def chwn_to_nchw(a):
 
 @pytest.mark.parametrize('bias, relu', [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize('shape', [(2, 3, 8, 8), (1, 4, 5, 6)])
-def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, relu):
+def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, relu, convolution_path):
     rng = np.random.RandomState(0)
     x = rng.randn(*shape)
     W = rng.randn(5, shape[1], 3, 3)
@@ -69,6 +69,9 @@ def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, 
                                       dtype=np.float64, atol=1e-6, rtol=1e-6)
     with chainer.using_config('train', False):  # rebuilds it
         gradient_check.check_backward(lambda *a: convolution_3x3(*a, relu=relu), inputs, gy,
+                                      dtype=np.float64, atol=1e-6, rtol=1e-6)
+        # the input gradient alone (saliency), where the ReLU's mask is applied inside it
+        gradient_check.check_backward(lambda x: convolution_3x3(x, *inputs[1:], relu=relu), inputs[0], gy,
                                       dtype=np.float64, atol=1e-6, rtol=1e-6)
 
 
@@ -185,7 +188,7 @@ def test_load_model_rejects_other_architectures(tmp_path):
 
 
 @pytest.mark.parametrize('train', [False, True])
-def test_channel_major_model_equals_plain_chainer_nchw(image, train):
+def test_channel_major_model_equals_plain_chainer_nchw(image, train, convolution_path):
     """Outputs and parameter gradients of the model equal Chainer's standard layers on the same weights."""
     model = random_cifarnet(seed=4)  # its own: training mode updates BatchNorm's running averages
     x = noisy_copies(image, 0.1, 6, np.random.RandomState(0))
@@ -205,7 +208,7 @@ def test_channel_major_model_equals_plain_chainer_nchw(image, train):
 
 
 @pytest.mark.parametrize('train', [True, False], ids=['training', 'saliency'])
-def test_the_model_in_many_small_blocks_equals_one_block_on_one_thread(image, train, monkeypatch):
+def test_the_model_in_many_small_blocks_equals_one_block_on_one_thread(image, train, monkeypatch, convolution_path):
     """The channel-major nodes' blocked, threaded work (sgrad.ops.for_blocks: row_patches and its adjoint,
     the GEMMs in column blocks, the weight gradient summed over them, pooling, ReLU) against one block on
     one thread."""
@@ -252,8 +255,10 @@ def test_gemm_on_column_ranges_equals_numpy(dtype, monkeypatch):
 
 
 def test_the_convolution_without_openblas_equals_it_with(monkeypatch):
-    """CuPy arrays and NumPy on another BLAS take NumPy's product: the model's outputs and gradients equal."""
-    from sgrad import ops
+    """CuPy arrays and NumPy on another BLAS take NumPy's product: the model's outputs and gradients equal
+    (the compiled convolution off, so that the GEMM path runs)."""
+    from sgrad import native, ops
+    monkeypatch.setattr(native, 'library', lambda: None)
     model = random_cifarnet(seed=3, dtype=np.float64)
     x = np.random.RandomState(1).rand(3, 3, 32, 32)
 

@@ -1,0 +1,165 @@
+/* The 3x3 convolution (pad 1, stride 1) of (C, H, W, N) activations, computed directly: no im2col, no
+ * GEMM. Built by `python -m sgrad.native` (setup.sh) into _native.so beside this file; sgrad/native.py
+ * calls it and sgrad/ops.py falls back to its NumPy + OpenBLAS path where it is absent.
+ *
+ * With the batch innermost, one image row of one channel is a contiguous run of W*N numbers, and in the
+ * input padded by one pixel all round, (C, H+2, (W+2)*N), the tap (ky, kx) of output row h is the run
+ * of padded row h + ky starting kx*N numbers in. So
+ *
+ *     y[o, h, j] = b[o] + sum over c, ky, kx of  W[o, c, ky, kx] * xpad[c, h + ky, j + kx*N]
+ *
+ * is, for every output row, sums of contiguous runs scaled by scalars. A tile keeps OB output channels
+ * times VB vectors of one row in registers while the channels stream past (in chunks of CB, so that
+ * the rows a chunk reads stay in the L1 cache while every block of output channels uses them); bias
+ * and ReLU are applied as the tile is stored. The input gradient is the same convolution of the
+ * output gradient with the kernels transposed and flipped, its ReLU mask applied while padding.
+ *
+ * The file is compiled twice over (float, then double) by including itself: one source, two types.
+ */
+#ifndef REAL
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VBYTES 64
+#elif defined(__AVX__)
+#define VBYTES 32
+#else
+#define VBYTES 16
+#endif
+#ifndef OB
+#define OB 8 /* output channels per tile */
+#endif
+#ifndef VB
+#define VB 3 /* vectors per tile: OB x VB accumulators, VB inputs and a weight in 32 vector registers */
+#endif
+#ifndef CB
+#define CB 8 /* input channels per chunk */
+#endif
+
+int tile_channels(void) { return OB; }
+
+#define REAL float
+#define NAME(name) name##_float
+#include "native.c"
+#undef REAL
+#undef NAME
+#define REAL double
+#define NAME(name) name##_double
+#include "native.c"
+
+#else
+typedef REAL NAME(vec) __attribute__((vector_size(VBYTES), aligned(sizeof(REAL)), may_alias));
+#define vec NAME(vec)
+#define VL ((int)(VBYTES / sizeof(REAL)))
+
+/* The tile of output channels [o0, o0 + OB) (those below O) and nv vectors of row h from column j0 on,
+ * summed over input channels [c0, c1): from zero if first, else added to what y holds; bias and ReLU
+ * applied if last. w: the chunk's kernels, (c1 - c0, 9, OB). The last vector of a row may be partial:
+ * its loads read on into the next row (or the arrays' slack), its store stops at the row's end. */
+static inline __attribute__((always_inline)) void
+NAME(tile)(const REAL *xpad, int H, int W, int N, const REAL *w, int nv, int c0, int c1, int first,
+           int last, const REAL *bias, int relu, REAL *y, int O, int o0, int h, int j0)
+{
+    size_t L = (size_t)W * N, prow = L + 2 * (size_t)N, plane = (size_t)(H + 2) * prow;
+    size_t ostride = (size_t)H * L;
+    REAL *out = y + ((size_t)o0 * H + h) * L + j0;
+    int outputs = O - o0 < OB ? O - o0 : OB;
+    vec acc[OB][VB];
+#pragma GCC unroll 8
+    for (int o = 0; o < OB; o++)
+#pragma GCC unroll 8
+        for (int v = 0; v < VB; v++)
+            if (v < nv)
+                acc[o][v] = first || o >= outputs ? (vec){0} : *(const vec *)(out + o * ostride + v * VL);
+    for (int c = c0; c < c1; c++) {
+        const REAL *rows = xpad + c * plane + (size_t)h * prow + j0;
+        for (int ky = 0; ky < 3; ky++)
+            for (int kx = 0; kx < 3; kx++, w += OB) {
+                const REAL *run = rows + ky * prow + kx * N;
+                vec x[VB];
+#pragma GCC unroll 8
+                for (int v = 0; v < VB; v++)
+                    if (v < nv)
+                        x[v] = *(const vec *)(run + v * VL);
+#pragma GCC unroll 8
+                for (int o = 0; o < OB; o++)
+#pragma GCC unroll 8
+                    for (int v = 0; v < VB; v++)
+                        if (v < nv)
+                            acc[o][v] += w[o] * x[v];
+            }
+    }
+    for (int o = 0; o < outputs; o++)
+        for (int v = 0; v < nv; v++) {
+            vec r = acc[o][v];
+            if (last && bias)
+                r += bias[o0 + o];
+            if (last && relu) {
+                __typeof__(r > 0) positive = r > 0;
+                r = (vec)((__typeof__(positive))r & positive);
+            }
+            int left = (int)(L - j0) - v * VL;
+            if (left >= VL)
+                *(vec *)(out + o * ostride + v * VL) = r;
+            else
+                memcpy(out + o * ostride + v * VL, &r, left * sizeof(REAL));
+        }
+}
+
+/* y (O, H, W*N) = the convolution of xpad (C, H+2, (W+2)*N) with the kernels wr (ceil(O/OB), C, 9, OB),
+ * plus bias (or NULL), then ReLU if relu; output channels [o_begin, o_end) (o_begin a multiple of OB),
+ * rows [h_begin, h_end). Both arrays need VL numbers of slack after their end. */
+void NAME(convolution_3x3)(const REAL *xpad, int C, int H, int W, int N, const REAL *wr, const REAL *bias,
+                           int relu, REAL *y, int O, int o_begin, int o_end, int h_begin, int h_end)
+{
+    int L = W * N;
+    for (int h = h_begin; h < h_end; h++)
+        for (int c0 = 0; c0 < C; c0 += CB) {
+            int c1 = c0 + CB < C ? c0 + CB : C, first = c0 == 0, last = c1 == C;
+            for (int j0 = 0; j0 < L; j0 += VB * VL) {
+                int nv = (L - j0 + VL - 1) / VL;
+                nv = nv < VB ? nv : VB;
+                for (int o0 = o_begin; o0 < o_end; o0 += OB) {
+                    const REAL *w = wr + ((size_t)(o0 / OB) * C + c0) * 9 * OB;
+#define TILE(n) NAME(tile)(xpad, H, W, N, w, n, c0, c1, first, last, bias, relu, y, O, o0, h, j0)
+                    switch (nv) {  /* a constant count per case, so that the tile unrolls fully */
+                    case VB: TILE(VB); break;
+#if VB > 3
+                    case 3: TILE(3); break;
+#endif
+#if VB > 2
+                    case 2: TILE(2); break;
+#endif
+                    default: TILE(1);
+                    }
+#undef TILE
+                }
+            }
+        }
+}
+
+/* x (C, H, W*N) -> xpad (C, H+2, (W+2)*N), zeros all round, for channels [c_begin, c_end); where mask
+ * is not NULL, each number is kept only where mask (same shape as x) is positive (a ReLU's gradient). */
+void NAME(pad)(const REAL *x, const REAL *mask, int H, int W, int N, REAL *xpad, int c_begin, int c_end)
+{
+    size_t L = (size_t)W * N, prow = L + 2 * (size_t)N;
+    for (int c = c_begin; c < c_end; c++) {
+        REAL *plane = xpad + (size_t)c * (H + 2) * prow;
+        memset(plane, 0, (prow + N) * sizeof(REAL));
+        for (int h = 0; h < H; h++) {
+            REAL *row = plane + (h + 1) * prow + N;
+            size_t at = ((size_t)c * H + h) * L;
+            if (mask)
+                for (size_t j = 0; j < L; j++)
+                    row[j] = mask[at + j] > 0 ? x[at + j] : 0;
+            else
+                memcpy(row, x + at, L * sizeof(REAL));
+            memset(row + L, 0, 2 * N * sizeof(REAL));  /* this row's right pad, the next one's left */
+        }
+        memset(plane + (H + 1) * prow + N, 0, (prow - N) * sizeof(REAL));
+    }
+}
+#undef vec
+#undef VL
+#endif

@@ -1,0 +1,118 @@
+"""The compiled 3x3 convolution of sgrad/native.c, through ctypes.
+
+``python -m sgrad.native`` (run by setup.sh) compiles native.c with the C compiler into _native.so
+beside it, for this machine's vector instructions (-march=native). Where it is not built (no
+compiler), or SGRAD_NATIVE=0 is set, ``library()`` is None and sgrad.ops runs its NumPy + OpenBLAS
+convolution instead; the two agree to rounding (tests). ctypes releases the GIL during a call, so
+sgrad.ops.for_blocks runs blocks of the work on every core.
+"""
+import ctypes
+import functools
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+
+import numpy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, 'native.c')
+LIBRARY = os.path.join(HERE, '_native.so')
+FLAGS = ['-O3', '-march=native', '-shared', '-fPIC']
+
+#: Numbers past the end of an array that the kernel may read (one vector of its widest kind, 64 bytes)
+SLACK_BYTES = 64
+
+_TYPES = {numpy.dtype(numpy.float32): 'float', numpy.dtype(numpy.float64): 'double'}
+
+
+def build(compiler=None):
+    """Compile native.c into LIBRARY (through a temporary file: never a half-written library).
+    Returns LIBRARY; raises CalledProcessError or OSError if the compiler fails or is missing."""
+    compiler = compiler or os.environ.get('CC') or (sysconfig.get_config_var('CC') or 'cc').split()[0]
+    handle, partial = tempfile.mkstemp(suffix='.so', dir=HERE)
+    os.close(handle)
+    try:
+        subprocess.run([compiler, *FLAGS, SOURCE, '-o', partial], check=True)
+        os.chmod(partial, 0o755)
+        os.replace(partial, LIBRARY)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return LIBRARY
+
+
+@functools.lru_cache(maxsize=None)
+def library():
+    """The loaded library with its functions' argument types set, or None (not built, built from an older
+    native.c, or disabled with SGRAD_NATIVE=0)."""
+    if os.environ.get('SGRAD_NATIVE') == '0' or not os.path.exists(LIBRARY):
+        return None
+    if os.path.getmtime(LIBRARY) < os.path.getmtime(SOURCE):
+        warnings.warn('sgrad/_native.so is older than sgrad/native.c: rebuild it with `python -m sgrad.native`; '
+                      'the NumPy + OpenBLAS convolution runs meanwhile')
+        return None
+    lib = ctypes.CDLL(LIBRARY)
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    lib.tile_channels.restype = ctypes.c_int
+    for kind in _TYPES.values():
+        getattr(lib, 'convolution_3x3_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
+            integer, pointer] + [integer] * 5
+        getattr(lib, 'pad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
+    return lib
+
+
+def supports(*arrays):
+    """Whether the kernel can take these arrays: NumPy, one floating type (float32 or float64), C order."""
+    return (library() is not None and all(isinstance(a, numpy.ndarray) and a.flags.c_contiguous for a in arrays)
+            and len({a.dtype for a in arrays}) == 1 and arrays[0].dtype in _TYPES)
+
+
+def empty_with_slack(shape, dtype):
+    """An uninitialised C-order array with SLACK_BYTES of memory after its end, for the kernel to read."""
+    size = int(numpy.prod(shape))
+    return numpy.empty(size + SLACK_BYTES // numpy.dtype(dtype).itemsize, dtype)[:size].reshape(shape)
+
+
+def pad(x, mask, xpad, channels):
+    """xpad[channels] = x[channels] (C, H, W, N) padded by a zero pixel all round, as (C, H+2, (W+2)*N);
+    times mask > 0 where a mask (x's shape) is given."""
+    c, h, w, n = x.shape
+    getattr(library(), 'pad_' + _TYPES[x.dtype])(
+        x.ctypes.data, None if mask is None else mask.ctypes.data, h, w, n, xpad.ctypes.data,
+        channels.start, min(channels.stop, c))
+
+
+def convolve(xpad, x_shape, kernels, bias, relu, y, outputs, rows):
+    """y[outputs, rows] of the convolution of the padded input xpad (see pad) with ``kernels`` (tiled
+    by tile_kernels), plus bias (or None), then ReLU if ``relu``."""
+    c, h, w, n = x_shape
+    getattr(library(), 'convolution_3x3_' + _TYPES[xpad.dtype])(
+        xpad.ctypes.data, c, h, w, n, kernels.ctypes.data, None if bias is None else bias.ctypes.data,
+        int(relu), y.ctypes.data, y.shape[0], outputs.start, min(outputs.stop, y.shape[0]), rows.start,
+        min(rows.stop, h))
+
+
+def tile_channels():
+    """Output channels per tile of the kernel (OB in native.c)."""
+    return library().tile_channels()
+
+
+def tile_kernels(W):
+    """(O, C, 3, 3) kernels -> (ceil(O / T), C, 9, T), T = tile_channels(), zeros for the missing output
+    channels: each tile's kernels in the order the kernel reads them."""
+    o, c = W.shape[:2]
+    tile = tile_channels()
+    groups = -(-o // tile)
+    tiled = numpy.zeros((groups * tile, c, 9), W.dtype)
+    tiled[:o] = W.reshape(o, c, 9)
+    return numpy.ascontiguousarray(tiled.reshape(groups, tile, c, 9).transpose(0, 2, 3, 1))
+
+
+if __name__ == '__main__':
+    try:
+        print('built', build())
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f'sgrad.native: not built ({error}); the NumPy + OpenBLAS convolution will be used', file=sys.stderr)
