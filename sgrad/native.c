@@ -1,5 +1,5 @@
 /* The 3x3 convolution (pad 1, stride 1) of (C, H, W, N) activations, computed directly: no im2col, no
- * GEMM. Built by `python -m sgrad.native` (setup.sh) into _native.so beside this file; sgrad/native.py
+ * GEMM; and the 2x2 max pooling after it, which keeps each window's first maximum for its gradient. Built by `python -m sgrad.native` (setup.sh) into _native.so beside this file; sgrad/native.py
  * calls it and sgrad/ops.py falls back to its NumPy + OpenBLAS path where it is absent.
  *
  * With the batch innermost, one image row of one channel is a contiguous run of W*N numbers, and in the
@@ -159,6 +159,53 @@ void NAME(pad)(const REAL *x, const REAL *mask, int H, int W, int N, REAL *xpad,
         }
         memset(plane + (H + 1) * prow + N, 0, (prow - N) * sizeof(REAL));
     }
+}
+
+/* y (C, H/2, W/2, N) = the maximum of each 2x2 window (stride 2) of x (C, H, W, N), and first (y's
+ * shape) = the position in the window (0-3, row by row) of its first maximum, for channels
+ * [c_begin, c_end). A NaN is the maximum of its window, the first NaN if several. */
+void NAME(max_pooling_2x2)(const REAL *x, int H, int W, int N, REAL *y, unsigned char *first, int c_begin,
+                           int c_end)
+{
+    size_t row = (size_t)W * N;
+    for (int c = c_begin; c < c_end; c++)
+        for (int oh = 0; oh < H / 2; oh++)
+            for (int ow = 0; ow < W / 2; ow++) {
+                const REAL *top = x + ((size_t)c * H + 2 * oh) * row + 2 * (size_t)ow * N, *bottom = top + row;
+                const REAL *window[4] = {top, top + N, bottom, bottom + N};
+                size_t at = (((size_t)c * (H / 2) + oh) * (W / 2) + ow) * N;
+                for (int n = 0; n < N; n++) {
+                    REAL m = window[0][n];
+                    unsigned char k = 0;
+                    for (unsigned char p = 1; p < 4; p++) {
+                        REAL v = window[p][n];
+                        if ((v > m || v != v) && m == m) {
+                            m = v;
+                            k = p;
+                        }
+                    }
+                    y[at + n] = m;
+                    first[at + n] = k;
+                }
+            }
+}
+
+/* gx (C, H, W, N) = gy (C, H/2, W/2, N) at each window's first maximum (first, from max_pooling_2x2),
+ * zero elsewhere, for channels [c_begin, c_end). */
+void NAME(max_pooling_2x2_grad)(const REAL *gy, const unsigned char *first, int H, int W, int N, REAL *gx,
+                                int c_begin, int c_end)
+{
+    size_t row = (size_t)W * N;
+    for (int c = c_begin; c < c_end; c++)
+        for (int oh = 0; oh < H / 2; oh++)
+            for (int ow = 0; ow < W / 2; ow++) {
+                REAL *top = gx + ((size_t)c * H + 2 * oh) * row + 2 * (size_t)ow * N, *bottom = top + row;
+                REAL *window[4] = {top, top + N, bottom, bottom + N};
+                size_t at = (((size_t)c * (H / 2) + oh) * (W / 2) + ow) * N;
+                for (unsigned char p = 0; p < 4; p++)
+                    for (int n = 0; n < N; n++)
+                        window[p][n] = first[at + n] == p ? gy[at + n] : 0;
+            }
 }
 #undef vec
 #undef VL

@@ -1,4 +1,4 @@
-"""The compiled 3x3 convolution of sgrad/native.c, through ctypes.
+"""The compiled 3x3 convolution and 2x2 max pooling of sgrad/native.c, through ctypes.
 
 ``python -m sgrad.native`` (run by setup.sh) compiles native.c with the C compiler into _native.so
 beside it, for this machine's vector instructions (-march=native). Where it is not built (no
@@ -61,6 +61,8 @@ def library():
         getattr(lib, 'convolution_3x3_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
             integer, pointer] + [integer] * 5
         getattr(lib, 'pad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
+        getattr(lib, 'max_pooling_2x2_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] * 2 + [integer] * 2
+        getattr(lib, 'max_pooling_2x2_grad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
     return lib
 
 
@@ -93,6 +95,21 @@ def convolve(xpad, x_shape, kernels, bias, relu, y, outputs, rows):
         xpad.ctypes.data, c, h, w, n, kernels.ctypes.data, None if bias is None else bias.ctypes.data,
         int(relu), y.ctypes.data, y.shape[0], outputs.start, min(outputs.stop, y.shape[0]), rows.start,
         min(rows.stop, h))
+
+
+def max_pooling_2x2(x, y, first, channels):
+    """y[channels] = the 2x2, stride-2 max pooling of x[channels] (C, H, W, N), first[channels] (uint8,
+    y's shape) = the window position (0-3, row by row) of each window's first maximum."""
+    c, h, w, n = x.shape
+    getattr(library(), 'max_pooling_2x2_' + _TYPES[x.dtype])(
+        x.ctypes.data, h, w, n, y.ctypes.data, first.ctypes.data, channels.start, min(channels.stop, c))
+
+
+def max_pooling_2x2_grad(gy, first, gx, channels):
+    """gx[channels] = gy[channels] at each window's first maximum, zero elsewhere."""
+    c, h, w, n = gx.shape
+    getattr(library(), 'max_pooling_2x2_grad_' + _TYPES[gy.dtype])(
+        gy.ctypes.data, first.ctypes.data, h, w, n, gx.ctypes.data, channels.start, min(channels.stop, c))
 
 
 def tile_channels():

@@ -532,6 +532,13 @@ class MaxPooling2x2(chainer.function_node.FunctionNode):
         x, = inputs
         xp = get_array_module(x)
         y = xp.empty_like(x[_WINDOW[0]])
+        self.retain_inputs((0,))
+        self.retain_outputs((0,))
+        self.first = None
+        if native.supports(x) and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+            self.first = numpy.empty(y.shape, numpy.uint8)
+            for_blocks(lambda channels: native.max_pooling_2x2(x, y, self.first, channels), channel_blocks(x))
+            return y,
 
         def block(channels):
             out = y[channels]
@@ -539,14 +546,12 @@ class MaxPooling2x2(chainer.function_node.FunctionNode):
             for w in _WINDOW[2:]:
                 xp.maximum(out, x[channels][w], out=out)
         for_blocks(block, channel_blocks(x))
-        self.retain_inputs((0,))
-        self.retain_outputs((0,))
         return y,
 
     def backward(self, indexes, grad_outputs):
         x, = self.get_retained_inputs()
         y, = self.get_retained_outputs()
-        return MaxPooling2x2Grad(x.array, y.array).apply(grad_outputs)
+        return MaxPooling2x2Grad(x.array, y.array, self.first).apply(grad_outputs)
 
 
 def first_maximum_masks(x, y):
@@ -568,20 +573,31 @@ def first_maximum_masks(x, y):
 
 
 class MaxPooling2x2Grad(chainer.function_node.FunctionNode):
-    """Scatters the pooled gradient to each window's first maximum; linear in the
-    gradient, so its own backward gathers with the same masks."""
+    """Scatters the pooled gradient to each window's first maximum (``first``: its window position, from
+    the compiled forward; else found again from x and y); linear in the gradient, so its own backward
+    gathers with the same masks."""
 
-    def __init__(self, x, y):
-        self.masks = first_maximum_masks(x, y)
+    def __init__(self, x, y, first=None):
+        self.x, self.y, self.first = x, y, first
         self.x_shape = x.shape
+
+    @property
+    def masks(self):
+        if self.first is None:
+            return first_maximum_masks(self.x, self.y)
+        return [self.first == position for position in range(len(_WINDOW))]
 
     def forward(self, inputs):
         gy, = inputs
         xp = get_array_module(gy)
         gx = xp.empty(self.x_shape, dtype=gy.dtype)
+        if self.first is not None and native.supports(gy):
+            for_blocks(lambda channels: native.max_pooling_2x2_grad(gy, self.first, gx, channels), channel_blocks(gx))
+            return gx,
+        masks = self.masks
 
         def block(channels):
-            for w, mask in zip(_WINDOW, self.masks):
+            for w, mask in zip(_WINDOW, masks):
                 xp.multiply(gy[channels], mask[channels], out=gx[channels][w])
         for_blocks(block, channel_blocks(gy))
         return gx,

@@ -32,8 +32,9 @@ def random_cifarnet(width=4, seed=0, dtype=np.float32):
 
 
 @pytest.fixture(params=['compiled', 'numpy'])
-def convolution_path(request, monkeypatch):
-    """Runs a test on both 3x3 convolutions: sgrad.native's compiled kernel, and the NumPy + OpenBLAS one."""
+def kernel_path(request, monkeypatch):
+    """Runs a test on both kinds of 3x3 convolution and 2x2 max pooling: sgrad.native's compiled kernels,
+    and the NumPy + OpenBLAS ones."""
     from sgrad import native
     if request.param == 'numpy':
         monkeypatch.setattr(native, 'library', lambda: None)

@@ -51,7 +51,7 @@ def chwn_to_nchw(a):
 
 @pytest.mark.parametrize('bias, relu', [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize('shape', [(2, 3, 8, 8), (1, 4, 5, 6)])
-def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, relu, convolution_path):
+def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, relu, kernel_path):
     rng = np.random.RandomState(0)
     x = rng.randn(*shape)
     W = rng.randn(5, shape[1], 3, 3)
@@ -75,7 +75,7 @@ def test_convolution_3x3_matches_chainer_and_passes_gradient_check(shape, bias, 
                                       dtype=np.float64, atol=1e-6, rtol=1e-6)
 
 
-def test_max_pooling_2x2_matches_chainer_and_passes_gradient_check():
+def test_max_pooling_2x2_matches_chainer_and_passes_gradient_check(kernel_path):
     rng = np.random.RandomState(0)
     x = rng.randn(3, 2, 6, 8)
     np.testing.assert_array_equal(chwn_to_nchw(max_pooling_2x2(nchw_to_chwn(x)).array), F.max_pooling_2d(x, 2).array)
@@ -94,14 +94,14 @@ def first_and_second_backward(pool, x, gy, ggx):
     return y.array, gx.array, ggy.array
 
 
-def test_max_pooling_2x2_gives_a_tied_window_to_its_first_maximum_like_chainer():
+def test_max_pooling_2x2_gives_a_tied_window_to_its_first_maximum_like_chainer(kernel_path):
     """Flat image regions make exact ties; finite differences are undefined there, so the
     reference is F.max_pooling_2d (the first maximum in window order, row by row)."""
     rng = np.random.RandomState(0)
     x = rng.randint(0, 3, size=(2, 3, 8, 8)).astype(np.float64)   # most windows tie, some at 0
     x[0, 0, :4, :4] = 2.                                         # whole windows tied
     gy, ggx = rng.randn(2, 3, 4, 4), rng.randn(*x.shape)
-    ours = first_and_second_backward(max_pooling_2x2, nchw_to_chwn(x), nchw_to_chwn(gy), nchw_to_chwn(ggx))
+    ours = first_and_second_backward(max_pooling_2x2, *(np.ascontiguousarray(nchw_to_chwn(a)) for a in (x, gy, ggx)))
     theirs = first_and_second_backward(lambda h: F.max_pooling_2d(h, 2), x, gy, ggx)
     windows_tied = (x.reshape(2, 3, 4, 2, 4, 2) == theirs[0][:, :, :, None, :, None]).sum(axis=(3, 5)) > 1
     assert windows_tied.mean() > 0.3
@@ -188,7 +188,7 @@ def test_load_model_rejects_other_architectures(tmp_path):
 
 
 @pytest.mark.parametrize('train', [False, True])
-def test_channel_major_model_equals_plain_chainer_nchw(image, train, convolution_path):
+def test_channel_major_model_equals_plain_chainer_nchw(image, train, kernel_path):
     """Outputs and parameter gradients of the model equal Chainer's standard layers on the same weights."""
     model = random_cifarnet(seed=4)  # its own: training mode updates BatchNorm's running averages
     x = noisy_copies(image, 0.1, 6, np.random.RandomState(0))
@@ -208,7 +208,7 @@ def test_channel_major_model_equals_plain_chainer_nchw(image, train, convolution
 
 
 @pytest.mark.parametrize('train', [True, False], ids=['training', 'saliency'])
-def test_the_model_in_many_small_blocks_equals_one_block_on_one_thread(image, train, monkeypatch, convolution_path):
+def test_the_model_in_many_small_blocks_equals_one_block_on_one_thread(image, train, monkeypatch, kernel_path):
     """The channel-major nodes' blocked, threaded work (sgrad.ops.for_blocks: row_patches and its adjoint,
     the GEMMs in column blocks, the weight gradient summed over them, pooling, ReLU) against one block on
     one thread."""
