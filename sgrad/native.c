@@ -1,6 +1,8 @@
-/* The 3x3 convolution (pad 1, stride 1) of (C, H, W, N) activations, computed directly: no im2col, no
- * GEMM; and the 2x2 max pooling after it, which keeps each window's first maximum for its gradient. Built by `python -m sgrad.native` (setup.sh) into _native.so beside this file; sgrad/native.py
- * calls it and sgrad/ops.py falls back to its NumPy + OpenBLAS path where it is absent.
+/* The 3x3 convolution (pad 1, stride 1) of (C, H, W, N) activations and its gradients, computed
+ * directly: no im2col, no GEMM; and the 2x2 max pooling after it, which keeps each window's first
+ * maximum for its gradient. Built by `python -m sgrad.native` (setup.sh) into _native.so beside this
+ * file; sgrad/native.py calls it, and sgrad/ops.py falls back to its NumPy + OpenBLAS path where it is
+ * absent.
  *
  * With the batch innermost, one image row of one channel is a contiguous run of W*N numbers, and in the
  * input padded by one pixel all round, (C, H+2, (W+2)*N), the tap (ky, kx) of output row h is the run
@@ -12,12 +14,14 @@
  * times VB vectors of one row in registers while the channels stream past (in chunks of CB, so that
  * the rows a chunk reads stay in the L1 cache while every block of output channels uses them); bias
  * and ReLU are applied as the tile is stored. The input gradient is the same convolution of the
- * output gradient with the kernels transposed and flipped, its ReLU mask applied while padding.
+ * output gradient with the kernels transposed and flipped, its ReLU mask applied while padding; the
+ * weight gradient sums products of the same runs with the output gradient's rows.
  *
  * The file is compiled twice over (float, then double) by including itself: one source, two types.
  */
 #ifndef REAL
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__)
@@ -34,7 +38,7 @@
 #define VB 3 /* vectors per tile: OB x VB accumulators, VB inputs and a weight in 32 vector registers */
 #endif
 #ifndef CB
-#define CB 8 /* input channels per chunk */
+#define CB 8 /* input channels per chunk (2-16 measured alike here) */
 #endif
 
 int tile_channels(void) { return OB; }
@@ -138,6 +142,92 @@ void NAME(convolution_3x3)(const REAL *xpad, int C, int H, int W, int N, const R
             }
         }
 }
+
+/* A vector of the n < VL numbers at p, zeros after them. */
+static inline vec NAME(partial)(const REAL *p, int n)
+{
+    vec v = {0};
+    memcpy(&v, p, n * sizeof(REAL));
+    return v;
+}
+
+/* gw (O, C, 9) = the weight gradient of the convolution: gw[o, c, ky*3 + kx] = sum over h, j of
+ * gy[o, h, j] * xpad[c, h + ky, j + kx*N], for output channels [o_begin, o_end) (o_begin a multiple of
+ * OB) and input channels [c_begin, c_end). A tile of OB output channels x the three kx of one (c, ky)
+ * keeps vector sums; they go through memory between strips of STEP numbers of a row, so that a strip
+ * of gy stays in L1 while every (c, ky) passes over it, and are summed across lanes at the end. */
+#ifndef STEP
+#define STEP 2048
+#endif
+void NAME(convolution_3x3_weight_grad)(const REAL *xpad, int C, int H, int W, int N, const REAL *gy, REAL *gw,
+                                       int O, int o_begin, int o_end, int c_begin, int c_end)
+{
+    size_t L = (size_t)W * N, prow = L + 2 * (size_t)N, plane = (size_t)(H + 2) * prow;
+    int channels = c_end - c_begin;
+    vec *sums = calloc((size_t)channels * 3 * OB * 3, sizeof(vec));
+    if (!sums)
+        return;
+    for (int o0 = o_begin; o0 < o_end; o0 += OB) {
+        int outputs = O - o0 < OB ? O - o0 : OB;
+        memset(sums, 0, (size_t)channels * 3 * OB * 3 * sizeof(vec));
+        for (int h = 0; h < H; h++)
+            for (size_t s0 = 0; s0 < L; s0 += STEP) {
+                size_t s1 = s0 + STEP < L ? s0 + STEP : L;
+                const REAL *g[OB];
+                for (int o = 0; o < OB; o++)  /* a missing output channel repeats the last one, unused */
+                    g[o] = gy + ((size_t)(o0 + (o < outputs ? o : outputs - 1)) * H + h) * L;
+                for (int c = c_begin; c < c_end; c++)
+                    for (int ky = 0; ky < 3; ky++) {
+                        vec *sum = sums + ((size_t)(c - c_begin) * 3 + ky) * OB * 3;
+                        vec acc[OB][3];
+#pragma GCC unroll 8
+                        for (int o = 0; o < OB; o++)
+                            for (int kx = 0; kx < 3; kx++)
+                                acc[o][kx] = sum[o * 3 + kx];
+                        const REAL *row = xpad + c * plane + (size_t)(h + ky) * prow;
+                        size_t j = s0;
+                        for (; j + VL <= s1; j += VL) {
+                            vec x[3];
+                            for (int kx = 0; kx < 3; kx++)
+                                x[kx] = *(const vec *)(row + j + kx * N);
+#pragma GCC unroll 8
+                            for (int o = 0; o < OB; o++) {
+                                vec d = *(const vec *)(g[o] + j);
+                                for (int kx = 0; kx < 3; kx++)
+                                    acc[o][kx] += d * x[kx];
+                            }
+                        }
+                        if (j < s1) {  /* the row's last, partial vector */
+                            int n = (int)(s1 - j);
+                            vec x[3];
+                            for (int kx = 0; kx < 3; kx++)
+                                x[kx] = NAME(partial)(row + j + kx * N, n);
+                            for (int o = 0; o < OB; o++) {
+                                vec d = NAME(partial)(g[o] + j, n);
+                                for (int kx = 0; kx < 3; kx++)
+                                    acc[o][kx] += d * x[kx];
+                            }
+                        }
+#pragma GCC unroll 8
+                        for (int o = 0; o < OB; o++)
+                            for (int kx = 0; kx < 3; kx++)
+                                sum[o * 3 + kx] = acc[o][kx];
+                    }
+            }
+        for (int c = c_begin; c < c_end; c++)
+            for (int ky = 0; ky < 3; ky++)
+                for (int o = 0; o < outputs; o++)
+                    for (int kx = 0; kx < 3; kx++) {
+                        vec v = sums[(((size_t)(c - c_begin) * 3 + ky) * OB + o) * 3 + kx];
+                        REAL total = 0;
+                        for (int lane = 0; lane < VL; lane++)
+                            total += v[lane];
+                        gw[((size_t)(o0 + o) * C + c) * 9 + ky * 3 + kx] = total;
+                    }
+    }
+    free(sums);
+}
+#undef STEP
 
 /* x (C, H, W*N) -> xpad (C, H+2, (W+2)*N), zeros all round, for channels [c_begin, c_end); where mask
  * is not NULL, each number is kept only where mask (same shape as x) is positive (a ReLU's gradient). */

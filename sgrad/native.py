@@ -61,6 +61,8 @@ def library():
         getattr(lib, 'convolution_3x3_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
             integer, pointer] + [integer] * 5
         getattr(lib, 'pad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
+        getattr(lib, 'convolution_3x3_weight_grad_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
+            integer] * 5
         getattr(lib, 'max_pooling_2x2_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] * 2 + [integer] * 2
         getattr(lib, 'max_pooling_2x2_grad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
     return lib
@@ -95,6 +97,16 @@ def convolve(xpad, x_shape, kernels, bias, relu, y, outputs, rows):
         xpad.ctypes.data, c, h, w, n, kernels.ctypes.data, None if bias is None else bias.ctypes.data,
         int(relu), y.ctypes.data, y.shape[0], outputs.start, min(outputs.stop, y.shape[0]), rows.start,
         min(rows.stop, h))
+
+
+def weight_grad(xpad, x_shape, gy, gw, outputs, channels):
+    """gw[outputs, channels] (gw: (O, C, 9)) = the weight gradient of the convolution of the padded
+    input xpad (see pad) whose output gradient is gy (O, H, W, N)."""
+    c, h, w, n = x_shape
+    o = gy.shape[0]
+    getattr(library(), 'convolution_3x3_weight_grad_' + _TYPES[gy.dtype])(
+        xpad.ctypes.data, c, h, w, n, gy.ctypes.data, gw.ctypes.data, o, outputs.start, min(outputs.stop, o),
+        channels.start, min(channels.stop, c))
 
 
 def max_pooling_2x2(x, y, first, channels):

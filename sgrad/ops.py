@@ -13,8 +13,8 @@ result, which is already the next layer's (C, H, W, N) input. None of the large
 transposes that Chainer's NCHW ``convolution_2d`` pays for (about a quarter of
 its CPU time), a third of im2col's copies, and a third of its buffer.
 Where sgrad.native's compiled kernel is built (setup.sh does), it computes the convolution and its
-input gradient directly instead (``direct_convolution``: no patches, no GEMM; see native.c), and the
-GEMM path stays for the weight gradient, for CuPy arrays and where no C compiler was at hand.
+input and weight gradients directly instead (``direct_convolution``, ``direct_weight_gradient``: no
+patches, no GEMM; see native.c); the GEMM path stays for CuPy arrays and where no C compiler was at hand.
 Every node passes ``chainer.gradient_check`` (tests) and works with NumPy or
 CuPy arrays.
 
@@ -203,8 +203,9 @@ def _column_range(columns, count):
 
 
 def _output_blocks(channels, rows):
-    """(output channels, rows) slice pairs for the direct convolution, at least one per thread: ranges of
-    whole tiles of output channels, and rows cut too where there are fewer tiles than threads."""
+    """(output channels, rows) slice pairs for the direct convolution (for its weight gradient: (output
+    channels, input channels)), at least one per thread: ranges of whole tiles of output channels, and
+    rows cut too where there are fewer tiles than threads."""
     workers, tile = worker_count(), native.tile_channels()
     tiles = -(-channels // tile)
     parts = min(tiles, workers)
@@ -214,6 +215,27 @@ def _output_blocks(channels, rows):
             for i in range(parts) for k in range(row_parts)]
 
 
+def _padded(x, mask=None):
+    """x (C, H, W, N) padded by a zero pixel all round, (C, (H+2)*(W+2)*N), where mask > 0 if a mask is
+    given, for sgrad.native's kernels."""
+    c, h, w, n = x.shape
+    xpad = native.empty_with_slack((c, (h + 2) * (w + 2) * n), x.dtype)
+    for_blocks(lambda channels: native.pad(x, mask, xpad, channels), channel_blocks(x))
+    return xpad
+
+
+def direct_weight_gradient(x, gy):
+    """The gradient with respect to the (O, C, 3, 3) kernels of the 3x3 convolution of (C, H, W, N) x
+    whose output gradient is gy (O, H, W, N), by sgrad.native's compiled kernel on every core; None
+    where it cannot take these arrays."""
+    if not native.supports(x, gy):
+        return None
+    o, c = gy.shape[0], x.shape[0]
+    xpad, gw = _padded(x), numpy.empty((o, c, 9), x.dtype)
+    for_blocks(lambda block: native.weight_grad(xpad, x.shape, gy, gw, *block), _output_blocks(o, c))
+    return gw.reshape(o, c, 3, 3)
+
+
 def direct_convolution(x, W, b=None, relu=False, mask=None):
     """The 3x3 convolution (pad 1) of (C, H, W, N) x with (O, C, 3, 3) kernels W, plus b, then ReLU if
     ``relu``, of x where ``mask`` > 0 only if a mask is given, by sgrad.native's compiled kernel on
@@ -221,8 +243,7 @@ def direct_convolution(x, W, b=None, relu=False, mask=None):
     if W.dtype != x.dtype or not native.supports(x, *(a for a in (b, mask) if a is not None)):
         return None
     c, h, w, n = x.shape
-    xpad = native.empty_with_slack((c, (h + 2) * (w + 2) * n), x.dtype)
-    for_blocks(lambda channels: native.pad(x, mask, xpad, channels), channel_blocks(x))
+    xpad = _padded(x, mask)
     kernels = native.tile_kernels(W)
     y = native.empty_with_slack((W.shape[0], h, w, n), x.dtype)
     for_blocks(lambda block: native.convolve(xpad, x.shape, kernels, b, relu, y, *block),
@@ -323,7 +344,7 @@ class Convolution3x3(chainer.function_node.FunctionNode):
             self.retain_outputs((0,))
         y = direct_convolution(x, W, inputs[2] if len(inputs) == 3 else None, self.relu)
         if y is not None:
-            self.rows = None  # the weight gradient builds it
+            self.rows = None  # the weight gradient has its own compiled kernel
             return y,
         xp = get_array_module(x)
         c, h, w, n = x.shape
@@ -355,8 +376,7 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         if 0 in indexes:
             ret.append(Convolution3x3InputGrad(self.x_shape).apply((W, gy))[0])
         if 1 in indexes:
-            rows = self.rows if self.rows is not None else row_patches(x.array)
-            ret.append(Convolution3x3WeightGrad(rows, W.shape).apply((gy,))[0])
+            ret.append(Convolution3x3WeightGrad(x.array, self.rows, W.shape).apply((gy,))[0])
         if 2 in indexes:
             ret.append(F.sum(gy, axis=(1, 2, 3)))
         return ret
@@ -402,14 +422,21 @@ class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
 
 
 class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):
-    """Gradient with respect to the weights: gW_ky = gy row_patches_ky^T, summed over column blocks."""
+    """Gradient with respect to the weights, of the convolution of x: by sgrad.native where it is built
+    (direct_weight_gradient); else gW_ky = gy row_patches_ky^T, summed over column blocks (``rows``: the
+    forward's row_patches of x, or None to build them)."""
 
-    def __init__(self, rows, W_shape):
-        self.rows = rows
+    def __init__(self, x, rows, W_shape):
+        self.x, self.rows = x, rows
         self.W_shape = W_shape
 
     def forward(self, inputs):
         gy, = inputs
+        gW = direct_weight_gradient(self.x, gy)
+        if gW is not None:
+            return gW,
+        if self.rows is None:
+            self.rows = row_patches(self.x)
         xp = get_array_module(gy)
         o, c = self.W_shape[:2]
         shift = gy.shape[2] * gy.shape[3]  # W*N: one row of the image

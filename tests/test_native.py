@@ -1,4 +1,4 @@
-"""The compiled 3x3 convolution (sgrad/native.c) against Chainer's convolution_2d and against the
+"""The compiled 3x3 convolution, its gradients and the pooling (sgrad/native.c) against Chainer's convolution_2d and against the
 NumPy + OpenBLAS path it replaces, on shapes that exercise its edges and on real images."""
 import os
 
@@ -51,6 +51,24 @@ def test_direct_convolution_equals_chainers(shape, outputs, dtype, tolerance):
 
 
 @needs_native
+@pytest.mark.parametrize('dtype, tolerance', [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize('shape, outputs', [((3, 8, 8, 7), 16), ((17, 5, 6, 1), 3), ((9, 4, 4, 25), 13),
+                                            ((16, 8, 8, 100), 32)])
+def test_direct_weight_gradient_equals_chainers(shape, outputs, dtype, tolerance):
+    """The weight gradient (training) against convolution_2d's, on the same edge shapes: partial vectors
+    at every row's end, fewer outputs than a tile, one image."""
+    rng = np.random.RandomState(1)
+    x = rng.randn(*shape).astype(dtype)
+    gy = rng.randn(outputs, *shape[1:]).astype(dtype)
+    W = chainer.Variable(np.zeros((outputs, shape[0], 3, 3), dtype))
+    y = F.convolution_2d(x.transpose(3, 0, 1, 2), W, pad=1)
+    y.grad = np.ascontiguousarray(gy.transpose(3, 0, 1, 2))
+    y.backward()
+    np.testing.assert_allclose(ops.direct_weight_gradient(x, gy), W.grad, rtol=tolerance,
+                               atol=tolerance * np.abs(W.grad).max())
+
+
+@needs_native
 def test_direct_convolution_declines_what_it_cannot_take():
     x = np.ones((2, 4, 4, 3))
     W = np.ones((5, 2, 3, 3))
@@ -58,6 +76,7 @@ def test_direct_convolution_declines_what_it_cannot_take():
     assert ops.direct_convolution(x, W.astype(np.float32)) is None
     assert ops.direct_convolution(np.asfortranarray(x), W) is None
     assert ops.direct_convolution(x, W) is not None
+    assert ops.direct_weight_gradient(x, np.ones((5, 4, 4, 3), np.float32)) is None
 
 
 @needs_native
