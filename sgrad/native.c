@@ -20,6 +20,7 @@
  * The file is compiled twice over (float, then double) by including itself: one source, two types.
  */
 #ifndef REAL
+#include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -228,6 +229,93 @@ void NAME(convolution_3x3_weight_grad)(const REAL *xpad, int C, int H, int W, in
     free(sums);
 }
 #undef STEP
+
+/* The sum over x[0, M) of x - shift, or of (x - shift)^2 if square, or of (x - shift) * other (weights
+ * NULL: none), counting only where keep > 0 if keep is given: in vectors over blocks of 1024 numbers,
+ * the blocks added in double (as accurate as NumPy's pairwise sums). */
+#define BLOCK 1024
+static double NAME(sum)(const REAL *x, size_t M, REAL shift, int square, const REAL *other, const REAL *keep)
+{
+    double total = 0;
+    size_t i = 0;
+    for (; i + BLOCK <= M; i += BLOCK) {
+        vec a = {0}, b = {0};
+        for (size_t j = i; j < i + BLOCK; j += 2 * VL) {
+            vec u = *(const vec *)(x + j) - shift, v = *(const vec *)(x + j + VL) - shift;
+            if (square) {
+                u *= u;
+                v *= v;
+            }
+            if (other) {
+                u *= *(const vec *)(other + j);
+                v *= *(const vec *)(other + j + VL);
+            }
+            if (keep) {
+                vec zero = {0};
+                __typeof__(u > 0) ku = *(const vec *)(keep + j) > zero, kv = *(const vec *)(keep + j + VL) > zero;
+                u = (vec)((__typeof__(ku))u & ku);
+                v = (vec)((__typeof__(kv))v & kv);
+            }
+            a += u;
+            b += v;
+        }
+        a += b;
+        for (int lane = 0; lane < VL; lane++)
+            total += a[lane];
+    }
+    for (; i < M; i++) {
+        REAL d = x[i] - shift;
+        d = square ? d * d : d;
+        d = other ? d * other[i] : d;
+        total += keep && !(keep[i] > 0) ? 0 : d;
+    }
+    return total;
+}
+#undef BLOCK
+
+/* Training-mode BatchNorm then ReLU over each channel of x (C, M): y = max(gamma (x - mean) inv_std +
+ * beta, 0), mean and (biased) variance those of the channel, inv_std = 1 / sqrt(var + eps); mean, var and
+ * inv_std are written out; for channels [c_begin, c_end). */
+void NAME(batch_norm_relu)(const REAL *x, long M, const REAL *gamma, const REAL *beta, double eps, REAL *y,
+                           REAL *mean, REAL *var, REAL *inv_std, int c_begin, int c_end)
+{
+    for (int c = c_begin; c < c_end; c++) {
+        const REAL *in = x + c * M;
+        REAL *out = y + c * M;
+        REAL m = (REAL)(NAME(sum)(in, M, 0, 0, NULL, NULL) / M);
+        REAL v = (REAL)(NAME(sum)(in, M, m, 1, NULL, NULL) / M);
+        REAL inv = (REAL)(1 / sqrt((double)v + eps)), scale = gamma[c] * inv, shift = beta[c] - m * scale;
+        for (long i = 0; i < M; i++) {
+            REAL r = in[i] * scale + shift;
+            out[i] = r > 0 ? r : 0;
+        }
+        mean[c] = m;
+        var[c] = v;
+        inv_std[c] = inv;
+    }
+}
+
+/* The gradients of batch_norm_relu: with g = gy where y > 0, x^ = (x - mean) inv_std and M numbers a
+ * channel, gbeta = sum g, ggamma = sum g x^, gx = gamma inv_std (g - (gbeta + x^ ggamma) / M); for
+ * channels [c_begin, c_end). */
+void NAME(batch_norm_relu_grad)(const REAL *x, const REAL *y, const REAL *gy, long M, const REAL *gamma,
+                                const REAL *mean, const REAL *inv_std, REAL *gx, REAL *ggamma, REAL *gbeta,
+                                int c_begin, int c_end)
+{
+    for (int c = c_begin; c < c_end; c++) {
+        const REAL *in = x + c * M, *out = y + c * M, *g = gy + c * M;
+        REAL m = mean[c], inv = inv_std[c];
+        REAL sum_g = (REAL)NAME(sum)(g, M, 0, 0, NULL, out);
+        REAL sum_gx = (REAL)(inv * NAME(sum)(in, M, m, 0, g, out));
+        REAL scale = gamma[c] * inv, slope = -scale * inv * sum_gx / M;
+        REAL offset = -(scale * sum_g / M) - slope * m;
+        REAL *d = gx + c * M;
+        for (long i = 0; i < M; i++)
+            d[i] = (out[i] > 0 ? g[i] * scale : 0) + in[i] * slope + offset;
+        ggamma[c] = sum_gx;
+        gbeta[c] = sum_g;
+    }
+}
 
 /* x (C, H, W*N) -> xpad (C, H+2, (W+2)*N), zeros all round, for channels [c_begin, c_end); where mask
  * is not NULL, each number is kept only where mask (same shape as x) is positive (a ReLU's gradient). */

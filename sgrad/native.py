@@ -1,4 +1,5 @@
-"""The compiled 3x3 convolution and 2x2 max pooling of sgrad/native.c, through ctypes.
+"""The compiled 3x3 convolution, its gradients, BatchNorm + ReLU and 2x2 max pooling of sgrad/native.c,
+through ctypes.
 
 ``python -m sgrad.native`` (run by setup.sh) compiles native.c with the C compiler into _native.so
 beside it, for this machine's vector instructions (-march=native). Where it is not built (no
@@ -20,7 +21,7 @@ import numpy
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, 'native.c')
 LIBRARY = os.path.join(HERE, '_native.so')
-FLAGS = ['-O3', '-march=native', '-shared', '-fPIC']
+FLAGS = ['-O3', '-march=native', '-shared', '-fPIC', '-lm']
 
 #: Numbers past the end of an array that the kernel may read (one vector of its widest kind, 64 bytes)
 SLACK_BYTES = 64
@@ -63,6 +64,10 @@ def library():
         getattr(lib, 'pad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
         getattr(lib, 'convolution_3x3_weight_grad_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
             integer] * 5
+        getattr(lib, 'batch_norm_relu_' + kind).argtypes = [pointer, ctypes.c_long] + [pointer] * 2 + [
+            ctypes.c_double] + [pointer] * 4 + [integer] * 2
+        getattr(lib, 'batch_norm_relu_grad_' + kind).argtypes = [pointer] * 3 + [ctypes.c_long] + [pointer] * 6 + [
+            integer] * 2
         getattr(lib, 'max_pooling_2x2_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] * 2 + [integer] * 2
         getattr(lib, 'max_pooling_2x2_grad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
     return lib
@@ -107,6 +112,22 @@ def weight_grad(xpad, x_shape, gy, gw, outputs, channels):
     getattr(library(), 'convolution_3x3_weight_grad_' + _TYPES[gy.dtype])(
         xpad.ctypes.data, c, h, w, n, gy.ctypes.data, gw.ctypes.data, o, outputs.start, min(outputs.stop, o),
         channels.start, min(channels.stop, c))
+
+
+def batch_norm_relu(x, gamma, beta, eps, y, mean, var, inv_std, channels):
+    """Training-mode BatchNorm then ReLU over each channel of x (C, ...): y[channels], and the channels'
+    batch mean, (biased) var and 1 / sqrt(var + eps)."""
+    getattr(library(), 'batch_norm_relu_' + _TYPES[x.dtype])(
+        x.ctypes.data, x.size // x.shape[0], gamma.ctypes.data, beta.ctypes.data, eps, y.ctypes.data,
+        mean.ctypes.data, var.ctypes.data, inv_std.ctypes.data, channels.start, min(channels.stop, x.shape[0]))
+
+
+def batch_norm_relu_grad(x, y, gy, gamma, mean, inv_std, gx, ggamma, gbeta, channels):
+    """The gradients of batch_norm_relu, gx[channels], ggamma[channels], gbeta[channels]."""
+    getattr(library(), 'batch_norm_relu_grad_' + _TYPES[x.dtype])(
+        x.ctypes.data, y.ctypes.data, gy.ctypes.data, x.size // x.shape[0], gamma.ctypes.data, mean.ctypes.data,
+        inv_std.ctypes.data, gx.ctypes.data, ggamma.ctypes.data, gbeta.ctypes.data, channels.start,
+        min(channels.stop, x.shape[0]))
 
 
 def max_pooling_2x2(x, y, first, channels):

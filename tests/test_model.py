@@ -274,7 +274,8 @@ def test_the_convolution_without_openblas_equals_it_with(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
 
 
-def test_batch_normalization_relu_equals_chainers_link_then_relu(monkeypatch):
+@pytest.mark.parametrize('shape', [(5, 6, 4, 3), (5, 16, 16, 5)])  # channels of 72 and of 1,280 numbers
+def test_batch_normalization_relu_equals_chainers_link_then_relu(monkeypatch, kernel_path, shape):
     """Training mode on (C, H, W, N) activations, in channel blocks on two threads: the output, the
     running statistics after two steps, and the gradients of x, gamma and beta equal
     F.relu(L.BatchNormalization(axis=(1, 2, 3))(x)); and the node passes gradient_check."""
@@ -284,7 +285,7 @@ def test_batch_normalization_relu_equals_chainers_link_then_relu(monkeypatch):
     monkeypatch.setattr(ops, 'BLOCK_BYTES', 2048)
     monkeypatch.setenv('OMP_NUM_THREADS', '2')
     rng = np.random.RandomState(4)
-    x = rng.randn(5, 6, 4, 3) * 2 + 1
+    x = rng.randn(*shape) * 2 + 1
     gy = rng.randn(*x.shape)
     links = []
     for fused in (True, False):
