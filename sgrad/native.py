@@ -69,7 +69,8 @@ def library():
         getattr(lib, 'batch_norm_relu_grad_' + kind).argtypes = [pointer] * 3 + [ctypes.c_long] + [pointer] * 6 + [
             integer] * 2
         getattr(lib, 'max_pooling_2x2_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] * 2 + [integer] * 2
-        getattr(lib, 'max_pooling_2x2_grad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
+        getattr(lib, 'max_pooling_2x2_grad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [
+            integer] * 2
     return lib
 
 

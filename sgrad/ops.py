@@ -74,8 +74,8 @@ def for_blocks(work, blocks):
 
     def share(k):
         return [work(block) for block in blocks[k::workers]]
-    # the calling thread takes a share itself: one wake-up fewer (a pool task's hand-off costs about
-    # 80 us, as much as a small layer's work in chunks of 25 images)
+    # the calling thread takes a share itself: one hand-off to a pool thread fewer (each costs tens of
+    # microseconds here, the order of a small layer's work in chunks of 25 images)
     with blas_threads(1):  # each block's products on its own thread
         others = [_pool.submit(share, k) for k in range(1, workers)]
         shares = [share(0)] + [other.result() for other in others]  # re-raises a block's exception
@@ -337,9 +337,9 @@ class Convolution3x3(chainer.function_node.FunctionNode):
 
     By sgrad.native's compiled kernel where it is built (direct_convolution); else y[:, h] = sum over
     ky of W_ky (O, 3C) @ the row_patches of row h + ky, three GEMMs accumulated in place on each column
-    block of y, bias and ReLU applied to the block while it is fresh. The row_patches buffer, which the
-    weight gradient needs, is then kept in training mode; otherwise (and always after the compiled
-    kernel) it is built if that gradient is asked for.
+    block of y, bias and ReLU applied to the block while it is fresh, and the row_patches buffer, which
+    the GEMM weight gradient needs, is kept in training mode (otherwise built if that gradient is asked
+    for).
     """
 
     def __init__(self, relu=False):
@@ -474,8 +474,9 @@ def convolution_3x3(x, W, b=None, relu=False):
 class BatchNormReLU(chainer.function_node.FunctionNode):
     """Training mode: y = ReLU(gamma (x - mean) / sqrt(var + eps) + beta) over each channel of (C, H, W, N)
     activations, mean and (biased) var those of the batch, as F.batch_normalization(axis=(1, 2, 3)) then
-    F.relu compute, in one pass per channel block (sgrad.native's where it is built); the running statistics (avg_mean, avg_var) are
-    updated in place as Chainer's BatchNormalization link does (decay, unbiased var)."""
+    F.relu compute, in one pass per channel block (sgrad.native's where it is built); the running
+    statistics (avg_mean, avg_var) are updated in place as Chainer's BatchNormalization link does
+    (decay, unbiased var)."""
 
     def __init__(self, eps, decay, avg_mean, avg_var):
         self.eps, self.decay, self.avg_mean, self.avg_var = eps, decay, avg_mean, avg_var

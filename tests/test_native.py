@@ -1,5 +1,6 @@
-"""The compiled 3x3 convolution, its gradients and the pooling (sgrad/native.c) against Chainer's convolution_2d and against the
-NumPy + OpenBLAS path it replaces, on shapes that exercise its edges and on real images."""
+"""The compiled 3x3 convolution and its gradients (sgrad/native.c) against Chainer's convolution_2d and
+against the NumPy + OpenBLAS path they replace, on shapes that exercise their edges and on real images.
+(The compiled pooling and BatchNorm + ReLU run under test_model's tests of those nodes, on both paths.)"""
 import os
 
 import chainer
