@@ -74,9 +74,11 @@ def library():
     return lib
 
 
-def supports(*arrays):
-    """Whether the kernel can take these arrays: NumPy, one floating type (float32 or float64), C order."""
-    return (library() is not None and all(isinstance(a, numpy.ndarray) and a.flags.c_contiguous for a in arrays)
+def supports(*arrays, contiguous=True):
+    """Whether the kernels can take these arrays: NumPy, one floating type (float32 or float64), and C order
+    unless ``contiguous`` is False (for a caller that makes them contiguous)."""
+    return (library() is not None and all(isinstance(a, numpy.ndarray) for a in arrays)
+            and (not contiguous or all(a.flags.c_contiguous for a in arrays))
             and len({a.dtype for a in arrays}) == 1 and arrays[0].dtype in _TYPES)
 
 

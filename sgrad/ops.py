@@ -239,8 +239,9 @@ def direct_weight_gradient(x, gy):
     """The gradient with respect to the (O, C, 3, 3) kernels of the 3x3 convolution of (C, H, W, N) x
     whose output gradient is gy (O, H, W, N), by sgrad.native's compiled kernel on every core; None
     where it cannot take these arrays."""
-    if not native.supports(x, gy):
+    if not native.supports(x, gy, contiguous=False):
         return None
+    x, gy = numpy.ascontiguousarray(x), numpy.ascontiguousarray(gy)
     o, c = gy.shape[0], x.shape[0]
     xpad, gw = _padded(x), numpy.empty((o, c, 9), x.dtype)
     for_blocks(lambda block: native.weight_grad(xpad, x.shape, gy, gw, *block), _output_blocks(o, c))
@@ -251,8 +252,10 @@ def direct_convolution(x, W, b=None, relu=False, mask=None):
     """The 3x3 convolution (pad 1) of (C, H, W, N) x with (O, C, 3, 3) kernels W, plus b, then ReLU if
     ``relu``, of x where ``mask`` > 0 only if a mask is given, by sgrad.native's compiled kernel on
     every core; None where that kernel cannot take these arrays (not built, CuPy, another dtype)."""
-    if W.dtype != x.dtype or not native.supports(x, *(a for a in (b, mask) if a is not None)):
+    if W.dtype != x.dtype or not native.supports(x, *(a for a in (b, mask) if a is not None), contiguous=False):
         return None
+    # a transposed view (the model's input; the gradient from the global max pool) is copied once
+    x, b, mask = (None if a is None else numpy.ascontiguousarray(a) for a in (x, b, mask))
     c, h, w, n = x.shape
     xpad = _padded(x, mask)
     kernels = native.tile_kernels(W)
