@@ -156,18 +156,19 @@ static inline vec NAME(partial)(const REAL *p, int n)
  * gy[o, h, j] * xpad[c, h + ky, j + kx*N], for output channels [o_begin, o_end) (o_begin a multiple of
  * OB) and input channels [c_begin, c_end). A tile of OB output channels x the three kx of one (c, ky)
  * keeps vector sums; they go through memory between strips of STEP numbers of a row, so that a strip
- * of gy stays in L1 while every (c, ky) passes over it, and are summed across lanes at the end. */
+ * of gy stays in L1 while every (c, ky) passes over it, and are summed across lanes at the end.
+ * Returns 0, or -1 (gw untouched) if the sums' memory cannot be had. */
 #ifndef STEP
 #define STEP 2048
 #endif
-void NAME(convolution_3x3_weight_grad)(const REAL *xpad, int C, int H, int W, int N, const REAL *gy, REAL *gw,
-                                       int O, int o_begin, int o_end, int c_begin, int c_end)
+int NAME(convolution_3x3_weight_grad)(const REAL *xpad, int C, int H, int W, int N, const REAL *gy, REAL *gw,
+                                      int O, int o_begin, int o_end, int c_begin, int c_end)
 {
     size_t L = (size_t)W * N, prow = L + 2 * (size_t)N, plane = (size_t)(H + 2) * prow;
     int channels = c_end - c_begin;
-    vec *sums = calloc((size_t)channels * 3 * OB * 3, sizeof(vec));
+    vec *sums = malloc((size_t)channels * 3 * OB * 3 * sizeof(vec));
     if (!sums)
-        return;
+        return -1;
     for (int o0 = o_begin; o0 < o_end; o0 += OB) {
         int outputs = O - o0 < OB ? O - o0 : OB;
         memset(sums, 0, (size_t)channels * 3 * OB * 3 * sizeof(vec));
@@ -227,6 +228,7 @@ void NAME(convolution_3x3_weight_grad)(const REAL *xpad, int C, int H, int W, in
                     }
     }
     free(sums);
+    return 0;
 }
 #undef STEP
 

@@ -62,6 +62,7 @@ def library():
         getattr(lib, 'convolution_3x3_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
             integer, pointer] + [integer] * 5
         getattr(lib, 'pad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
+        getattr(lib, 'convolution_3x3_weight_grad_' + kind).restype = ctypes.c_int
         getattr(lib, 'convolution_3x3_weight_grad_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
             integer] * 5
         getattr(lib, 'batch_norm_relu_' + kind).argtypes = [pointer, ctypes.c_long] + [pointer] * 2 + [
@@ -88,11 +89,16 @@ def empty_with_slack(shape, dtype):
     return numpy.empty(size + SLACK_BYTES // numpy.dtype(dtype).itemsize, dtype)[:size].reshape(shape)
 
 
+def _kernel(name, dtype):
+    """native.c's function ``name`` for arrays of ``dtype`` (its float or double version)."""
+    return getattr(library(), name + '_' + _TYPES[numpy.dtype(dtype)])
+
+
 def pad(x, mask, xpad, channels):
     """xpad[channels] = x[channels] (C, H, W, N) padded by a zero pixel all round, as (C, H+2, (W+2)*N);
     times mask > 0 where a mask (x's shape) is given."""
     c, h, w, n = x.shape
-    getattr(library(), 'pad_' + _TYPES[x.dtype])(
+    _kernel('pad', x.dtype)(
         x.ctypes.data, None if mask is None else mask.ctypes.data, h, w, n, xpad.ctypes.data,
         channels.start, min(channels.stop, c))
 
@@ -101,7 +107,7 @@ def convolve(xpad, x_shape, kernels, bias, relu, y, outputs, rows):
     """y[outputs, rows] of the convolution of the padded input xpad (see pad) with ``kernels`` (tiled
     by tile_kernels), plus bias (or None), then ReLU if ``relu``."""
     c, h, w, n = x_shape
-    getattr(library(), 'convolution_3x3_' + _TYPES[xpad.dtype])(
+    _kernel('convolution_3x3', xpad.dtype)(
         xpad.ctypes.data, c, h, w, n, kernels.ctypes.data, None if bias is None else bias.ctypes.data,
         int(relu), y.ctypes.data, y.shape[0], outputs.start, min(outputs.stop, y.shape[0]), rows.start,
         min(rows.stop, h))
@@ -112,22 +118,23 @@ def weight_grad(xpad, x_shape, gy, gw, outputs, channels):
     input xpad (see pad) whose output gradient is gy (O, H, W, N)."""
     c, h, w, n = x_shape
     o = gy.shape[0]
-    getattr(library(), 'convolution_3x3_weight_grad_' + _TYPES[gy.dtype])(
-        xpad.ctypes.data, c, h, w, n, gy.ctypes.data, gw.ctypes.data, o, outputs.start, min(outputs.stop, o),
-        channels.start, min(channels.stop, c))
+    if _kernel('convolution_3x3_weight_grad', gy.dtype)(
+            xpad.ctypes.data, c, h, w, n, gy.ctypes.data, gw.ctypes.data, o, outputs.start, min(outputs.stop, o),
+            channels.start, min(channels.stop, c)):
+        raise MemoryError("no memory for the weight gradient's sums")
 
 
 def batch_norm_relu(x, gamma, beta, eps, y, mean, var, inv_std, channels):
     """Training-mode BatchNorm then ReLU over each channel of x (C, ...): y[channels], and the channels'
     batch mean, (biased) var and 1 / sqrt(var + eps)."""
-    getattr(library(), 'batch_norm_relu_' + _TYPES[x.dtype])(
+    _kernel('batch_norm_relu', x.dtype)(
         x.ctypes.data, x.size // x.shape[0], gamma.ctypes.data, beta.ctypes.data, eps, y.ctypes.data,
         mean.ctypes.data, var.ctypes.data, inv_std.ctypes.data, channels.start, min(channels.stop, x.shape[0]))
 
 
 def batch_norm_relu_grad(x, y, gy, gamma, mean, inv_std, gx, ggamma, gbeta, channels):
     """The gradients of batch_norm_relu, gx[channels], ggamma[channels], gbeta[channels]."""
-    getattr(library(), 'batch_norm_relu_grad_' + _TYPES[x.dtype])(
+    _kernel('batch_norm_relu_grad', x.dtype)(
         x.ctypes.data, y.ctypes.data, gy.ctypes.data, x.size // x.shape[0], gamma.ctypes.data, mean.ctypes.data,
         inv_std.ctypes.data, gx.ctypes.data, ggamma.ctypes.data, gbeta.ctypes.data, channels.start,
         min(channels.stop, x.shape[0]))
@@ -137,14 +144,14 @@ def max_pooling_2x2(x, y, first, channels):
     """y[channels] = the 2x2, stride-2 max pooling of x[channels] (C, H, W, N), first[channels] (uint8,
     y's shape) = the window position (0-3, row by row) of each window's first maximum."""
     c, h, w, n = x.shape
-    getattr(library(), 'max_pooling_2x2_' + _TYPES[x.dtype])(
+    _kernel('max_pooling_2x2', x.dtype)(
         x.ctypes.data, h, w, n, y.ctypes.data, first.ctypes.data, channels.start, min(channels.stop, c))
 
 
 def max_pooling_2x2_grad(gy, first, gx, channels):
     """gx[channels] = gy[channels] at each window's first maximum, zero elsewhere."""
     c, h, w, n = gx.shape
-    getattr(library(), 'max_pooling_2x2_grad_' + _TYPES[gy.dtype])(
+    _kernel('max_pooling_2x2_grad', gy.dtype)(
         gy.ctypes.data, first.ctypes.data, h, w, n, gx.ctypes.data, channels.start, min(channels.stop, c))
 
 

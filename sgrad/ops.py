@@ -493,9 +493,6 @@ class BatchNormReLU(chainer.function_node.FunctionNode):
         inv_std = xp.empty(c, dtype=x.dtype)
 
         def block(channels):
-            if native.supports(x, gamma, beta):
-                native.batch_norm_relu(x, gamma, beta, self.eps, y, mean, var, inv_std, channels)
-                return
             values = x[channels].reshape(-1, count)
             mean[channels] = values.mean(axis=1)
             centred = values - mean[channels, None]
@@ -505,7 +502,11 @@ class BatchNormReLU(chainer.function_node.FunctionNode):
             xp.multiply(centred, (gamma[channels] * inv_std[channels])[:, None], out=out)
             out += beta[channels, None]
             xp.maximum(out, 0, out=out)
-        for_blocks(block, channel_blocks(x))
+        if native.supports(x, gamma, beta):
+            for_blocks(lambda channels: native.batch_norm_relu(x, gamma, beta, self.eps, y, mean, var, inv_std,
+                                                                channels), channel_blocks(x))
+        else:
+            for_blocks(block, channel_blocks(x))
         self.avg_mean *= self.decay
         self.avg_mean += (1 - self.decay) * mean
         self.avg_var *= self.decay
@@ -537,9 +538,6 @@ class BatchNormReLUGrad(chainer.function_node.FunctionNode):
         gx, ggamma, gbeta = xp.empty_like(x), xp.empty(c, dtype=x.dtype), xp.empty(c, dtype=x.dtype)
 
         def block(channels):
-            if native.supports(x, gamma, y, gy, self.mean):
-                native.batch_norm_relu_grad(x, y, gy, gamma, self.mean, self.inv_std, gx, ggamma, gbeta, channels)
-                return
             values, out = x[channels].reshape(-1, count), gx[channels].reshape(-1, count)
             # a product with the mask: xp.where branches per element, 10x slower on a ReLU's random mask
             g = xp.multiply(gy[channels].reshape(-1, count), _relu_mask(y[channels].reshape(-1, count)))
@@ -552,7 +550,11 @@ class BatchNormReLUGrad(chainer.function_node.FunctionNode):
             g = xp.multiply(values, slope[:, None], out=g)
             out += g
             out -= (scale * gbeta[channels] / count + slope * mean)[:, None]
-        for_blocks(block, channel_blocks(x))
+        if native.supports(x, gamma, y, gy, self.mean):
+            for_blocks(lambda channels: native.batch_norm_relu_grad(
+                x, y, gy, gamma, self.mean, self.inv_std, gx, ggamma, gbeta, channels), channel_blocks(x))
+        else:
+            for_blocks(block, channel_blocks(x))
         return gx, ggamma, gbeta
 
 
@@ -629,7 +631,7 @@ class MaxPooling2x2Grad(chainer.function_node.FunctionNode):
         self.x, self.y, self.first = x, y, first
         self.x_shape = x.shape
 
-    @property
+    @functools.cached_property
     def masks(self):
         if self.first is None:
             return first_maximum_masks(self.x, self.y)
