@@ -17,6 +17,13 @@
  * output gradient with the kernels transposed and flipped, its ReLU mask applied while padding; the
  * weight gradient sums products of the same runs with the output gradient's rows.
  *
+ * Where H and W are even, the forward and input-gradient convolutions run by Winograd F(2x2, 3x3)
+ * instead (winograd_3x3): 16 multiplies per 2x2 output tile and input channel for the direct 36. Per
+ * block of tiles along a tile row: the 4x4 input tiles transformed (B^T d B) for all 16 positions, then
+ * 16 independent products (O x C kernels times C x columns, by the same register tiles), then the
+ * output transform (A^T m A) with bias and ReLU. The lanes of a vector are images of the batch, so
+ * every transform is elementwise on vectors.
+ *
  * The file is compiled twice over (float, then double) by including itself: one source, two types.
  */
 #ifndef REAL
@@ -43,6 +50,28 @@
 #endif
 
 int tile_channels(void) { return OB; }
+
+/* TILE(nv) for the nv <= VB vectors of a tile, with a constant count in each branch, so that the
+ * tile unrolls fully (a count above VB is dead code) */
+#define BY_VECTORS(nv)                         \
+    do {                                       \
+        if ((nv) == VB)                        \
+            TILE(VB);                          \
+        else if ((nv) == 3 && VB > 3)          \
+            TILE(3);                           \
+        else if ((nv) == 2 && VB > 2)          \
+            TILE(2);                           \
+        else                                   \
+            TILE(1);                           \
+    } while (0)
+int vector_bytes(void) { return VBYTES; }
+
+/* Winograd F(2x2, 3x3) (Lavin and Gray, arXiv 1509.09308): a 4x4 input tile d gives a 2x2 output tile
+ * Y = A^T [(G g G^T) . (B^T d B)] A. Each row of B^T combines two rows of d, +first -second or both +:
+ * WINOGRAD_ROWS[xi] are those two rows and WINOGRAD_SIGN[xi] the second one's sign. A^T = [[1, 1, 1, 0],
+ * [0, 1, -1, -1]] (winograd_output). */
+static const int WINOGRAD_ROWS[4][2] = {{0, 2}, {1, 2}, {2, 1}, {1, 3}};
+static const int WINOGRAD_SIGN[4] = {-1, 1, -1, -1};
 
 #define REAL float
 #define NAME(name) name##_float
@@ -128,20 +157,194 @@ void NAME(convolution_3x3)(const REAL *xpad, int C, int H, int W, int N, const R
                 for (int o0 = o_begin; o0 < o_end; o0 += OB) {
                     const REAL *w = wr + ((size_t)(o0 / OB) * C + c0) * 9 * OB;
 #define TILE(n) NAME(tile)(xpad, H, W, N, w, n, c0, c1, first, last, bias, relu, y, O, o0, h, j0)
-                    switch (nv) {  /* a constant count per case, so that the tile unrolls fully */
-                    case VB: TILE(VB); break;
-#if VB > 3
-                    case 3: TILE(3); break;
-#endif
-#if VB > 2
-                    case 2: TILE(2); break;
-#endif
-                    default: TILE(1);
-                    }
+                    BY_VECTORS(nv);
 #undef TILE
                 }
             }
         }
+}
+
+/* One tile of the Winograd multiply: m (outputs x nv vectors from col on, rows `cols` apart) = the sum over
+ * c of u[c, o] * v[c, col...], for one transform position and OB output channels. */
+static inline __attribute__((always_inline)) void
+NAME(winograd_tile)(const REAL *v, size_t cols, int C, const REAL *u, int nv, REAL *m, int outputs, size_t col)
+{
+    vec acc[OB][VB];
+#pragma GCC unroll 8
+    for (int o = 0; o < OB; o++)
+#pragma GCC unroll 8
+        for (int k = 0; k < VB; k++)
+            acc[o][k] = (vec){0};
+    for (int c = 0; c < C; c++, u += OB) {
+        vec x[VB];
+#pragma GCC unroll 8
+        for (int k = 0; k < VB; k++)
+            if (k < nv)
+                x[k] = *(const vec *)(v + c * cols + col + k * VL);
+#pragma GCC unroll 8
+        for (int o = 0; o < OB; o++)
+#pragma GCC unroll 8
+            for (int k = 0; k < VB; k++)
+                if (k < nv)
+                    acc[o][k] += u[o] * x[k];
+    }
+#pragma GCC unroll 8
+    for (int o = 0; o < OB; o++)
+#pragma GCC unroll 8
+        for (int k = 0; k < VB; k++)
+            if (o < outputs && k < nv)
+                *(vec *)(m + o * cols + col + k * VL) = acc[o][k];
+}
+
+/* B^T d B for one vector of lanes: d[a][b] = p[a * prow + b * N], the 16 results 'stride' numbers apart. */
+static inline void NAME(winograd_input)(const REAL *p, size_t prow, size_t N, REAL *out, size_t stride)
+{
+    vec rows[4][4], d[4][4];
+    for (int a = 0; a < 4; a++)
+        for (int b = 0; b < 4; b++)
+            d[a][b] = *(const vec *)(p + a * prow + b * N);
+    for (int xi = 0; xi < 4; xi++)
+        for (int b = 0; b < 4; b++)
+            rows[xi][b] = d[WINOGRAD_ROWS[xi][0]][b] + (REAL)WINOGRAD_SIGN[xi] * d[WINOGRAD_ROWS[xi][1]][b];
+    for (int xi = 0; xi < 4; xi++)
+        for (int nu = 0; nu < 4; nu++)
+            *(vec *)(out + (xi * 4 + nu) * stride) =
+                rows[xi][WINOGRAD_ROWS[nu][0]] + (REAL)WINOGRAD_SIGN[nu] * rows[xi][WINOGRAD_ROWS[nu][1]];
+}
+
+/* A^T m A for one vector of lanes: m[xi][nu] = p[(xi * 4 + nu) * stride]; y[i][j], then plus bias, ReLU. */
+static inline void NAME(winograd_output)(const REAL *p, size_t stride, REAL bias, int relu, vec y[2][2])
+{
+    vec half[4][2];
+    for (int xi = 0; xi < 4; xi++) {
+        const REAL *q = p + xi * 4 * stride;
+        vec m0 = *(const vec *)q, m1 = *(const vec *)(q + stride), m2 = *(const vec *)(q + 2 * stride),
+            m3 = *(const vec *)(q + 3 * stride);
+        half[xi][0] = m0 + m1 + m2;
+        half[xi][1] = m1 - m2 - m3;
+    }
+    for (int j = 0; j < 2; j++) {
+        vec r[2] = {half[0][j] + half[1][j] + half[2][j] + bias, half[1][j] - half[2][j] - half[3][j] + bias};
+        for (int i = 0; i < 2; i++) {
+            if (relu) {
+                __typeof__(r[i] > 0) positive = r[i] > 0;
+                r[i] = (vec)((__typeof__(positive))r[i] & positive);
+            }
+            y[i][j] = r[i];
+        }
+    }
+}
+
+/* u (16, ceil(O/OB), C, OB) = G g G^T of each kernel g of w (O, C, 3, 3), zeros for the missing output
+ * channels: each transform position's kernels in the order winograd_3x3 reads them. G = [[1, 0, 0],
+ * [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]. Returns 0, or -1 if its buffer cannot be had. */
+int NAME(winograd_kernels)(const REAL *w, int O, int C, REAL *u)
+{
+    int groups = (O + OB - 1) / OB;
+    REAL *transformed = malloc((size_t)O * C * 16 * sizeof(REAL));  /* (O, C, 16): u's rows are pages apart */
+    if (!transformed)
+        return -1;
+    for (size_t k = 0; k < (size_t)O * C; k++) {
+        const REAL *g = w + k * 9;
+        REAL gt[4][3], half = (REAL)0.5;  /* G g */
+        for (int j = 0; j < 3; j++) {
+            gt[0][j] = g[j];
+            gt[1][j] = half * (g[j] + g[3 + j] + g[6 + j]);
+            gt[2][j] = half * (g[j] - g[3 + j] + g[6 + j]);
+            gt[3][j] = g[6 + j];
+        }
+        for (int i = 0; i < 4; i++) {  /* (G g) G^T */
+            REAL *row = transformed + k * 16 + i * 4;
+            row[0] = gt[i][0];
+            row[1] = half * (gt[i][0] + gt[i][1] + gt[i][2]);
+            row[2] = half * (gt[i][0] - gt[i][1] + gt[i][2]);
+            row[3] = gt[i][2];
+        }
+    }
+    for (int t = 0; t < 16; t++)
+        for (int g = 0; g < groups; g++)
+            for (int c = 0; c < C; c++)
+                for (int o = 0; o < OB; o++, u++)
+                    *u = g * OB + o < O ? transformed[((size_t)(g * OB + o) * C + c) * 16 + t] : 0;
+    free(transformed);
+    return 0;
+}
+
+/* The same convolution as convolution_3x3 (H and W even), by Winograd F(2x2, 3x3): u (16, ceil(O/OB), C,
+ * OB) = G g G^T of the kernels, tiled. The 2x2 output tiles go in blocks of `tiles` along a tile row;
+ * this call computes blocks [block_begin, block_end) of the (H/2) * ceil((W/2) / tiles) blocks. A block
+ * holds the transformed input (16, C, cols) and the products (16, O, cols), cols = its tiles x N rounded
+ * up to whole vectors (the lanes past N are computed from neighbouring numbers and dropped). Returns 0,
+ * or -1 if its buffers cannot be had. */
+int NAME(winograd_3x3)(const REAL *xpad, int C, int H, int W, int N, const REAL *u, const REAL *bias, int relu,
+                       REAL *y, int O, int tiles, int block_begin, int block_end)
+{
+    size_t L = (size_t)W * N, prow = L + 2 * (size_t)N, plane = (size_t)(H + 2) * prow;
+    size_t width = ((size_t)N + VL - 1) / VL * VL, cols = tiles * width;  /* a tile's columns; a block's */
+    int row_blocks = (W / 2 + tiles - 1) / tiles, groups = (O + OB - 1) / OB;
+    REAL *v = aligned_alloc(64, (16 * (size_t)C * cols * sizeof(REAL) + 63) / 64 * 64);
+    REAL *m = aligned_alloc(64, (16 * (size_t)O * cols * sizeof(REAL) + 63) / 64 * 64);
+    if (!v || !m) {
+        free(v);
+        free(m);
+        return -1;
+    }
+    for (int block = block_begin; block < block_end; block++) {
+        int ty = block / row_blocks, tx0 = block % row_blocks * tiles;
+        int tx1 = tx0 + tiles < W / 2 ? tx0 + tiles : W / 2;
+        size_t used = (size_t)(tx1 - tx0) * width;
+        size_t span = (2 * (size_t)(tx1 - tx0) + 2) * N;  /* the numbers of a padded row that the block reads */
+        const REAL *patch = xpad + 2 * (size_t)ty * prow + 2 * (size_t)tx0 * N;
+        for (int c = 0; c < C; c++) {
+            /* the next channel's rows, fetched ahead: too many short runs for the hardware prefetcher */
+            if (c + 1 < C)
+                for (int a = 0; a < 4; a++)
+                    for (size_t k = 0; k < span; k += 64 / sizeof(REAL))
+                        __builtin_prefetch(patch + (c + 1) * plane + a * prow + k);
+            for (int tx = tx0; tx < tx1; tx++)
+                for (size_t k = 0; k < width; k += VL)
+                    NAME(winograd_input)(xpad + c * plane + 2 * (size_t)ty * prow + 2 * (size_t)tx * N + k, prow,
+                                         N, v + c * cols + (tx - tx0) * width + k, (size_t)C * cols);
+        }
+        for (int t = 0; t < 16; t++)
+            for (size_t col = 0; col < used; col += VB * VL) {
+                int nv = (int)((used - col) / VL);
+                nv = nv < VB ? nv : VB;
+                for (int g = 0; g < groups; g++) {
+                    const REAL *w = u + ((size_t)t * groups + g) * C * OB;
+                    int outputs = O - g * OB < OB ? O - g * OB : OB;
+                    const REAL *in = v + (size_t)t * C * cols;
+                    REAL *out = m + ((size_t)t * O + g * OB) * cols;
+#define TILE(n) NAME(winograd_tile)(in, cols, C, w, n, out, outputs, col)
+                    BY_VECTORS(nv);
+#undef TILE
+                }
+            }
+        for (int o = 0; o < O; o++) {  /* a tile's last vector of lanes overlaps the one before */
+            if (o + 1 < O)
+                for (int i = 0; i < 2; i++)
+                    for (size_t k = 0; k < span - 2 * N; k += 64 / sizeof(REAL))
+                        __builtin_prefetch(y + ((size_t)(o + 1) * H + 2 * ty + i) * L + 2 * (size_t)tx0 * N + k, 1);
+            for (int tx = tx0; tx < tx1; tx++)
+                for (int k = 0; k < N; k += VL) {
+                    int at = N >= VL && k + VL > N ? N - VL : k;
+                    vec out[2][2];
+                    NAME(winograd_output)(m + (size_t)o * cols + (tx - tx0) * width + at, (size_t)O * cols,
+                                          bias ? bias[o] : 0, relu, out);
+                    for (int i = 0; i < 2; i++)
+                        for (int j = 0; j < 2; j++) {
+                            REAL *to = y + ((size_t)o * H + 2 * ty + i) * L + (2 * (size_t)tx + j) * N + at;
+                            if (at + VL <= N)
+                                *(vec *)to = out[i][j];
+                            else
+                                memcpy(to, &out[i][j], (N - at) * sizeof(REAL));
+                        }
+                }
+        }
+    }
+    free(v);
+    free(m);
+    return 0;
 }
 
 /* A vector of the n < VL numbers at p, zeros after them. */

@@ -57,10 +57,15 @@ def library():
         return None
     lib = ctypes.CDLL(LIBRARY)
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    lib.tile_channels.restype = ctypes.c_int
+    lib.tile_channels.restype = lib.vector_bytes.restype = ctypes.c_int
     for kind in _TYPES.values():
         getattr(lib, 'convolution_3x3_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
             integer, pointer] + [integer] * 5
+        getattr(lib, 'winograd_3x3_' + kind).restype = ctypes.c_int
+        getattr(lib, 'winograd_3x3_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
+            integer, pointer] + [integer] * 4
+        getattr(lib, 'winograd_kernels_' + kind).restype = ctypes.c_int
+        getattr(lib, 'winograd_kernels_' + kind).argtypes = [pointer] + [integer] * 2 + [pointer]
         getattr(lib, 'pad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [integer] * 2
         getattr(lib, 'convolution_3x3_weight_grad_' + kind).restype = ctypes.c_int
         getattr(lib, 'convolution_3x3_weight_grad_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
@@ -113,6 +118,17 @@ def convolve(xpad, x_shape, kernels, bias, relu, y, outputs, rows):
         min(rows.stop, h))
 
 
+def winograd(xpad, x_shape, kernels, bias, relu, y, tiles, blocks):
+    """The blocks ``blocks`` (a range) of y = the convolution of the padded input xpad (see pad) with
+    ``kernels`` (from winograd_kernels), plus bias (or None), then ReLU if ``relu``, by Winograd F(2x2, 3x3),
+    ``tiles`` 2x2 output tiles a block (see winograd_blocks)."""
+    c, h, w, n = x_shape
+    if _kernel('winograd_3x3', xpad.dtype)(
+            xpad.ctypes.data, c, h, w, n, kernels.ctypes.data, None if bias is None else bias.ctypes.data,
+            int(relu), y.ctypes.data, y.shape[0], tiles, blocks.start, blocks.stop):
+        raise MemoryError("no memory for the Winograd convolution's buffers")
+
+
 def weight_grad(xpad, x_shape, gy, gw, outputs, channels):
     """gw[outputs, channels] (gw: (O, C, 9)) = the weight gradient of the convolution of the padded
     input xpad (see pad) whose output gradient is gy (O, H, W, N)."""
@@ -160,6 +176,11 @@ def tile_channels():
     return library().tile_channels()
 
 
+def vector_lanes(dtype):
+    """Numbers of ``dtype`` in one of the kernels' vectors."""
+    return library().vector_bytes() // numpy.dtype(dtype).itemsize
+
+
 def tile_kernels(W):
     """(O, C, 3, 3) kernels -> (ceil(O / T), C, 9, T), T = tile_channels(), zeros for the missing output
     channels: each tile's kernels in the order the kernel reads them."""
@@ -169,6 +190,17 @@ def tile_kernels(W):
     tiled = numpy.zeros((groups * tile, c, 9), W.dtype)
     tiled[:o] = W.reshape(o, c, 9)
     return numpy.ascontiguousarray(tiled.reshape(groups, tile, c, 9).transpose(0, 2, 3, 1))
+
+
+def winograd_kernels(W):
+    """(O, C, 3, 3) kernels (any strides) -> G g G^T of each, (16, ceil(O / T), C, T) with T =
+    tile_channels() and zeros for the missing output channels, as winograd reads them."""
+    o, c = W.shape[:2]
+    W = numpy.ascontiguousarray(W)
+    transformed = numpy.empty((16, -(-o // tile_channels()), c, tile_channels()), W.dtype)
+    if _kernel('winograd_kernels', W.dtype)(W.ctypes.data, o, c, transformed.ctypes.data):
+        raise MemoryError("no memory for the Winograd kernels' transform")
+    return transformed
 
 
 if __name__ == '__main__':

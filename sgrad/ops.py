@@ -250,19 +250,49 @@ def direct_weight_gradient(x, gy):
 
 def direct_convolution(x, W, b=None, relu=False, mask=None):
     """The 3x3 convolution (pad 1) of (C, H, W, N) x with (O, C, 3, 3) kernels W, plus b, then ReLU if
-    ``relu``, of x where ``mask`` > 0 only if a mask is given, by sgrad.native's compiled kernel on
-    every core; None where that kernel cannot take these arrays (not built, CuPy, another dtype)."""
+    ``relu``, of x where ``mask`` > 0 only if a mask is given, by sgrad.native's compiled kernels on
+    every core: Winograd F(2x2, 3x3) where it pays (_winograd_tiles), else the direct one; None where
+    they cannot take these arrays (not built, CuPy, another dtype)."""
     if W.dtype != x.dtype or not native.supports(x, *(a for a in (b, mask) if a is not None), contiguous=False):
         return None
     # a transposed view (the model's input; the gradient from the global max pool) is copied once
     x, b, mask = (None if a is None else numpy.ascontiguousarray(a) for a in (x, b, mask))
     c, h, w, n = x.shape
     xpad = _padded(x, mask)
-    kernels = native.tile_kernels(W)
     y = native.empty_with_slack((W.shape[0], h, w, n), x.dtype)
+    tiles = _winograd_tiles(x.shape, x.dtype)
+    if tiles:
+        kernels = native.winograd_kernels(W)
+        blocks = h // 2 * -(-(w // 2) // tiles)
+        parts = min(blocks, worker_count())
+        for_blocks(lambda part: native.winograd(xpad, x.shape, kernels, b, relu, y, tiles, part),
+                   [range(blocks * i // parts, blocks * (i + 1) // parts) for i in range(parts)])
+        return y
+    kernels = native.tile_kernels(W)
     for_blocks(lambda block: native.convolve(xpad, x.shape, kernels, b, relu, y, *block),
                _output_blocks(W.shape[0], h))
     return y
+
+
+#: Whether direct_convolution may use Winograd F(2x2, 3x3) (tests switch it off to check the other kernel).
+WINOGRAD = True
+
+#: Columns (2x2 output tiles x lanes) that a Winograd block aims at: its buffers (16 x (C + O) x columns)
+#: stay in the L2 cache
+_WINOGRAD_COLUMNS = 128
+
+
+def _winograd_tiles(shape, dtype):
+    """2x2 output tiles per block of sgrad.native's Winograd convolution of (C, H, W, N) inputs, or 0 where
+    the direct kernel is the better one: odd H or W; fewer than 8 input channels, where the transforms
+    cost more than the multiplies saved; a batch that fills its last vector of lanes by less than 3/4
+    (each tile computes whole vectors: N = 1 would waste 15 of 16 float32 lanes)."""
+    c, h, w, n = shape
+    lanes = native.vector_lanes(dtype)
+    width = -(-n // lanes) * lanes
+    if not WINOGRAD or h % 2 or w % 2 or c < 8 or 3 * width > 4 * n:
+        return 0
+    return max(1, _WINOGRAD_COLUMNS // width)
 
 
 def _relu_mask(y, cap=None, guide=None):

@@ -31,15 +31,17 @@ def random_cifarnet(width=4, seed=0, dtype=np.float32):
     return model
 
 
-@pytest.fixture(params=['compiled', 'numpy'])
+@pytest.fixture(params=['winograd', 'direct', 'numpy'])
 def kernel_path(request, monkeypatch):
-    """Runs a test on both kinds of 3x3 convolution and 2x2 max pooling: sgrad.native's compiled kernels,
-    and the NumPy + OpenBLAS ones."""
-    from sgrad import native
+    """Runs a test on every kind of 3x3 convolution and 2x2 max pooling: sgrad.native's compiled kernels,
+    with the convolution by Winograd F(2x2, 3x3) where it applies (the default) or direct everywhere, and
+    the NumPy + OpenBLAS ones."""
+    from sgrad import native, ops
     if request.param == 'numpy':
         monkeypatch.setattr(native, 'library', lambda: None)
     elif native.library() is None:
         pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+    monkeypatch.setattr(ops, 'WINOGRAD', request.param == 'winograd')
     return request.param
 
 
