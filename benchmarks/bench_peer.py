@@ -29,8 +29,9 @@ import chainer.functions as F
 import numpy as np
 
 from model import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_MODEL_PATH, CifarNet, load_model
-from sgrad import blas_kernels, keep_freed_memory
+from sgrad import blas_kernels, keep_freed_memory, native
 from sgrad.data import load_test_image
+from sgrad.ops import winograd_tiles
 from sgrad.reference import plain_chainer_forward
 from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
 
@@ -40,19 +41,34 @@ def naive_chainer_smoothgrad(model, x, target, noise, samples, rng):
     return blog_smoothgrad(plain_chainer_forward, model, x, target, noise, samples, rng)
 
 
-def forward_flops(model):
-    """Multiply-adds x 2 of one image's forward pass (convolutions and the classifier)."""
-    macs, size = 0, 32
+def convolutions(model):
+    """(output channels, input channels, image size) of each 3x3 convolution, in order."""
+    size = 32
     for name in ('prep', 'conv1', 'res1', 'conv2', 'conv3', 'res3'):
         blocks = [getattr(model, name)]
         if name.startswith('res'):
             blocks = [blocks[0].block1, blocks[0].block2]
         for block in blocks:
-            o, c = block.conv.W.shape[:2]
-            macs += o * c * 9 * size * size
+            yield block.conv.W.shape[:2] + (size,)
         if name in ('conv1', 'conv2', 'conv3'):
             size //= 2  # the pool after these blocks
-    return 2 * (macs + model.fc.W.size)
+
+
+def forward_flops(model):
+    """Multiply-adds x 2 of one image's forward pass (convolutions and the classifier)."""
+    return 2 * (sum(o * c * 9 * size * size for o, c, size in convolutions(model)) + model.fc.W.size)
+
+
+def winograd_flops(model, n):
+    """Multiply-adds x 2 of one image's forward and input backward as this project computes them at batch n:
+    16 instead of 36 per 2x2 output tile and input channel in the convolutions that run by Winograd
+    F(2x2, 3x3) (sgrad.ops.winograd_tiles; the input backward's input channels are the layer's outputs)."""
+    macs = 0
+    for o, c, size in convolutions(model):
+        for inputs in (c, o):  # forward, input backward
+            fraction = 16 / 36 if winograd_tiles((inputs, size, size, n), np.float32) else 1
+            macs += fraction * o * c * 9 * size * size
+    return 2 * (macs + 2 * model.fc.W.size)
 
 
 def gemm_gflops():
@@ -171,6 +187,8 @@ def main():
     results = list(zip([name for name, _ in rows], interleaved_median_ms([fn for _, fn in rows], args.repeats)))
     bound = 1000 * n * 2 * flops / (gflops * 1e9)
     results.append(('FLOP bound (forward + input backward)', bound))
+    if native.library() is not None:
+        results.append(("FLOP bound, Winograd's multiplies", 1000 * n * winograd_flops(model, n) / (gflops * 1e9)))
     reference = dict(results).get('PyTorch 2.13 + Captum NoiseTunnel(Saliency)')
     print('\nSmoothGrad, one image, N=%d, median of %d interleaved rounds' % (n, args.repeats))
     print('%-46s %12s %14s' % ('variant', 'ms per map', 'x PyTorch time'))

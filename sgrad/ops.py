@@ -251,7 +251,7 @@ def direct_weight_gradient(x, gy):
 def direct_convolution(x, W, b=None, relu=False, mask=None):
     """The 3x3 convolution (pad 1) of (C, H, W, N) x with (O, C, 3, 3) kernels W, plus b, then ReLU if
     ``relu``, of x where ``mask`` > 0 only if a mask is given, by sgrad.native's compiled kernels on
-    every core: Winograd F(2x2, 3x3) where it pays (_winograd_tiles), else the direct one; None where
+    every core: Winograd F(2x2, 3x3) where it pays (winograd_tiles), else the direct one; None where
     they cannot take these arrays (not built, CuPy, another dtype)."""
     if W.dtype != x.dtype or not native.supports(x, *(a for a in (b, mask) if a is not None), contiguous=False):
         return None
@@ -260,7 +260,7 @@ def direct_convolution(x, W, b=None, relu=False, mask=None):
     c, h, w, n = x.shape
     xpad = _padded(x, mask)
     y = native.empty_with_slack((W.shape[0], h, w, n), x.dtype)
-    tiles = _winograd_tiles(x.shape, x.dtype)
+    tiles = winograd_tiles(x.shape, x.dtype)
     if tiles:
         kernels = native.winograd_kernels(W)
         blocks = h // 2 * -(-(w // 2) // tiles)
@@ -282,7 +282,7 @@ WINOGRAD = True
 _WINOGRAD_COLUMNS = 128
 
 
-def _winograd_tiles(shape, dtype):
+def winograd_tiles(shape, dtype):
     """2x2 output tiles per block of sgrad.native's Winograd convolution of (C, H, W, N) inputs, or 0 where
     the direct kernel is the better one: odd H or W; fewer than 8 input channels, where the transforms
     cost more than the multiplies saved; a batch that fills its last vector of lanes by less than 3/4

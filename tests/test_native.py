@@ -72,7 +72,7 @@ def test_winograd_convolution_equals_chainers(shape, outputs, columns, dtype, to
     """Winograd F(2x2, 3x3), the kernel for most of the model's layers, on the edges of its blocking: one
     tile, lanes past N in every tile, blocks that do not divide a tile row, outputs not a whole tile."""
     monkeypatch.setattr(ops, '_WINOGRAD_COLUMNS', columns)
-    assert ops._winograd_tiles(shape, dtype) > 0
+    assert ops.winograd_tiles(shape, dtype) > 0
     _check_against_chainer(shape, outputs, dtype, tolerance)
 
 
@@ -96,11 +96,11 @@ def test_winograd_is_chosen_only_where_it_pays():
     """Odd sizes and few input channels take the direct kernel, and so does a batch that would leave
     most of its last vector of lanes empty; CIFAR's layers at N = 100 and 25 take Winograd."""
     f32 = np.float32
-    assert ops._winograd_tiles((16, 32, 32, 100), f32) and ops._winograd_tiles((128, 4, 4, 25), f32)
-    assert not ops._winograd_tiles((16, 5, 6, 100), f32)
-    assert not ops._winograd_tiles((3, 32, 32, 100), f32)
-    assert not ops._winograd_tiles((16, 32, 32, 1), f32)
-    assert not ops._winograd_tiles((16, 32, 32, 17), f32)
+    assert ops.winograd_tiles((16, 32, 32, 100), f32) and ops.winograd_tiles((128, 4, 4, 25), f32)
+    assert not ops.winograd_tiles((16, 5, 6, 100), f32)
+    assert not ops.winograd_tiles((3, 32, 32, 100), f32)
+    assert not ops.winograd_tiles((16, 32, 32, 1), f32)
+    assert not ops.winograd_tiles((16, 32, 32, 17), f32)
 
 
 @needs_native
@@ -193,7 +193,7 @@ def test_winograd_float32_maps_match_the_exact_ones_on_real_images(monkeypatch):
         maps = [SmoothGrad(Gradient(engine), 0.1, 20, rng=np.random.RandomState(i))(x[i], labels[i])
                 for i in range(len(x))]
         results[name] = engine(x, labels).astype(np.float64), np.stack(maps).astype(np.float64)
-        assert name == 'exact' or ops._winograd_tiles((16, 32, 32, len(x)), dtype)
+        assert name == 'exact' or ops.winograd_tiles((16, 32, 32, len(x)), dtype)
     (exact, exact_maps), (gradients, maps) = results['exact'], results['winograd']
     flat = lambda a: np.abs(a).reshape(len(a), -1).max(axis=1)
     errors = flat(gradients - exact) / flat(exact)
