@@ -61,7 +61,7 @@ class ConvBN(FoldsBatchNorm, chainer.Chain):
     def forward(self, x):
         folded = self.folded_parameters()
         if folded is not None:
-            return convolution_3x3(x, *folded, relu=True)
+            return convolution_3x3(x, *folded, relu=True, cache=self.kernels_cache)
         h = convolution_3x3(x, self.conv.W)
         if chainer.config.train and not chainer.config.in_recomputing:
             return batch_normalization_relu(h, self.bn)

@@ -248,11 +248,12 @@ def direct_weight_gradient(x, gy):
     return gw.reshape(o, c, 3, 3)
 
 
-def direct_convolution(x, W, b=None, relu=False, mask=None):
+def direct_convolution(x, W, b=None, relu=False, mask=None, cache=None):
     """The 3x3 convolution (pad 1) of (C, H, W, N) x with (O, C, 3, 3) kernels W, plus b, then ReLU if
     ``relu``, of x where ``mask`` > 0 only if a mask is given, by sgrad.native's compiled kernels on
     every core: Winograd F(2x2, 3x3) where it pays (winograd_tiles), else the direct one; None where
-    they cannot take these arrays (not built, CuPy, another dtype)."""
+    they cannot take these arrays (not built, CuPy, another dtype). ``cache``: a dict that keeps W's
+    rearranged kernels for the next call, for weights that do not change (an inference copy's)."""
     if W.dtype != x.dtype or not native.supports(x, *(a for a in (b, mask) if a is not None), contiguous=False):
         return None
     # a transposed view (the model's input; the gradient from the global max pool) is copied once
@@ -262,16 +263,25 @@ def direct_convolution(x, W, b=None, relu=False, mask=None):
     y = native.empty_with_slack((W.shape[0], h, w, n), x.dtype)
     tiles = winograd_tiles(x.shape, x.dtype)
     if tiles:
-        kernels = native.winograd_kernels(W)
+        kernels = _kernels(native.winograd_kernels, W, cache)
         blocks = h // 2 * -(-(w // 2) // tiles)
         parts = min(blocks, worker_count())
         for_blocks(lambda part: native.winograd(xpad, x.shape, kernels, b, relu, y, tiles, part),
                    [range(blocks * i // parts, blocks * (i + 1) // parts) for i in range(parts)])
         return y
-    kernels = native.tile_kernels(W)
+    kernels = _kernels(native.tile_kernels, W, cache)
     for_blocks(lambda block: native.convolve(xpad, x.shape, kernels, b, relu, y, *block),
                _output_blocks(W.shape[0], h))
     return y
+
+
+def _kernels(rearrange, W, cache):
+    """rearrange(W), kept in cache (a dict, or None: not kept) for the next call."""
+    if cache is None:
+        return rearrange(W)
+    if rearrange not in cache:
+        cache[rearrange] = rearrange(W)
+    return cache[rearrange]
 
 
 #: Whether direct_convolution may use Winograd F(2x2, 3x3) (tests switch it off to check the other kernel).
@@ -375,10 +385,14 @@ class Convolution3x3(chainer.function_node.FunctionNode):
     for).
     """
 
-    def __init__(self, relu=False):
-        self.relu = relu
+    def __init__(self, relu=False, cache=None):
+        self.relu, self.cache = relu, cache
         if relu:
             self.guided = False
+
+    def _cache(self, direction):
+        """The part of the cache for 'forward' or 'input' (gradient), or None without a cache."""
+        return None if self.cache is None else self.cache.setdefault(direction, {})
 
     def forward(self, inputs):
         x, W = inputs[:2]
@@ -386,7 +400,8 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         self.retain_inputs((0, 1))
         if self.relu:
             self.retain_outputs((0,))
-        y = direct_convolution(x, W, inputs[2] if len(inputs) == 3 else None, self.relu)
+        y = direct_convolution(x, W, inputs[2] if len(inputs) == 3 else None, self.relu,
+                               cache=self._cache('forward'))
         if y is not None:
             self.rows = None  # the weight gradient has its own compiled kernel
             return y,
@@ -414,11 +429,11 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         if self.relu:
             y, = self.get_retained_outputs()
             if indexes == (0,) and not self.guided:  # saliency: the ReLU's mask applied inside the input gradient
-                return Convolution3x3InputGrad(self.x_shape, y.array).apply((W, gy))
+                return Convolution3x3InputGrad(self.x_shape, y.array, self._cache('input')).apply((W, gy))
             gy = relu_gradient(y, gy, self.guided)
         ret = []
         if 0 in indexes:
-            ret.append(Convolution3x3InputGrad(self.x_shape).apply((W, gy))[0])
+            ret.append(Convolution3x3InputGrad(self.x_shape, cache=self._cache('input')).apply((W, gy))[0])
         if 1 in indexes:
             ret.append(Convolution3x3WeightGrad(x.array, self.rows, W.shape).apply((gy,))[0])
         if 2 in indexes:
@@ -434,13 +449,14 @@ class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
     rows down (each column block of it summed from the gy columns that reach it), then
     row_patches_adjoint."""
 
-    def __init__(self, x_shape, relu_output=None):
+    def __init__(self, x_shape, relu_output=None, cache=None):
         self.x_shape = x_shape
-        self.relu_output = relu_output
+        self.relu_output, self.cache = relu_output, cache
 
     def forward(self, inputs):
         W, gy = inputs
-        g = direct_convolution(gy, W.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], mask=self.relu_output)
+        g = direct_convolution(gy, W.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], mask=self.relu_output,
+                               cache=self.cache)
         if g is not None:
             return g,
         if self.relu_output is not None:
@@ -498,10 +514,12 @@ class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):
         return xp.ascontiguousarray(gW.transpose(1, 2, 0, 3)),
 
 
-def convolution_3x3(x, W, b=None, relu=False):
-    """3x3, pad 1, stride 1 convolution of (C, H, W, N) activations, optionally with bias and ReLU."""
+def convolution_3x3(x, W, b=None, relu=False, cache=None):
+    """3x3, pad 1, stride 1 convolution of (C, H, W, N) activations, optionally with bias and ReLU.
+    ``cache``: a dict in which the compiled kernels keep their rearrangements of W (forward and input
+    gradient), for weights that stay as they are between calls (an inference copy's); None: none kept."""
     inputs = (x, W) if b is None else (x, W, b)
-    return Convolution3x3(relu).apply(inputs)[0]
+    return Convolution3x3(relu, cache).apply(inputs)[0]
 
 
 class BatchNormReLU(chainer.function_node.FunctionNode):
@@ -1061,10 +1079,14 @@ class FoldsBatchNorm:
 
     folded = None
 
+    #: Once folded, the compiled kernels' rearrangements of the folded weights (sgrad.ops.convolution_3x3)
+    kernels_cache = None
+
     def fold_batchnorm(self):
         bn = self.bn
         scale = bn.gamma.array / self.xp.sqrt(bn.avg_var + bn.eps)
         self.folded = (self.conv.W.array * scale[:, None, None, None], bn.beta.array - bn.avg_mean * scale)
+        self.kernels_cache = {}
 
     def folded_parameters(self):
         """(W', b') once folded, else None."""

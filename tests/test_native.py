@@ -199,3 +199,18 @@ def test_winograd_float32_maps_match_the_exact_ones_on_real_images(monkeypatch):
     errors = flat(gradients - exact) / flat(exact)
     assert np.mean(errors < 1e-5) >= 0.95, errors
     assert min(spearman(m.ravel(), e.ravel()) for m, e in zip(maps, exact_maps)) > 0.9999
+
+
+@needs_native
+def test_an_inference_copy_keeps_its_rearranged_kernels():
+    """The folded weights never change, so each block keeps its kernels as the compiled convolution reads
+    them (forward and input gradient) after the first map; the second map is the same to the bit. The
+    model that trains keeps none (its weights change every step)."""
+    model = _shipped(np.float32)
+    engine = GradientEngine(model, batchsize=None)
+    x = noisy_copies(load_test_image(0)[0], 0.1, 16, np.random.RandomState(0))
+    first = engine(x, 3)
+    caches = [block.kernels_cache for block in engine.model.links() if hasattr(block, 'kernels_cache')]
+    assert caches and all(cache['forward'] and cache['input'] for cache in caches)
+    np.testing.assert_array_equal(engine(x, 3), first)
+    assert all(block.kernels_cache is None for block in model.links() if hasattr(block, 'kernels_cache'))
