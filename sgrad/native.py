@@ -121,7 +121,7 @@ def convolve(xpad, x_shape, kernels, bias, relu, y, outputs, rows):
 def winograd(xpad, x_shape, kernels, bias, relu, y, tiles, blocks):
     """The blocks ``blocks`` (a range) of y = the convolution of the padded input xpad (see pad) with
     ``kernels`` (from winograd_kernels), plus bias (or None), then ReLU if ``relu``, by Winograd F(2x2, 3x3),
-    ``tiles`` 2x2 output tiles a block (see winograd_blocks)."""
+    ``tiles`` 2x2 output tiles a block (see sgrad.ops.winograd_tiles)."""
     c, h, w, n = x_shape
     if _kernel('winograd_3x3', xpad.dtype)(
             xpad.ctypes.data, c, h, w, n, kernels.ctypes.data, None if bias is None else bias.ctypes.data,
