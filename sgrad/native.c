@@ -55,6 +55,9 @@
 #ifndef VB
 #define VB REGISTER_VB /* vectors per tile */
 #endif
+#ifndef WB
+#define WB (VBYTES == 64 ? 8 : 4) /* the weight gradient's tile: WB x 3 sums, 3 inputs, a gradient vector */
+#endif
 #ifndef CB
 #define CB 8 /* input channels per chunk (2-16 measured alike here) */
 #endif
@@ -366,8 +369,8 @@ static inline vec NAME(partial)(const REAL *p, int n)
 }
 
 /* gw (O, C, 9) = the weight gradient of the convolution: gw[o, c, ky*3 + kx] = sum over h, j of
- * gy[o, h, j] * xpad[c, h + ky, j + kx*N], for output channels [o_begin, o_end) (o_begin a multiple of
- * OB) and input channels [c_begin, c_end). A tile of OB output channels x the three kx of one (c, ky)
+ * gy[o, h, j] * xpad[c, h + ky, j + kx*N], for output channels [o_begin, o_end) and input channels
+ * [c_begin, c_end). A tile of WB output channels x the three kx of one (c, ky)
  * keeps vector sums; they go through memory between strips of STEP numbers of a row, so that a strip
  * of gy stays in L1 while every (c, ky) passes over it, and are summed across lanes at the end.
  * Returns 0, or -1 (gw untouched) if the sums' memory cannot be had. */
@@ -379,24 +382,25 @@ int NAME(convolution_3x3_weight_grad)(const REAL *xpad, int C, int H, int W, int
 {
     size_t L = (size_t)W * N, prow = L + 2 * (size_t)N, plane = (size_t)(H + 2) * prow;
     int channels = c_end - c_begin;
-    vec *sums = malloc((size_t)channels * 3 * OB * 3 * sizeof(vec));
+    vec *sums = malloc((size_t)channels * 3 * WB * 3 * sizeof(vec));
     if (!sums)
         return -1;
-    for (int o0 = o_begin; o0 < o_end; o0 += OB) {
-        int outputs = O - o0 < OB ? O - o0 : OB;
-        memset(sums, 0, (size_t)channels * 3 * OB * 3 * sizeof(vec));
+    o_end = o_end < O ? o_end : O;
+    for (int o0 = o_begin; o0 < o_end; o0 += WB) {
+        int outputs = o_end - o0 < WB ? o_end - o0 : WB;
+        memset(sums, 0, (size_t)channels * 3 * WB * 3 * sizeof(vec));
         for (int h = 0; h < H; h++)
             for (size_t s0 = 0; s0 < L; s0 += STEP) {
                 size_t s1 = s0 + STEP < L ? s0 + STEP : L;
-                const REAL *g[OB];
-                for (int o = 0; o < OB; o++)  /* a missing output channel repeats the last one, unused */
+                const REAL *g[WB];
+                for (int o = 0; o < WB; o++)  /* a missing output channel repeats the last one, unused */
                     g[o] = gy + ((size_t)(o0 + (o < outputs ? o : outputs - 1)) * H + h) * L;
                 for (int c = c_begin; c < c_end; c++)
                     for (int ky = 0; ky < 3; ky++) {
-                        vec *sum = sums + ((size_t)(c - c_begin) * 3 + ky) * OB * 3;
-                        vec acc[OB][3];
+                        vec *sum = sums + ((size_t)(c - c_begin) * 3 + ky) * WB * 3;
+                        vec acc[WB][3];
 #pragma GCC unroll 8
-                        for (int o = 0; o < OB; o++)
+                        for (int o = 0; o < WB; o++)
                             for (int kx = 0; kx < 3; kx++)
                                 acc[o][kx] = sum[o * 3 + kx];
                         const REAL *row = xpad + c * plane + (size_t)(h + ky) * prow;
@@ -406,7 +410,7 @@ int NAME(convolution_3x3_weight_grad)(const REAL *xpad, int C, int H, int W, int
                             for (int kx = 0; kx < 3; kx++)
                                 x[kx] = *(const vec *)(row + j + kx * N);
 #pragma GCC unroll 8
-                            for (int o = 0; o < OB; o++) {
+                            for (int o = 0; o < WB; o++) {
                                 vec d = *(const vec *)(g[o] + j);
                                 for (int kx = 0; kx < 3; kx++)
                                     acc[o][kx] += d * x[kx];
@@ -417,14 +421,14 @@ int NAME(convolution_3x3_weight_grad)(const REAL *xpad, int C, int H, int W, int
                             vec x[3];
                             for (int kx = 0; kx < 3; kx++)
                                 x[kx] = NAME(partial)(row + j + kx * N, n);
-                            for (int o = 0; o < OB; o++) {
+                            for (int o = 0; o < WB; o++) {
                                 vec d = NAME(partial)(g[o] + j, n);
                                 for (int kx = 0; kx < 3; kx++)
                                     acc[o][kx] += d * x[kx];
                             }
                         }
 #pragma GCC unroll 8
-                        for (int o = 0; o < OB; o++)
+                        for (int o = 0; o < WB; o++)
                             for (int kx = 0; kx < 3; kx++)
                                 sum[o * 3 + kx] = acc[o][kx];
                     }
@@ -433,7 +437,7 @@ int NAME(convolution_3x3_weight_grad)(const REAL *xpad, int C, int H, int W, int
             for (int ky = 0; ky < 3; ky++)
                 for (int o = 0; o < outputs; o++)
                     for (int kx = 0; kx < 3; kx++) {
-                        vec v = sums[(((size_t)(c - c_begin) * 3 + ky) * OB + o) * 3 + kx];
+                        vec v = sums[(((size_t)(c - c_begin) * 3 + ky) * WB + o) * 3 + kx];
                         REAL total = 0;
                         for (int lane = 0; lane < VL; lane++)
                             total += v[lane];
