@@ -604,6 +604,167 @@ void NAME(max_pooling_2x2_grad)(const REAL *gy, const unsigned char *first, int 
                         window[p][n] = first[at + n] == p ? gy[at + n] : 0;
             }
 }
+
+/* Depthwise k x k convolution of (N, C, H, W) images, stride s, zero padding pt rows above and pl
+ * columns left (the bottom and right ones follow from the output size), EfficientNet-Lite0's layers.
+ * Each plane (image, channel) is copied once into a zero-padded buffer whose rows are split into their
+ * s column phases (padded column j at phase j % s, index j / s, a run of M numbers per phase): tap
+ * (ky, kx) of output row i then reads a contiguous run, padded row i*s + ky, phase kx % s, from kx / s
+ * on, and a tile of DV vectors of an output row sums the k*k taps in registers:
+ *
+ *     y[i, j] = b + sum over ky, kx of  w[ky, kx] * xpad[i*s + ky, j*s + kx]      (then clipped to [0, cap])
+ */
+#ifndef DV
+#define DV 4 /* vectors of an output row per tile */
+#endif
+
+/* The buffer's numbers per phase of a row, with a vector of slack for a row's last, partial vector */
+static inline int NAME(phase_run)(int oW, int k, int s) { return oW + (k - 1) / s + VL; }
+
+/* buf (rows, s, M) = the plane x (H, W) zero-padded (pt, pl) to rows x columns, its rows split into
+ * column phases */
+static void NAME(phased_plane)(const REAL *x, int H, int W, int s, int pt, int pl, REAL *buf, int rows,
+                               int columns, int M)
+{
+    memset(buf, 0, (size_t)rows * s * M * sizeof(REAL));
+    for (int iy = 0; iy < H && iy + pt < rows; iy++) {
+        REAL *row = buf + (size_t)(iy + pt) * s * M;
+        const REAL *in = x + (size_t)iy * W;
+        int width = W < columns - pl ? W : columns - pl;
+        if (s == 1)
+            memcpy(row + pl, in, width * sizeof(REAL));
+        else
+            for (int ix = 0; ix < width; ix++)
+                row[(ix + pl) % s * M + (ix + pl) / s] = in[ix];
+    }
+}
+
+/* nv <= DV vectors of one output row from out on (left numbers of the row remain): bias + the taps
+ * (run offsets off, weights w) over rows, clipped to [0, cap] if cap > 0 */
+static inline __attribute__((always_inline)) void
+NAME(depthwise_tile)(const REAL *rows, const size_t *off, const REAL *w, int taps, int nv, REAL bias, REAL cap,
+                     REAL *out, int left)
+{
+    vec acc[DV];
+#pragma GCC unroll 8
+    for (int v = 0; v < DV; v++)
+        if (v < nv)
+            acc[v] = (vec){0} + bias;
+    for (int t = 0; t < taps; t++) {
+        const REAL *run = rows + off[t];
+#pragma GCC unroll 8
+        for (int v = 0; v < DV; v++)
+            if (v < nv)
+                acc[v] += w[t] * *(const vec *)(run + v * VL);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < DV; v++)
+        if (v < nv) {
+            vec r = acc[v];
+            if (cap > 0) { /* min(max(r, 0), cap) by masks: C has no ?: on vectors */
+                __typeof__(r > 0) positive = r > 0;
+                r = (vec)((__typeof__(positive))r & positive);
+                __typeof__(r > 0) over = r > cap;
+                r = (vec)(((__typeof__(over))r & ~over) | ((__typeof__(over))((vec){0} + cap) & over));
+            }
+            if (left - v * VL >= VL)
+                *(vec *)(out + v * VL) = r;
+            else
+                memcpy(out + v * VL, &r, (left - v * VL) * sizeof(REAL));
+        }
+}
+
+/* y[p] (oH, oW) for the planes p in [p_begin, p_end) of x (N*C planes (H, W)), kernels w (C, k, k),
+ * bias (C,) or NULL, cap > 0 to clip. Returns nonzero if the buffer cannot be allocated. */
+int NAME(depthwise)(const REAL *x, int C, int H, int W, const REAL *w, int k, int s, int pt, int pl,
+                    const REAL *bias, double cap, REAL *y, int oH, int oW, int p_begin, int p_end)
+{
+    int M = NAME(phase_run)(oW, k, s), rows = (oH - 1) * s + k, taps = k * k;
+    REAL *buf = malloc((size_t)rows * s * M * sizeof(REAL));
+    size_t *off = malloc(taps * sizeof(size_t));
+    if (!buf || !off) {
+        free(buf);
+        free(off);
+        return 1;
+    }
+    for (int t = 0; t < taps; t++)
+        off[t] = (size_t)(t / k) * s * M + (size_t)(t % k % s) * M + t % k / s;
+    for (int p = p_begin; p < p_end; p++) {
+        int c = p % C;
+        NAME(phased_plane)(x + (size_t)p * H * W, H, W, s, pt, pl, buf, rows, (oW - 1) * s + k, M);
+        for (int i = 0; i < oH; i++) {
+            const REAL *in = buf + (size_t)i * s * s * M;
+            REAL *out = y + ((size_t)p * oH + i) * oW;
+            for (int j = 0; j < oW; j += DV * VL) {
+                int nv = (oW - j + VL - 1) / VL;
+#define TILE(n) NAME(depthwise_tile)(in + j, off, w + (size_t)c * taps, taps, n, bias ? bias[c] : 0, \
+                                     (REAL)cap, out + j, oW - j)
+                if (nv >= DV)
+                    TILE(DV);
+                else if (nv == 3)
+                    TILE(3);
+                else if (nv == 2)
+                    TILE(2);
+                else
+                    TILE(1);
+#undef TILE
+            }
+        }
+    }
+    free(buf);
+    free(off);
+    return 0;
+}
+
+/* The adjoint of depthwise in x (no bias, no clip), for any stride: each output gradient, times its
+ * tap's weight, is added to the padded, phased buffer where that tap read, then the buffer's interior
+ * is copied out (zero where no tap read). gx[p] (H, W) for planes [p_begin, p_end) of gy (N*C planes
+ * (oH, oW)). (For stride 1 the depthwise convolution of gy with the flipped kernels is faster.) */
+int NAME(depthwise_adjoint)(const REAL *gy, int C, int oH, int oW, const REAL *w, int k, int s, int pt, int pl,
+                            REAL *gx, int H, int W, int p_begin, int p_end)
+{
+    int M = NAME(phase_run)(oW, k, s), rows = (oH - 1) * s + k, width = (oW - 1) * s + k;
+    REAL *buf = malloc((size_t)rows * s * M * sizeof(REAL));
+    if (!buf)
+        return 1;
+    for (int p = p_begin; p < p_end; p++) {
+        const REAL *kernel = w + (size_t)(p % C) * k * k;
+        memset(buf, 0, (size_t)rows * s * M * sizeof(REAL));
+        for (int i = 0; i < oH; i++) {
+            const REAL *g = gy + ((size_t)p * oH + i) * oW;
+            for (int ky = 0; ky < k; ky++)
+                for (int kx = 0; kx < k; kx++) {
+                    REAL *run = buf + (size_t)(i * s + ky) * s * M + (size_t)(kx % s) * M + kx / s;
+                    REAL weight = kernel[ky * k + kx];
+                    for (int j = 0; j < oW; j++)
+                        run[j] += weight * g[j];
+                }
+        }
+        REAL *out = gx + (size_t)p * H * W;
+        for (int iy = 0; iy < H; iy++)
+            for (int ix = 0; ix < W; ix++) {
+                int r = iy + pt, col = ix + pl;
+                out[(size_t)iy * W + ix] = r < rows && col < width ? buf[(size_t)r * s * M + col % s * M + col / s] : 0;
+            }
+    }
+    free(buf);
+    return 0;
+}
+#undef DV
+
+/* g = gy where a ReLU passed the gradient, read off its output y: 0 < y (and y < cap if cap > 0), and
+ * guide > 0 where a guide is given (Guided Backprop); else 0. For the numbers [begin, end). */
+void NAME(relu_gradient)(const REAL *gy, const REAL *y, const REAL *guide, double cap, REAL *g, long begin,
+                         long end)
+{
+    REAL top = cap > 0 ? (REAL)cap : (REAL)INFINITY;
+    if (guide)
+        for (long i = begin; i < end; i++)
+            g[i] = y[i] > 0 && y[i] < top && guide[i] > 0 ? gy[i] : 0;
+    else
+        for (long i = begin; i < end; i++)
+            g[i] = y[i] > 0 && y[i] < top ? gy[i] : 0;
+}
 #undef vec
 #undef VL
 #endif

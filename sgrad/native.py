@@ -77,6 +77,14 @@ def library():
         getattr(lib, 'max_pooling_2x2_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] * 2 + [integer] * 2
         getattr(lib, 'max_pooling_2x2_grad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [
             integer] * 2
+        getattr(lib, 'relu_gradient_' + kind).argtypes = [pointer] * 3 + [ctypes.c_double, pointer] + [
+            ctypes.c_long] * 2
+        getattr(lib, 'depthwise_' + kind).restype = ctypes.c_int
+        getattr(lib, 'depthwise_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] + [integer] * 4 + [
+            pointer, ctypes.c_double, pointer] + [integer] * 4
+        getattr(lib, 'depthwise_adjoint_' + kind).restype = ctypes.c_int
+        getattr(lib, 'depthwise_adjoint_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] + [
+            integer] * 4 + [pointer] + [integer] * 4
     return lib
 
 
@@ -169,6 +177,35 @@ def max_pooling_2x2_grad(gy, first, gx, channels):
     c, h, w, n = gx.shape
     _kernel('max_pooling_2x2_grad', gy.dtype)(
         gy.ctypes.data, first.ctypes.data, h, w, n, gx.ctypes.data, channels.start, min(channels.stop, c))
+
+
+def relu_gradient(gy, y, guide, cap, g, numbers):
+    """g[numbers] (a slice of the flat arrays) = gy where 0 < y (< cap unless cap is None) and guide > 0
+    (unless guide is None), else 0."""
+    _kernel('relu_gradient', gy.dtype)(
+        gy.ctypes.data, y.ctypes.data, None if guide is None else guide.ctypes.data, cap or 0., g.ctypes.data,
+        numbers.start, min(numbers.stop, g.size))
+
+
+def depthwise(x, W, stride, pads, bias, cap, y, planes):
+    """y (N, C, oH, oW) at the planes ``planes`` (a range of image * C + channel) = the depthwise convolution
+    of x (N, C, H, W) with W (C, 1, k, k), zero-padded by pads ((top, bottom), (left, right)), plus bias
+    (or None), clipped to [0, cap] unless cap is None."""
+    n, c, h, w = x.shape
+    if _kernel('depthwise', x.dtype)(
+            x.ctypes.data, c, h, w, W.ctypes.data, W.shape[2], stride, pads[0][0], pads[1][0],
+            None if bias is None else bias.ctypes.data, cap or 0., y.ctypes.data, y.shape[2], y.shape[3],
+            planes.start, min(planes.stop, n * c)):
+        raise MemoryError("no memory for the depthwise convolution's buffer")
+
+
+def depthwise_adjoint(gy, W, stride, pads, gx, planes):
+    """gx (N, C, H, W) at the planes ``planes`` = the adjoint of depthwise (no bias or clip) applied to gy."""
+    n, c, oh, ow = gy.shape
+    if _kernel('depthwise_adjoint', gy.dtype)(
+            gy.ctypes.data, c, oh, ow, W.ctypes.data, W.shape[2], stride, pads[0][0], pads[1][0], gx.ctypes.data,
+            gx.shape[2], gx.shape[3], planes.start, min(planes.stop, n * c)):
+        raise MemoryError("no memory for the depthwise convolution's buffer")
 
 
 def tile_channels():

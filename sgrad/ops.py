@@ -350,13 +350,20 @@ class ReLUGradient(chainer.function_node.FunctionNode):
     """gy where max(., 0) passed the gradient, or min(max(., 0), cap) given a cap, read off its output y
     (0 < y, and y < cap), and, given a ``guide`` (Guided Backprop: the incoming gradient), where the
     guide is positive; else 0. Computed block by block (for_blocks). Linear in gy with the mask
-    fixed, so its backward is itself."""
+    fixed, so its backward is itself. Compiled (sgrad.native) where it can, else block by block
+    (for_blocks) in NumPy."""
 
     def __init__(self, y, cap, guide=None):
         self.y, self.cap, self.guide = y, cap, guide
 
     def forward(self, inputs):
         gy, = inputs
+        arrays = (gy, self.y) + (() if self.guide is None else (self.guide,))
+        if native.supports(*arrays):
+            g = numpy.empty_like(gy)
+            for_blocks(lambda numbers: native.relu_gradient(gy, self.y, self.guide, self.cap, g, numbers),
+                       _ranges(g.size, g.itemsize))
+            return g,
         g = get_array_module(gy).empty_like(gy)
 
         def block(index):
@@ -894,13 +901,35 @@ def _adjoint_block(gy, W, bands_t, stride, padded_shape):
     return gx
 
 
+def _plane_ranges(a):
+    """Ranges of the planes (image * C + channel) of (N, C, H, W) a, about BLOCK_BYTES each and at least
+    one per thread, for sgrad.native's depthwise kernels."""
+    return [range(part.start, part.stop) for part in _ranges(a.shape[0] * a.shape[1], a.itemsize * a[0, 0].size)]
+
+
+def _native_depthwise(x, W, stride, pads, b, cap, out_size):
+    """The depthwise convolution (out_size: its (oH, oW)) by sgrad.native's compiled kernel on every core,
+    or None where it cannot take these arrays."""
+    if W.dtype != x.dtype or not native.supports(x, W, *(() if b is None else (b,)), contiguous=False):
+        return None
+    x, W, b = (None if a is None else numpy.ascontiguousarray(a) for a in (x, W, b))
+    y = numpy.empty(x.shape[:2] + tuple(out_size), x.dtype)
+    for_blocks(lambda planes: native.depthwise(x, W, stride, pads, b, cap, y, planes), _plane_ranges(y))
+    return y
+
+
 def _depthwise_forward(x, W, stride, pads, b=None, cap=None, cache=None):
     """y[n, c] = sum over kernel positions of W[c, 0, ky, kx] * (x[n, c] zero-padded by pads) shifted
-    (+ b[c], then clipped to [0, cap] when cap is given), computed block by block (for_blocks)."""
+    (+ b[c], then clipped to [0, cap] when cap is given): by the compiled kernel, else block by block
+    (for_blocks) in NumPy."""
     xp = get_array_module(x)
     h, w = _padded_shape(x.shape, pads)[2:]
     k = W.shape[2]
-    y = xp.empty(x.shape[:2] + ((h - k) // stride + 1, (w - k) // stride + 1), dtype=x.dtype)
+    out_size = (h - k) // stride + 1, (w - k) // stride + 1
+    y = _native_depthwise(x, W, stride, pads, b, cap, out_size)
+    if y is not None:
+        return y
+    y = xp.empty(x.shape[:2] + out_size, dtype=x.dtype)
     bands = _cached_bands(W, w, stride, cache)
 
     def block(index):
@@ -916,7 +945,10 @@ def _depthwise_forward(x, W, stride, pads, b=None, cap=None, cache=None):
 
 
 def _depthwise_grad_input(gy, W, stride, pads, x_shape, cache=None):
-    """The adjoint of _depthwise_forward in x (without bias and clip), block by block."""
+    """The adjoint of _depthwise_forward in x (without bias and clip): compiled, else block by block."""
+    gx = _native_depthwise_grad_input(gy, W, stride, pads, x_shape)
+    if gx is not None:
+        return gx
     xp = get_array_module(gy)
     bands_t = _cached_bands(W, _padded_shape(x_shape, pads)[3], stride, cache, transposed=True)
     gx = xp.empty(x_shape, dtype=gy.dtype)
@@ -927,6 +959,21 @@ def _depthwise_grad_input(gy, W, stride, pads, x_shape, cache=None):
         padded = _adjoint_block(gy[index], W[channels], None if bands_t is None else bands_t[channels], stride, shape)
         gx[index] = padded[_interior(gx[index].shape, pads)]
     for_blocks(block, plane_blocks(gx))
+    return gx
+
+
+def _native_depthwise_grad_input(gy, W, stride, pads, x_shape):
+    """The adjoint by sgrad.native, or None where it cannot take these arrays. At stride 1 it is the
+    depthwise convolution of gy with the kernels flipped, padded by k - 1 - (the forward's pads)."""
+    if W.dtype != gy.dtype or not native.supports(gy, W, contiguous=False):
+        return None
+    k = W.shape[2]
+    if stride == 1:
+        flipped = tuple((k - 1 - before, k - 1 - after) for before, after in pads)
+        return _native_depthwise(gy, W[:, :, ::-1, ::-1], 1, flipped, None, None, x_shape[2:])
+    gy, W = numpy.ascontiguousarray(gy), numpy.ascontiguousarray(W)
+    gx = numpy.empty(x_shape, gy.dtype)
+    for_blocks(lambda planes: native.depthwise_adjoint(gy, W, stride, pads, gx, planes), _plane_ranges(gx))
     return gx
 
 

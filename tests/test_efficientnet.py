@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from chainer import gradient_check
 
-from sgrad import InputError
+from sgrad import InputError, native
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import IMAGE_SIZE, default_weights_path, load_efficientnet_lite0, same_padding
 from sgrad.models import imagenet_class_names
@@ -70,16 +70,34 @@ def test_same_padding_is_tensorflows(size, ksize, stride, expected):
     assert padded.shape[2] - ksize == (-(-size // stride) - 1) * stride   # ceil(size / stride) outputs
 
 
-@pytest.mark.parametrize('band', [True, False], ids=['band matrices', 'windows'])
+DEPTHWISE_WAYS = ['compiled', 'band matrices', 'windows']
+
+
+def use_depthwise(way, monkeypatch):
+    """Forces one way of computing the depthwise convolution: sgrad.native's kernel, or NumPy's band-matrix
+    products (narrow inputs) or multiply-adds over windows (wide ones)."""
+    if way == 'compiled':
+        if native.library() is None:
+            pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+        return
+    monkeypatch.setattr(native, 'library', lambda: None)
+    monkeypatch.setattr(ops, 'BAND_MAX_WIDTH', 1000 if way == 'band matrices' else 0)
+
+
+@pytest.mark.parametrize('way', DEPTHWISE_WAYS)
 @pytest.mark.parametrize('shape, ksize, stride, pads', [((2, 3, 9, 8), 3, 1, ((0, 0), (0, 0))),
                                                         ((2, 4, 11, 10), 5, 2, ((1, 2), (2, 1))),
                                                         ((1, 2, 8, 7), 3, 2, ((0, 1), (0, 0))),
-                                                        ((2, 3, 7, 6), 3, 1, ((1, 1), (1, 1)))])
+                                                        ((2, 3, 7, 6), 3, 1, ((1, 1), (1, 1))),
+                                                        ((1, 3, 21, 37), 5, 1, ((2, 2), (2, 2))),
+                                                        ((2, 2, 20, 38), 3, 2, ((0, 1), (0, 1))),
+                                                        ((1, 2, 5, 4), 5, 2, ((1, 2), (2, 2)))])
 def test_depthwise_convolution_equals_chainers_grouped_one_and_passes_gradient_check(shape, ksize, stride, pads,
-                                                                                       band, monkeypatch):
-    """Both ways of computing it (band-matrix products for narrow inputs, multiply-adds over windows
-    for wide ones), each forced here on the same small inputs, with and without zero padding."""
-    monkeypatch.setattr(ops, 'BAND_MAX_WIDTH', 1000 if band else 0)
+                                                                                       way, monkeypatch):
+    """Every way of computing it, each forced here on the same small inputs, with and without zero
+    padding; widths of several vectors and partial last vectors for the compiled kernel's tiles, an
+    input smaller than the kernel."""
+    use_depthwise(way, monkeypatch)
     rng = np.random.RandomState(0)
     x, W = rng.randn(*shape), rng.randn(shape[1], 1, ksize, ksize)
     y = depthwise_convolution(x, W, stride, pads=pads).array
@@ -115,7 +133,8 @@ def test_depthwise_and_pointwise_convolutions_are_the_same_in_blocks_and_threads
         np.testing.assert_allclose(c, b, rtol=1e-13, atol=1e-13)
 
 
-def test_band_matrices_kept_for_a_fixed_weight_give_the_same_results():
+def test_band_matrices_kept_for_a_fixed_weight_give_the_same_results(monkeypatch):
+    use_depthwise('band matrices', monkeypatch)
     rng = np.random.RandomState(5)
     x, W, gy = rng.randn(2, 3, 9, 9), rng.randn(3, 1, 3, 3), rng.randn(2, 3, 7, 7)
     cache = {}
@@ -138,8 +157,8 @@ def test_band_matrices_and_windows_agree_at_the_widths_where_the_choice_is_made(
     rng = np.random.RandomState(1)
     x, W = rng.randn(2, 3, width - 4, width).astype(np.float32), rng.randn(3, 1, ksize, ksize).astype(np.float32)
     results = []
-    for band in (True, False):
-        monkeypatch.setattr(ops, 'BAND_MAX_WIDTH', 1000 if band else 0)
+    for way in ('band matrices', 'windows'):
+        use_depthwise(way, monkeypatch)
         y = depthwise_convolution(x, W, stride)
         gy = rng.randn(*y.shape).astype(np.float32) if not results else results[0][2]
         results.append((y.array, ops.DepthwiseGradInput(stride, ops.NO_PADDING, x.shape).apply((gy, W))[0].array, gy))
@@ -276,3 +295,20 @@ def test_the_fused_nodes_give_chainers_gradients_plain_and_guided(photos):
     for method in (lambda engine: engine(x, 285), lambda engine: GuidedBackprop(engine).attribute(x, 285)):
         fused, plain = method(GradientEngine(net64)), method(GradientEngine(Unfolded(net64)))
         assert np.abs(fused - plain).max() < 1e-9 * np.abs(plain).max()
+
+
+@pytest.mark.parametrize('guided', [False, True], ids=['plain', 'guided'])
+def test_the_compiled_relu6_gradient_equals_numpys_on_a_photographs_activations(net, photos, guided, monkeypatch):
+    """ReLUGradient (the backward of every ReLU6 in the folded model) by sgrad.native against NumPy's
+    masks, on the stem's ReLU6 output for a photograph, whose exact 0s and 6s are the kinks."""
+    if native.library() is None:
+        pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+    with chainer.using_config('train', False), chainer.no_backprop_mode():
+        y = net.stem(photos[:1] * (255. / 128.) - 127. / 128.).array
+    assert (y == 0).any() and (y == 6).any() and ((y > 0) & (y < 6)).any()
+    rng = np.random.RandomState(7)
+    gy, guide = rng.randn(*y.shape).astype(y.dtype), rng.randn(*y.shape).astype(y.dtype)
+    run = lambda: ops.ReLUGradient(y, 6., guide if guided else None).apply((gy,))[0].array
+    compiled = run()
+    monkeypatch.setattr(native, 'library', lambda: None)
+    np.testing.assert_array_equal(compiled, run())
