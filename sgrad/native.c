@@ -765,6 +765,78 @@ void NAME(relu_gradient)(const REAL *gy, const REAL *y, const REAL *guide, doubl
         for (long i = begin; i < end; i++)
             g[i] = y[i] > 0 && y[i] < top ? gy[i] : 0;
 }
+
+/* 1x1 convolution of (N, C, P) images (P = H*W pixels) with kernels wt (C, O) (transposed, so that a
+ * tile's OB weights of one channel are adjacent): y[n, o, j] = b[o] + sum over c of wt[c, o] x[n, c, j],
+ * then clipped to [0, cap] if cap > 0, for the strips [s_begin, s_end) of PSTRIP pixels of an image
+ * (strip s: image s / strips, pixels from s % strips * PSTRIP). A strip's C x PSTRIP inputs stay in L1
+ * while every tile of OB output channels x VB vectors passes over them; no packing, unlike a GEMM,
+ * which is what pays where C is small (EfficientNet-Lite0's expansions of 16-40 channels). */
+#ifndef PSTRIP
+#define PSTRIP 256
+#endif
+int NAME(pointwise_strips)(long P) { return (int)((P + PSTRIP - 1) / PSTRIP); }
+
+static inline __attribute__((always_inline)) void
+NAME(pointwise_tile)(const REAL *x, long P, int C, const REAL *wt, int O, int o0, int nv, long left,
+                     const REAL *bias, REAL cap, REAL *y)
+{
+    int outputs = O - o0 < OB ? O - o0 : OB;
+    vec acc[OB][VB];
+#pragma GCC unroll 8
+    for (int o = 0; o < OB; o++)
+#pragma GCC unroll 8
+        for (int v = 0; v < VB; v++)
+            acc[o][v] = (vec){0} + (bias && o < outputs ? bias[o0 + o] : 0);
+    for (int c = 0; c < C; c++) {
+        vec in[VB];
+#pragma GCC unroll 8
+        for (int v = 0; v < VB; v++)
+            if (v < nv)
+                in[v] = left - v * VL >= VL ? *(const vec *)(x + c * P + v * VL)
+                                            : NAME(partial)(x + c * P + v * VL, (int)(left - v * VL));
+        const REAL *w = wt + (size_t)c * O + o0;
+#pragma GCC unroll 8
+        for (int o = 0; o < OB; o++)
+#pragma GCC unroll 8
+            for (int v = 0; v < VB; v++)
+                if (v < nv)
+                    acc[o][v] += (o < outputs ? w[o] : 0) * in[v];
+    }
+    for (int o = 0; o < outputs; o++)
+        for (int v = 0; v < nv; v++) {
+            vec r = acc[o][v];
+            if (cap > 0) {
+                __typeof__(r > 0) positive = r > 0;
+                r = (vec)((__typeof__(positive))r & positive);
+                __typeof__(r > 0) over = r > cap;
+                r = (vec)(((__typeof__(over))r & ~over) | ((__typeof__(over))((vec){0} + cap) & over));
+            }
+            if (left - v * VL >= VL)
+                *(vec *)(y + o * P + v * VL) = r;
+            else
+                memcpy(y + o * P + v * VL, &r, (left - v * VL) * sizeof(REAL));
+        }
+}
+
+void NAME(pointwise)(const REAL *x, int C, long P, const REAL *wt, int O, const REAL *bias, double cap, REAL *y,
+                     long s_begin, long s_end)
+{
+    long strips = NAME(pointwise_strips)(P);
+    for (long s = s_begin; s < s_end; s++) {
+        long n = s / strips, j0 = s % strips * PSTRIP, j1 = j0 + PSTRIP < P ? j0 + PSTRIP : P;
+        const REAL *in = x + (size_t)n * C * P;
+        REAL *out = y + (size_t)n * O * P;
+        for (int o0 = 0; o0 < O; o0 += OB)
+            for (long j = j0; j < j1; j += VB * VL) {
+                long left = j1 - j;
+                int nv = left >= VB * VL ? VB : (int)((left + VL - 1) / VL);
+#define TILE(n) NAME(pointwise_tile)(in + j, P, C, wt, O, o0, n, j1 - j, bias, (REAL)cap, out + (size_t)o0 * P + j)
+                BY_VECTORS(nv);
+#undef TILE
+            }
+    }
+}
 #undef vec
 #undef VL
 #endif
