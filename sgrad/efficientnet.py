@@ -61,7 +61,8 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
     """Convolution ('SAME' padding, no bias), BatchNorm, ReLU6 (optional). With ``groups=channels`` it is
     depthwise, and computed by sgrad.ops.depthwise_convolution: the same function as the link's
     F.convolution_2d(groups=C), faster on the CPU (benchmarks/bench_imagenet.py). Folded for saliency,
-    the depthwise and 1x1 convolutions run as sgrad.ops nodes with the bias and ReLU6 inside."""
+    the depthwise and 1x1 convolutions run as sgrad.ops nodes with the bias and ReLU6 inside, and the
+    stem as the 1x1 convolution of its 27-channel patches (F.im2col)."""
 
     def __init__(self, in_channels, out_channels, ksize, stride=1, groups=1, activation=True):
         super().__init__()
@@ -91,8 +92,10 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
         cap = RELU6_CAP if self.activation else None
         if self.depthwise:
             return depthwise_convolution(x, W, self.stride, b, cap, pads, self.bands_cache)
-        if self.ksize == 1 and self.conv.groups == 1:
-            return pointwise_convolution(x, W, b, cap)
+        if self.conv.groups == 1:  # the stem's 3 channels: its k x k patches, then the compiled 1x1 convolution
+            patches = x if self.ksize == 1 else F.im2col(same_padding(x, self.ksize, self.stride), self.ksize,
+                                                         self.stride)
+            return pointwise_convolution(patches, W.reshape(W.shape[0], -1, 1, 1), b, cap)
         h = F.convolution_2d(same_padding(x, self.ksize, self.stride), W, b, self.stride, groups=self.conv.groups)
         return h if cap is None else clipped_relu(h, cap)
 

@@ -766,8 +766,8 @@ void NAME(relu_gradient)(const REAL *gy, const REAL *y, const REAL *guide, doubl
             g[i] = y[i] > 0 && y[i] < top ? gy[i] : 0;
 }
 
-/* 1x1 convolution of (N, C, P) images (P = H*W pixels) with kernels wt (C, O) (transposed, so that a
- * tile's OB weights of one channel are adjacent): y[n, o, j] = b[o] + sum over c of wt[c, o] x[n, c, j],
+/* 1x1 convolution of (N, C, P) images (P = H*W pixels) with kernels wt (C, ldw), transposed so that a
+ * tile's OB weights of one channel are adjacent, and zero past column O up to ldw (a multiple of OB): y[n, o, j] = b[o] + sum over c of wt[c, o] x[n, c, j],
  * then clipped to [0, cap] if cap > 0, for the strips [s_begin, s_end) of PSTRIP pixels of an image
  * (strip s: image s / strips, pixels from s % strips * PSTRIP). A strip's C x PSTRIP inputs stay in L1
  * while every tile of OB output channels x VB vectors passes over them; no packing, unlike a GEMM,
@@ -778,7 +778,7 @@ void NAME(relu_gradient)(const REAL *gy, const REAL *y, const REAL *guide, doubl
 int NAME(pointwise_strips)(long P) { return (int)((P + PSTRIP - 1) / PSTRIP); }
 
 static inline __attribute__((always_inline)) void
-NAME(pointwise_tile)(const REAL *x, long P, int C, const REAL *wt, int O, int o0, int nv, long left,
+NAME(pointwise_tile)(const REAL *x, long P, int C, const REAL *wt, int ldw, int O, int o0, int nv, long left,
                      const REAL *bias, REAL cap, REAL *y)
 {
     int outputs = O - o0 < OB ? O - o0 : OB;
@@ -795,13 +795,13 @@ NAME(pointwise_tile)(const REAL *x, long P, int C, const REAL *wt, int O, int o0
             if (v < nv)
                 in[v] = left - v * VL >= VL ? *(const vec *)(x + c * P + v * VL)
                                             : NAME(partial)(x + c * P + v * VL, (int)(left - v * VL));
-        const REAL *w = wt + (size_t)c * O + o0;
+        const REAL *w = wt + (size_t)c * ldw + o0;
 #pragma GCC unroll 8
         for (int o = 0; o < OB; o++)
 #pragma GCC unroll 8
             for (int v = 0; v < VB; v++)
                 if (v < nv)
-                    acc[o][v] += (o < outputs ? w[o] : 0) * in[v];
+                    acc[o][v] += w[o] * in[v];
     }
     for (int o = 0; o < outputs; o++)
         for (int v = 0; v < nv; v++) {
@@ -819,7 +819,7 @@ NAME(pointwise_tile)(const REAL *x, long P, int C, const REAL *wt, int O, int o0
         }
 }
 
-void NAME(pointwise)(const REAL *x, int C, long P, const REAL *wt, int O, const REAL *bias, double cap, REAL *y,
+void NAME(pointwise)(const REAL *x, int C, long P, const REAL *wt, int ldw, int O, const REAL *bias, double cap, REAL *y,
                      long s_begin, long s_end)
 {
     long strips = NAME(pointwise_strips)(P);
@@ -831,7 +831,7 @@ void NAME(pointwise)(const REAL *x, int C, long P, const REAL *wt, int O, const 
             for (long j = j0; j < j1; j += VB * VL) {
                 long left = j1 - j;
                 int nv = left >= VB * VL ? VB : (int)((left + VL - 1) / VL);
-#define TILE(n) NAME(pointwise_tile)(in + j, P, C, wt, O, o0, n, j1 - j, bias, (REAL)cap, out + (size_t)o0 * P + j)
+#define TILE(n) NAME(pointwise_tile)(in + j, P, C, wt, ldw, O, o0, n, j1 - j, bias, (REAL)cap, out + (size_t)o0 * P + j)
                 BY_VECTORS(nv);
 #undef TILE
             }

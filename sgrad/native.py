@@ -79,7 +79,7 @@ def library():
             integer] * 2
         getattr(lib, 'relu_gradient_' + kind).argtypes = [pointer] * 3 + [ctypes.c_double, pointer] + [
             ctypes.c_long] * 2
-        getattr(lib, 'pointwise_' + kind).argtypes = [pointer, integer, ctypes.c_long, pointer, integer, pointer,
+        getattr(lib, 'pointwise_' + kind).argtypes = [pointer, integer, ctypes.c_long, pointer, integer, integer, pointer,
                                                       ctypes.c_double, pointer] + [ctypes.c_long] * 2
         getattr(lib, 'pointwise_strips_' + kind).argtypes = [ctypes.c_long]
         getattr(lib, 'depthwise_' + kind).restype = ctypes.c_int
@@ -195,12 +195,21 @@ def pointwise_strips(x):
     return x.shape[0] * _kernel('pointwise_strips', x.dtype)(x[0, 0].size)
 
 
-def pointwise(x, Wt, bias, cap, y, strips):
+def pointwise_kernels(W):
+    """(O, C, 1, 1) kernels -> (C, O rounded up to whole tiles), transposed, zeros past O, as pointwise reads them."""
+    o, c = W.shape[:2]
+    Wt = numpy.zeros((c, -(-o // tile_channels()) * tile_channels()), W.dtype)
+    Wt[:, :o] = W.reshape(o, c).T
+    return Wt
+
+
+def pointwise(x, Wt, outputs, bias, cap, y, strips):
     """y (N, O, H, W) at the strips ``strips`` (a range, see pointwise_strips) = the 1x1 convolution of x
-    (N, C, H, W) with the kernels Wt (C, O), plus bias (or None), clipped to [0, cap] unless cap is None."""
+    (N, C, H, W) with the kernels Wt (from pointwise_kernels), plus bias (or None), clipped to [0, cap]
+    unless cap is None."""
     n, c, h, w = x.shape
     _kernel('pointwise', x.dtype)(
-        x.ctypes.data, c, h * w, Wt.ctypes.data, Wt.shape[1], None if bias is None else bias.ctypes.data, cap or 0.,
+        x.ctypes.data, c, h * w, Wt.ctypes.data, Wt.shape[1], outputs, None if bias is None else bias.ctypes.data, cap or 0.,
         y.ctypes.data, strips.start, min(strips.stop, pointwise_strips(x)))
 
 

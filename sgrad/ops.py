@@ -1130,11 +1130,11 @@ def _native_pointwise(x, W, b=None, cap=None):
             x, W, *(() if b is None else (b,)), contiguous=False):
         return None
     x, b = numpy.ascontiguousarray(x), None if b is None else numpy.ascontiguousarray(b)
-    Wt = numpy.ascontiguousarray(W.reshape(W.shape[:2]).T)
-    y = numpy.empty((x.shape[0], W.shape[0]) + x.shape[2:], x.dtype)
+    Wt, o = native.pointwise_kernels(W), W.shape[0]
+    y = numpy.empty((x.shape[0], o) + x.shape[2:], x.dtype)
     strips = native.pointwise_strips(x)
-    item = (x.shape[1] + W.shape[0]) * -(-x[0, 0].size * x.shape[0] // strips) * x.itemsize
-    for_blocks(lambda part: native.pointwise(x, Wt, b, cap, y, range(part.start, part.stop)), _ranges(strips, item))
+    item = (x.shape[1] + o) * -(-x[0, 0].size * x.shape[0] // strips) * x.itemsize
+    for_blocks(lambda part: native.pointwise(x, Wt, o, b, cap, y, range(part.start, part.stop)), _ranges(strips, item))
     return y
 
 
