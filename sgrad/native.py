@@ -79,9 +79,6 @@ def library():
             integer] * 2
         getattr(lib, 'relu_gradient_' + kind).argtypes = [pointer] * 3 + [ctypes.c_double, pointer] + [
             ctypes.c_long] * 2
-        getattr(lib, 'pointwise_' + kind).argtypes = [pointer, integer, ctypes.c_long, pointer, integer, integer, pointer,
-                                                      ctypes.c_double, pointer] + [ctypes.c_long] * 2
-        getattr(lib, 'pointwise_strips_' + kind).argtypes = [ctypes.c_long]
         getattr(lib, 'depthwise_' + kind).restype = ctypes.c_int
         getattr(lib, 'depthwise_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] + [integer] * 4 + [
             pointer, ctypes.c_double, pointer] + [integer] * 4
@@ -188,29 +185,6 @@ def relu_gradient(gy, y, guide, cap, g, numbers):
     _kernel('relu_gradient', gy.dtype)(
         gy.ctypes.data, y.ctypes.data, None if guide is None else guide.ctypes.data, cap or 0., g.ctypes.data,
         numbers.start, min(numbers.stop, g.size))
-
-
-def pointwise_strips(x):
-    """The strips of pixels of (N, C, H, W) x that pointwise works in, N * (strips per image)."""
-    return x.shape[0] * _kernel('pointwise_strips', x.dtype)(x[0, 0].size)
-
-
-def pointwise_kernels(W):
-    """(O, C, 1, 1) kernels -> (C, O rounded up to whole tiles), transposed, zeros past O, as pointwise reads them."""
-    o, c = W.shape[:2]
-    Wt = numpy.zeros((c, -(-o // tile_channels()) * tile_channels()), W.dtype)
-    Wt[:, :o] = W.reshape(o, c).T
-    return Wt
-
-
-def pointwise(x, Wt, outputs, bias, cap, y, strips):
-    """y (N, O, H, W) at the strips ``strips`` (a range, see pointwise_strips) = the 1x1 convolution of x
-    (N, C, H, W) with the kernels Wt (from pointwise_kernels), plus bias (or None), clipped to [0, cap]
-    unless cap is None."""
-    n, c, h, w = x.shape
-    _kernel('pointwise', x.dtype)(
-        x.ctypes.data, c, h * w, Wt.ctypes.data, Wt.shape[1], outputs, None if bias is None else bias.ctypes.data, cap or 0.,
-        y.ctypes.data, strips.start, min(strips.stop, pointwise_strips(x)))
 
 
 def depthwise(x, W, stride, pads, bias, cap, y, planes):

@@ -1084,12 +1084,6 @@ class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
 
     def forward(self, inputs):
         x, W = inputs[:2]
-        self.retain_inputs((0, 1))
-        if self.cap is not None:
-            self.retain_outputs((0,))
-        y = _native_pointwise(*inputs, self.cap)
-        if y is not None:
-            return y,
         n, c, h, w = x.shape
         xp = get_array_module(x)
         images, weights = x.reshape(n, c, h * w), W.reshape(W.shape[:2])
@@ -1102,6 +1096,9 @@ class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
                 out += inputs[2][index[1], None]
             self.clip_block(out)
         for_blocks(block, plane_blocks(y))
+        self.retain_inputs((0, 1))
+        if self.cap is not None:
+            self.retain_outputs((0,))
         return y.reshape(n, -1, h, w),
 
     def backward(self, indexes, grad_outputs):
@@ -1115,27 +1112,6 @@ class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
         if 2 in indexes:
             ret.append(F.sum(gy, axis=(0, 2, 3)))
         return ret
-
-
-#: Input channels up to which sgrad.native's 1x1 convolution runs instead of BLAS's products: measured
-#: on EfficientNet-Lite0's layers at batch 10 (AVX2), 16 -> 96 channels at 112x112 21.7 against 13.3 ms,
-#: 32 -> 16 even, 40 -> 240 even, from 80 channels on BLAS ahead (2-3x at 7x7)
-POINTWISE_NATIVE_MAX_CHANNELS = 32
-
-
-def _native_pointwise(x, W, b=None, cap=None):
-    """The 1x1 convolution by sgrad.native on every core, or None where it does not pay (more input
-    channels than POINTWISE_NATIVE_MAX_CHANNELS) or cannot take these arrays."""
-    if x.shape[1] > POINTWISE_NATIVE_MAX_CHANNELS or W.dtype != x.dtype or not native.supports(
-            x, W, *(() if b is None else (b,)), contiguous=False):
-        return None
-    x, b = numpy.ascontiguousarray(x), None if b is None else numpy.ascontiguousarray(b)
-    Wt, o = native.pointwise_kernels(W), W.shape[0]
-    y = numpy.empty((x.shape[0], o) + x.shape[2:], x.dtype)
-    strips = native.pointwise_strips(x)
-    item = (x.shape[1] + o) * -(-x[0, 0].size * x.shape[0] // strips) * x.itemsize
-    for_blocks(lambda part: native.pointwise(x, Wt, o, b, cap, y, range(part.start, part.stop)), _ranges(strips, item))
-    return y
 
 
 def pointwise_convolution(x, W, b=None, cap=None):

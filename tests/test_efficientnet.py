@@ -224,17 +224,10 @@ def test_logits_and_input_gradients_equal_the_pytorch_reference(photos):
     assert gap.max() < 1e-4, gap
 
 
-@pytest.mark.parametrize('way', ['compiled', 'BLAS'])
 @pytest.mark.parametrize('cap', [None, 6.], ids=['plain', 'ReLU6'])
 @pytest.mark.parametrize('bias', [False, True], ids=['no bias', 'bias'])
-@pytest.mark.parametrize('shape, outputs', [((2, 4, 3, 5), 6), ((3, 5, 23, 25), 13)], ids=['small', 'strips'])
-def test_pointwise_convolution_equals_chainers_and_passes_gradient_check(cap, bias, way, shape, outputs,
-                                                                          monkeypatch):
-    """Both ways: sgrad.native's strips (the larger shape: several strips of an image, a partial last
-    vector, output channels that fill no whole tile) and BLAS's products."""
-    if way == 'compiled' and native.library() is None:
-        pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
-    monkeypatch.setattr(ops, 'POINTWISE_NATIVE_MAX_CHANNELS', 1000 if way == 'compiled' else 0)
+@pytest.mark.parametrize('shape, outputs', [((2, 4, 3, 5), 6), ((3, 5, 23, 25), 13)], ids=['small', 'larger'])
+def test_pointwise_convolution_equals_chainers_and_passes_gradient_check(cap, bias, shape, outputs):
     rng = np.random.RandomState(2)
     x, W, b = rng.randn(*shape), 3 * rng.randn(outputs, shape[1], 1, 1), rng.randn(outputs)
     expected = F.convolution_2d(x, W, b if bias else None)
