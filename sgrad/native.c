@@ -634,8 +634,11 @@ static void NAME(phased_plane)(const REAL *x, int H, int W, int s, int pt, int p
         if (s == 1)
             memcpy(row + pl, in, width * sizeof(REAL));
         else
-            for (int ix = 0; ix < width; ix++)
-                row[(ix + pl) % s * M + (ix + pl) / s] = in[ix];
+            for (int q = 0; q < s; q++) { /* the columns of phase q, without a division per number */
+                int ix = ((q - pl) % s + s) % s;
+                for (REAL *to = row + q * M + (ix + pl) / s; ix < width; ix += s)
+                    *to++ = in[ix];
+            }
     }
 }
 
@@ -741,11 +744,19 @@ int NAME(depthwise_adjoint)(const REAL *gy, int C, int oH, int oW, const REAL *w
                 }
         }
         REAL *out = gx + (size_t)p * H * W;
-        for (int iy = 0; iy < H; iy++)
-            for (int ix = 0; ix < W; ix++) {
-                int r = iy + pt, col = ix + pl;
-                out[(size_t)iy * W + ix] = r < rows && col < width ? buf[(size_t)r * s * M + col % s * M + col / s] : 0;
+        int read = W < width - pl ? W : width - pl; /* the columns some tap read */
+        for (int iy = 0; iy < H; iy++) {
+            REAL *to = out + (size_t)iy * W;
+            memset(to, 0, W * sizeof(REAL));
+            if (iy + pt >= rows)
+                continue;
+            const REAL *row = buf + (size_t)(iy + pt) * s * M;
+            for (int q = 0; q < s; q++) {
+                int ix = ((q - pl) % s + s) % s;
+                for (const REAL *from = row + q * M + (ix + pl) / s; ix < read; ix += s)
+                    to[ix] = *from++;
             }
+        }
     }
     free(buf);
     return 0;
