@@ -24,6 +24,10 @@
  * output transform (A^T m A) with bias and ReLU. The lanes of a vector are images of the batch, so
  * every transform is elementwise on vectors.
  *
+ * For EfficientNet-Lite0's (N, C, H, W) activations: the depthwise k x k convolution (any stride and
+ * padding) and its input gradient (depthwise, depthwise_adjoint), and the gradient through a ReLU or
+ * ReLU6 (relu_gradient).
+ *
  * The file is compiled twice over (float, then double) by including itself: one source, two types.
  */
 #ifndef REAL

@@ -1,5 +1,5 @@
 """The compiled 3x3 convolution, its gradients, BatchNorm + ReLU and 2x2 max pooling of sgrad/native.c,
-through ctypes.
+and EfficientNet-Lite0's depthwise convolution and ReLU6 gradient, through ctypes.
 
 ``python -m sgrad.native`` (run by setup.sh) compiles native.c with the C compiler into _native.so
 beside it, for this machine's vector instructions (-march=native). Where it is not built (no

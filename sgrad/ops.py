@@ -992,7 +992,8 @@ class DepthwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
     """Depthwise convolution of (N, C, H, W) images with W (C, 1, k, k) (and a bias b (C,)), zero
     padding pads ((top, bottom), (left, right)), a stride: what F.convolution_2d(F.pad(x, ...), W, b,
     stride=s, groups=C) computes, without the padded copy, im2col buffer and batched matrix products
-    of one row; with ``cap`` (6 for ReLU6) followed by F.clipped_relu(., cap), done in place on the
+    of one row: by sgrad.native's compiled kernel where it is built, else in NumPy (band matrices or
+    windows, below); with ``cap`` (6 for ReLU6) followed by F.clipped_relu(., cap), done in place on the
     output (``guided`` as for ReLU). ``cache``: a dict kept with a fixed W (a folded model's) for its
     band matrices. Its backward is built from the two nodes below, and theirs from these three, so
     every order of derivative exists."""
