@@ -619,7 +619,7 @@ void NAME(max_pooling_2x2_grad)(const REAL *gy, const unsigned char *first, int 
  *     y[i, j] = b + sum over ky, kx of  w[ky, kx] * xpad[i*s + ky, j*s + kx]      (then clipped to [0, cap])
  */
 #ifndef DV
-#define DV 4 /* vectors of an output row per tile */
+#define DV 4 /* vectors per tile: of one output row, or one or two vectors of 4 or 2 rows */
 #endif
 
 /* The buffer's numbers per phase of a row, with a vector of slack for a row's last, partial vector */
@@ -646,39 +646,47 @@ static void NAME(phased_plane)(const REAL *x, int H, int W, int s, int pt, int p
     }
 }
 
-/* nv <= DV vectors of one output row from out on (left numbers of the row remain): bias + the taps
- * (run offsets off, weights w) over rows, clipped to [0, cap] if cap > 0 */
+/* nr output rows x nv vectors (nr * nv <= DV) from out on (rows a step apart in the buffer, oW apart in
+ * the output; left numbers of a row remain): bias + the taps (run offsets off, weights w), clipped to
+ * [0, cap] if cap > 0. Several rows of a narrow plane give the FMAs independent chains to overlap. */
 static inline __attribute__((always_inline)) void
-NAME(depthwise_tile)(const REAL *rows, const size_t *off, const REAL *w, int taps, int nv, REAL bias, REAL cap,
-                     REAL *out, int left)
+NAME(depthwise_tile)(const REAL *rows, size_t step, const size_t *off, const REAL *w, int taps, int nr, int nv,
+                     REAL bias, REAL cap, REAL *out, int oW, int left)
 {
-    vec acc[DV];
+    vec acc[DV][DV];
 #pragma GCC unroll 8
-    for (int v = 0; v < DV; v++)
-        if (v < nv)
-            acc[v] = (vec){0} + bias;
+    for (int r = 0; r < DV; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < DV; v++)
+            if (r < nr && v < nv)
+                acc[r][v] = (vec){0} + bias;
     for (int t = 0; t < taps; t++) {
         const REAL *run = rows + off[t];
 #pragma GCC unroll 8
-        for (int v = 0; v < DV; v++)
-            if (v < nv)
-                acc[v] += w[t] * *(const vec *)(run + v * VL);
+        for (int r = 0; r < DV; r++)
+#pragma GCC unroll 8
+            for (int v = 0; v < DV; v++)
+                if (r < nr && v < nv)
+                    acc[r][v] += w[t] * *(const vec *)(run + r * step + v * VL);
     }
 #pragma GCC unroll 8
-    for (int v = 0; v < DV; v++)
-        if (v < nv) {
-            vec r = acc[v];
-            if (cap > 0) { /* min(max(r, 0), cap) by masks: C has no ?: on vectors */
-                __typeof__(r > 0) positive = r > 0;
-                r = (vec)((__typeof__(positive))r & positive);
-                __typeof__(r > 0) over = r > cap;
-                r = (vec)(((__typeof__(over))r & ~over) | ((__typeof__(over))((vec){0} + cap) & over));
+    for (int r = 0; r < DV; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < DV; v++)
+            if (r < nr && v < nv) {
+                vec a = acc[r][v];
+                if (cap > 0) { /* min(max(a, 0), cap) by masks: C has no ?: on vectors */
+                    __typeof__(a > 0) positive = a > 0;
+                    a = (vec)((__typeof__(positive))a & positive);
+                    __typeof__(a > 0) over = a > cap;
+                    a = (vec)(((__typeof__(over))a & ~over) | ((__typeof__(over))((vec){0} + cap) & over));
+                }
+                REAL *to = out + (size_t)r * oW + v * VL;
+                if (left - v * VL >= VL)
+                    *(vec *)to = a;
+                else
+                    memcpy(to, &a, (left - v * VL) * sizeof(REAL));
             }
-            if (left - v * VL >= VL)
-                *(vec *)(out + v * VL) = r;
-            else
-                memcpy(out + v * VL, &r, (left - v * VL) * sizeof(REAL));
-        }
 }
 
 /* y[p] (oH, oW) for the planes p in [p_begin, p_end) of x (N*C planes (H, W)), kernels w (C, k, k),
@@ -687,6 +695,8 @@ int NAME(depthwise)(const REAL *x, int C, int H, int W, const REAL *w, int k, in
                     const REAL *bias, double cap, REAL *y, int oH, int oW, int p_begin, int p_end)
 {
     int M = NAME(phase_run)(oW, k, s), rows = (oH - 1) * s + k, taps = k * k;
+    int vectors = (oW + VL - 1) / VL, together = vectors >= DV ? 1 : DV / vectors; /* rows per tile */
+    size_t step = (size_t)s * s * M;
     REAL *buf = malloc((size_t)rows * s * M * sizeof(REAL));
     size_t *off = malloc(taps * sizeof(size_t));
     if (!buf || !off) {
@@ -699,23 +709,34 @@ int NAME(depthwise)(const REAL *x, int C, int H, int W, const REAL *w, int k, in
     for (int p = p_begin; p < p_end; p++) {
         int c = p % C;
         NAME(phased_plane)(x + (size_t)p * H * W, H, W, s, pt, pl, buf, rows, (oW - 1) * s + k, M);
-        for (int i = 0; i < oH; i++) {
-            const REAL *in = buf + (size_t)i * s * s * M;
+        for (int i = 0; i < oH;) {
+            const REAL *in = buf + i * step;
             REAL *out = y + ((size_t)p * oH + i) * oW;
-            for (int j = 0; j < oW; j += DV * VL) {
-                int nv = (oW - j + VL - 1) / VL;
-#define TILE(n) NAME(depthwise_tile)(in + j, off, w + (size_t)c * taps, taps, n, bias ? bias[c] : 0, \
-                                     (REAL)cap, out + j, oW - j)
-                if (nv >= DV)
-                    TILE(DV);
-                else if (nv == 3)
-                    TILE(3);
-                else if (nv == 2)
-                    TILE(2);
-                else
-                    TILE(1);
-#undef TILE
+#define TILE(nr, nv) NAME(depthwise_tile)(in + j, step, off, w + (size_t)c * taps, taps, nr, nv, \
+                                          bias ? bias[c] : 0, (REAL)cap, out + j, oW, oW - j)
+            if (together == 4 && oH - i >= 4) {  /* one vector a row */
+                int j = 0;
+                TILE(4, 1);
+                i += 4;
+            } else if (together == 2 && oH - i >= 2) {  /* two vectors a row */
+                int j = 0;
+                TILE(2, 2);
+                i += 2;
+            } else {
+                for (int j = 0; j < oW; j += DV * VL) {
+                    int nv = (oW - j + VL - 1) / VL;
+                    if (nv >= DV)
+                        TILE(1, DV);
+                    else if (nv == 3)
+                        TILE(1, 3);
+                    else if (nv == 2)
+                        TILE(1, 2);
+                    else
+                        TILE(1, 1);
+                }
+                i += 1;
             }
+#undef TILE
         }
     }
     free(buf);
