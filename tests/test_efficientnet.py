@@ -15,7 +15,8 @@ from chainer import gradient_check
 
 from sgrad import InputError, native
 from sgrad.data import PHOTOS_DIR, load_image_file
-from sgrad.efficientnet import IMAGE_SIZE, default_weights_path, load_efficientnet_lite0, same_padding
+from sgrad.efficientnet import (IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0, same_padding,
+                               same_pads)
 from sgrad.models import imagenet_class_names
 from sgrad import ops
 from sgrad.ops import depthwise_convolution
@@ -313,3 +314,40 @@ def test_the_compiled_relu6_gradient_equals_numpys_on_a_photographs_activations(
     compiled = run()
     monkeypatch.setattr(native, 'library', lambda: None)
     np.testing.assert_array_equal(compiled, run())
+
+
+class DepthwiseInputs(chainer.LinkHook):
+    """The input of every depthwise layer that a forward pass runs, with the layer."""
+
+    name = 'DepthwiseInputs'
+
+    def __init__(self):
+        self.seen = []
+
+    def forward_preprocess(self, args):
+        if isinstance(args.link, ConvBNReLU6) and args.link.depthwise:
+            self.seen.append((args.link, args.args[0].array))
+
+
+def test_the_compiled_depthwise_layers_equal_chainers_on_a_photographs_activations(net, photos):
+    """Each of the 16 depthwise layers (3x3 and 5x5, strides 1 and 2, 112x112 down to 7x7) on its own
+    input for a photograph, in float32: output and input gradient against Chainer's grouped
+    convolution (F.convolution_2d(groups=C) on the 'SAME'-padded input), within 1e-5 of the largest."""
+    if native.library() is None:
+        pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+    hook = DepthwiseInputs()
+    with hook, chainer.using_config('train', False), chainer.no_backprop_mode():
+        net(photos[:1])
+    assert len(hook.seen) == 16
+    rng = np.random.RandomState(8)
+    for link, x in hook.seen:
+        W, k, stride = link.conv.W.array, link.ksize, link.stride
+        x = np.repeat(x, 2, axis=0)
+        ours, theirs = chainer.Variable(x), chainer.Variable(x)
+        y = depthwise_convolution(ours, W, stride, pads=same_pads(x.shape, k, stride))
+        expected = F.convolution_2d(same_padding(theirs, k, stride), W, stride=stride, groups=x.shape[1])
+        gy = rng.randn(*y.shape).astype(np.float32)
+        gx, = chainer.grad([y], [ours], [chainer.Variable(gy)])
+        gx_expected, = chainer.grad([expected], [theirs], [chainer.Variable(gy)])
+        for a, b in ((y.array, expected.array), (gx.array, gx_expected.array)):
+            assert a.dtype == np.float32 and np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (x.shape, k, stride)
