@@ -296,8 +296,9 @@ def noise_stdev(x, noise):
 def noisy_copies(x, noise, samples, rng):
     """``samples`` copies of the image x, each plus Gaussian noise N(0, sigma^2)."""
     sigma = noise_stdev(x, noise)
-    eps = rng.normal(0., sigma, size=(samples,) + x.shape).astype(x.dtype)
-    return np.tile(x, (samples, 1, 1, 1)) + eps
+    noisy = rng.normal(0., sigma, size=(samples,) + x.shape).astype(x.dtype)
+    noisy += x  # the same sums as tiling x and adding, without the tiled copy (~5 ms of a CifarNet map)
+    return noisy
 
 
 #: The running sums over samples that the aggregations need.

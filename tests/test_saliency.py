@@ -66,6 +66,16 @@ def test_zero_noise_is_n_times_the_vanilla_gradient(model, image):
     np.testing.assert_allclose(smoothed, 10 * vanilla, rtol=1e-5)
 
 
+def test_noisy_copies_are_the_blogs_tiled_image_plus_float32_noise_bit_for_bit(image):
+    """The published maps' numbers: np.tile(x) + the RandomState's normal draws cast to x's dtype."""
+    sigma = noise_stdev(image, 0.1)
+    blog = np.tile(image, (5, 1, 1, 1)) + np.random.RandomState(4).normal(0., sigma, (5,) + image.shape).astype(
+        image.dtype)
+    noisy = noisy_copies(image, 0.1, 5, np.random.RandomState(4))
+    assert noisy.dtype == image.dtype and noisy.shape == blog.shape
+    np.testing.assert_array_equal(noisy, blog)
+
+
 def test_noise_has_the_papers_stdev(image):
     noise = 0.15
     noisy = noisy_copies(image, noise, 400, np.random.RandomState(0))
