@@ -9,7 +9,8 @@
    model's links as they are), and PyTorch + Captum NoiseTunnel(Saliency) on
    efficientnet-lite-pytorch, the reference implementation, with the same weights.
 2. Where this project's time goes: forward + backward time per kind of Chainer function
-   (chainer.function_hooks.TimerHook) over one batch.
+   (chainer.function_hooks.TimerHook) over one batch; and the nodes that sgrad.native compiles, with
+   its kernels and with NumPy's path instead (sgrad.native switched off), interleaved in one process.
 3. Peak NumPy memory of an N=200 map at --batchsize 10 (tracemalloc).
 
 PyTorch, Captum and efficientnet-lite-pytorch are optional (`pip install torch==2.13.0 captum
@@ -21,13 +22,13 @@ import collections
 import os
 import tracemalloc
 
-from common import interleaved_median_ms  # first: the project on sys.path, sgrad before NumPy
+from common import NodeTimer, interleaved_median_ms  # first: the project on sys.path, sgrad before NumPy
 
 import chainer
 import numpy as np
 from chainer.function_hooks import TimerHook
 
-from sgrad import blas_kernels, keep_freed_memory
+from sgrad import blas_kernels, keep_freed_memory, native
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0
 from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
@@ -81,6 +82,32 @@ def profile(model, x, target, batchsize):
     return totals
 
 
+#: The nodes that run on sgrad.native's kernels where it is built
+COMPILED_NODES = ('DepthwiseConvolution', 'DepthwiseGradInput', 'ReLUGradient')
+
+
+def compiled_against_numpy(model, x, target, batchsize, rounds):
+    """Median ms per batch of each of COMPILED_NODES (NodeTimer sums over one forward + input backward),
+    with sgrad.native's kernels and with NumPy's path, the two interleaved round by round."""
+    xs = np.repeat(x[None], batchsize, axis=0)
+    engine = GradientEngine(model, batchsize=batchsize)
+    engine(xs, target)  # warm-up (and the folded copy's caches)
+    supports = native.supports
+    totals = {True: collections.defaultdict(list), False: collections.defaultdict(list)}
+    try:
+        for _ in range(rounds):
+            for compiled in (True, False):
+                native.supports = supports if compiled else (lambda *arrays, **kwargs: False)
+                timer = NodeTimer()
+                with timer:
+                    engine(xs, target)
+                for label in COMPILED_NODES:
+                    totals[compiled][label].append(sum(ms for (name, _), ms in timer.ms.items() if name == label))
+    finally:
+        native.supports = supports
+    return {label: (np.median(totals[True][label]), np.median(totals[False][label])) for label in COMPILED_NODES}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--samples', '-n', type=int, default=50)
@@ -124,6 +151,12 @@ def main():
     totals = profile(model, x, target, 10)
     for label, ms in totals.most_common(8):
         print('%-48s %10.0f %13.0f%%' % (label, ms, 100 * ms / sum(totals.values())))
+
+    if native.library() is not None:
+        print('\nThe compiled nodes, one batch of 10, ms (NodeTimer; median of %d interleaved rounds)' % args.repeats)
+        print('%-48s %10s %14s' % ('node', 'compiled', 'NumPy path'))
+        for label, (compiled, numpy_path) in compiled_against_numpy(model, x, target, 10, args.repeats).items():
+            print('%-48s %10.1f %14.1f' % (label, compiled, numpy_path))
 
     print('\nPeak NumPy memory of one N=200 map at --batchsize 10 (tracemalloc)')
     tracemalloc.start()

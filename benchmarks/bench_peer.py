@@ -41,17 +41,24 @@ def naive_chainer_smoothgrad(model, x, target, noise, samples, rng):
     return blog_smoothgrad(plain_chainer_forward, model, x, target, noise, samples, rng)
 
 
-def convolutions(model):
-    """(output channels, input channels, image size) of each 3x3 convolution, in order."""
+def convolution_blocks(model):
+    """(name, block, input image size) of each 3x3 convolution's block, in order."""
     size = 32
     for name in ('prep', 'conv1', 'res1', 'conv2', 'conv3', 'res3'):
-        blocks = [getattr(model, name)]
+        block = getattr(model, name)
         if name.startswith('res'):
-            blocks = [blocks[0].block1, blocks[0].block2]
-        for block in blocks:
-            yield block.conv.W.shape[:2] + (size,)
+            yield name + '.block1', block.block1, size
+            yield name + '.block2', block.block2, size
+        else:
+            yield name, block, size
         if name in ('conv1', 'conv2', 'conv3'):
             size //= 2  # the pool after these blocks
+
+
+def convolutions(model):
+    """(output channels, input channels, image size) of each 3x3 convolution, in order."""
+    for _, block, size in convolution_blocks(model):
+        yield block.conv.W.shape[:2] + (size,)
 
 
 def forward_flops(model):
