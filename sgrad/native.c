@@ -635,6 +635,8 @@ static void NAME(phased_plane)(const REAL *x, int H, int W, int s, int pt, int p
         REAL *row = buf + (size_t)(iy + pt) * s * M;
         const REAL *in = x + (size_t)iy * W;
         int width = W < columns - pl ? W : columns - pl;
+        if (width <= 0)
+            break;
         if (s == 1)
             memcpy(row + pl, in, width * sizeof(REAL));
         else
@@ -690,7 +692,7 @@ NAME(depthwise_tile)(const REAL *rows, size_t step, const size_t *off, const REA
 }
 
 /* y[p] (oH, oW) for the planes p in [p_begin, p_end) of x (N*C planes (H, W)), kernels w (C, k, k),
- * bias (C,) or NULL, cap > 0 to clip. Returns nonzero if the buffer cannot be allocated. */
+ * bias (C,) or NULL, cap > 0 to clip; pads pt, pl >= 0. Returns nonzero if the buffer cannot be allocated. */
 int NAME(depthwise)(const REAL *x, int C, int H, int W, const REAL *w, int k, int s, int pt, int pl,
                     const REAL *bias, double cap, REAL *y, int oH, int oW, int p_begin, int p_end)
 {

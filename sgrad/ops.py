@@ -349,9 +349,8 @@ class ClipsOutput:
 class ReLUGradient(chainer.function_node.FunctionNode):
     """gy where max(., 0) passed the gradient, or min(max(., 0), cap) given a cap, read off its output y
     (0 < y, and y < cap), and, given a ``guide`` (Guided Backprop: the incoming gradient), where the
-    guide is positive; else 0. Computed block by block (for_blocks). Linear in gy with the mask
-    fixed, so its backward is itself. Compiled (sgrad.native) where it can, else block by block
-    (for_blocks) in NumPy."""
+    guide is positive; else 0: compiled (sgrad.native) where it can, else block by block (for_blocks)
+    in NumPy. Linear in gy with the mask fixed, so its backward is itself."""
 
     def __init__(self, y, cap, guide=None):
         self.y, self.cap, self.guide = y, cap, guide
@@ -963,12 +962,13 @@ def _depthwise_grad_input(gy, W, stride, pads, x_shape, cache=None):
 
 
 def _native_depthwise_grad_input(gy, W, stride, pads, x_shape):
-    """The adjoint by sgrad.native, or None where it cannot take these arrays. At stride 1 it is the
-    depthwise convolution of gy with the kernels flipped, padded by k - 1 - (the forward's pads)."""
+    """The adjoint by sgrad.native, or None where it cannot take these arrays. At stride 1 (and pads of
+    at most k - 1) it is the depthwise convolution of gy with the kernels flipped, padded by k - 1 - (the
+    forward's pads); otherwise each output gradient is scattered to where its taps read."""
     if W.dtype != gy.dtype or not native.supports(gy, W, contiguous=False):
         return None
     k = W.shape[2]
-    if stride == 1:
+    if stride == 1 and max(before for before, _ in pads) < k:
         flipped = tuple((k - 1 - before, k - 1 - after) for before, after in pads)
         return _native_depthwise(gy, W[:, :, ::-1, ::-1], 1, flipped, None, None, x_shape[2:])
     gy, W = numpy.ascontiguousarray(gy), numpy.ascontiguousarray(W)

@@ -92,12 +92,14 @@ def use_depthwise(way, monkeypatch):
                                                         ((2, 3, 7, 6), 3, 1, ((1, 1), (1, 1))),
                                                         ((1, 3, 21, 37), 5, 1, ((2, 2), (2, 2))),
                                                         ((2, 2, 20, 38), 3, 2, ((0, 1), (0, 1))),
-                                                        ((1, 2, 5, 4), 5, 2, ((1, 2), (2, 2)))])
+                                                        ((1, 2, 5, 4), 5, 2, ((1, 2), (2, 2))),
+                                                        ((1, 2, 6, 5), 3, 1, ((3, 3), (2, 4))),
+                                                        ((1, 2, 3, 1), 3, 3, ((0, 0), (4, 4)))])
 def test_depthwise_convolution_equals_chainers_grouped_one_and_passes_gradient_check(shape, ksize, stride, pads,
                                                                                        way, monkeypatch):
     """Every way of computing it, each forced here on the same small inputs, with and without zero
     padding; widths of several vectors and partial last vectors for the compiled kernel's tiles, an
-    input smaller than the kernel."""
+    input smaller than the kernel, padding wider than the kernel."""
     use_depthwise(way, monkeypatch)
     rng = np.random.RandomState(0)
     x, W = rng.randn(*shape), rng.randn(shape[1], 1, ksize, ksize)
