@@ -92,7 +92,7 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
         cap = RELU6_CAP if self.activation else None
         if self.depthwise:
             return depthwise_convolution(x, W, self.stride, b, cap, pads, self.bands_cache)
-        if self.conv.groups == 1:  # the stem: the 1x1 convolution of its k x k patches of 3 channels
+        if self.conv.groups == 1:  # a 1x1 convolution; the stem, that of its k x k patches of 3 channels
             patches = x if self.ksize == 1 else F.im2col(same_padding(x, self.ksize, self.stride), self.ksize,
                                                          self.stride)
             return pointwise_convolution(patches, W.reshape(W.shape[0], -1, 1, 1), b, cap)

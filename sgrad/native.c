@@ -62,6 +62,9 @@
 #ifndef WB
 #define WB (VBYTES == 64 ? 8 : 4) /* the weight gradient's tile: WB x 3 sums, 3 inputs, a gradient vector */
 #endif
+#ifndef DV
+#define DV 4 /* the depthwise tile's vectors: of one output row, or one or two vectors of 4 or 2 rows */
+#endif
 #ifndef CB
 #define CB 8 /* input channels per chunk (2-16 measured alike here) */
 #endif
@@ -614,16 +617,15 @@ void NAME(max_pooling_2x2_grad)(const REAL *gy, const unsigned char *first, int 
  * Each plane (image, channel) is copied once into a zero-padded buffer whose rows are split into their
  * s column phases (padded column j at phase j % s, index j / s, a run of M numbers per phase): tap
  * (ky, kx) of output row i then reads a contiguous run, padded row i*s + ky, phase kx % s, from kx / s
- * on, and a tile of DV vectors of an output row sums the k*k taps in registers:
+ * on, and a tile of DV vectors (DV at the top of the file) sums the k*k taps in registers:
  *
  *     y[i, j] = b + sum over ky, kx of  w[ky, kx] * xpad[i*s + ky, j*s + kx]      (then clipped to [0, cap])
  */
-#ifndef DV
-#define DV 4 /* vectors per tile: of one output row, or one or two vectors of 4 or 2 rows */
-#endif
-
 /* The buffer's numbers per phase of a row, with a vector of slack for a row's last, partial vector */
 static inline int NAME(phase_run)(int oW, int k, int s) { return oW + (k - 1) / s + VL; }
+
+/* The first unpadded column ix whose padded column ix + pl lies in phase q */
+static inline int NAME(phase_first)(int q, int pl, int s) { return ((q - pl) % s + s) % s; }
 
 /* buf (rows, s, M) = the plane x (H, W) zero-padded (pt, pl) to rows x columns, its rows split into
  * column phases */
@@ -641,7 +643,7 @@ static void NAME(phased_plane)(const REAL *x, int H, int W, int s, int pt, int p
             memcpy(row + pl, in, width * sizeof(REAL));
         else
             for (int q = 0; q < s; q++) { /* the columns of phase q, without a division per number */
-                int ix = ((q - pl) % s + s) % s;
+                int ix = NAME(phase_first)(q, pl, s);
                 for (REAL *to = row + q * M + (ix + pl) / s; ix < width; ix += s)
                     *to++ = in[ix];
             }
@@ -779,7 +781,7 @@ int NAME(depthwise_adjoint)(const REAL *gy, int C, int oH, int oW, const REAL *w
                 continue;
             const REAL *row = buf + (size_t)(iy + pt) * s * M;
             for (int q = 0; q < s; q++) {
-                int ix = ((q - pl) % s + s) % s;
+                int ix = NAME(phase_first)(q, pl, s);
                 for (const REAL *from = row + q * M + (ix + pl) / s; ix < read; ix += s)
                     to[ix] = *from++;
             }
@@ -788,7 +790,6 @@ int NAME(depthwise_adjoint)(const REAL *gy, int C, int oH, int oW, const REAL *w
     free(buf);
     return 0;
 }
-#undef DV
 
 /* g = gy where a ReLU passed the gradient, read off its output y: 0 < y (and y < cap if cap > 0), and
  * guide > 0 where a guide is given (Guided Backprop); else 0. For the numbers [begin, end). */

@@ -31,6 +31,13 @@ def random_cifarnet(width=4, seed=0, dtype=np.float32):
     return model
 
 
+def skip_without_native():
+    """Skips the calling test where sgrad.native's compiled kernels are not there to test."""
+    from sgrad import native
+    if native.library() is None:
+        pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+
+
 @pytest.fixture(params=['winograd', 'direct', 'numpy'])
 def kernel_path(request, monkeypatch):
     """Runs a test on every kind of 3x3 convolution and 2x2 max pooling: sgrad.native's compiled kernels,
@@ -39,8 +46,8 @@ def kernel_path(request, monkeypatch):
     from sgrad import native, ops
     if request.param == 'numpy':
         monkeypatch.setattr(native, 'library', lambda: None)
-    elif native.library() is None:
-        pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+    else:
+        skip_without_native()
     monkeypatch.setattr(ops, 'WINOGRAD', request.param == 'winograd')
     return request.param
 

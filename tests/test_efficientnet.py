@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from chainer import gradient_check
 
+from conftest import skip_without_native
 from sgrad import InputError, native
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import (IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0, same_padding,
@@ -78,8 +79,7 @@ def use_depthwise(way, monkeypatch):
     """Forces one way of computing the depthwise convolution: sgrad.native's kernel, or NumPy's band-matrix
     products (narrow inputs) or multiply-adds over windows (wide ones)."""
     if way == 'compiled':
-        if native.library() is None:
-            pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+        skip_without_native()
         return
     monkeypatch.setattr(native, 'library', lambda: None)
     monkeypatch.setattr(ops, 'BAND_MAX_WIDTH', 1000 if way == 'band matrices' else 0)
@@ -305,8 +305,7 @@ def test_the_fused_nodes_give_chainers_gradients_plain_and_guided(photos):
 def test_the_compiled_relu6_gradient_equals_numpys_on_a_photographs_activations(net, photos, guided, monkeypatch):
     """ReLUGradient (the backward of every ReLU6 in the folded model) by sgrad.native against NumPy's
     masks, on the stem's ReLU6 output for a photograph, whose exact 0s and 6s are the kinks."""
-    if native.library() is None:
-        pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+    skip_without_native()
     with chainer.using_config('train', False), chainer.no_backprop_mode():
         y = net.stem(photos[:1] * (255. / 128.) - 127. / 128.).array
     assert (y == 0).any() and (y == 6).any() and ((y > 0) & (y < 6)).any()
@@ -335,8 +334,7 @@ def test_the_compiled_depthwise_layers_equal_chainers_on_a_photographs_activatio
     """Each of the 16 depthwise layers (3x3 and 5x5, strides 1 and 2, 112x112 down to 7x7) on its own
     input for a photograph, in float32: output and input gradient against Chainer's grouped
     convolution (F.convolution_2d(groups=C) on the 'SAME'-padded input), within 1e-5 of the largest."""
-    if native.library() is None:
-        pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+    skip_without_native()
     hook = DepthwiseInputs()
     with hook, chainer.using_config('train', False), chainer.no_backprop_mode():
         net(photos[:1])
