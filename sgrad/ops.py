@@ -659,14 +659,15 @@ class MaxPooling2x2(chainer.function_node.FunctionNode):
 
 
 def first_maximum_masks(x, y):
-    """For each window position, where it holds the window's first maximum (exactly one per window);
-    in channel blocks."""
-    masks = [get_array_module(y).empty(y.shape, dtype=bool) for _ in _WINDOW]
+    """For each window position, where it holds the window's first maximum (exactly one per window; a
+    NaN is its window's maximum, as in F.max_pooling_2d); in channel blocks."""
+    xp = get_array_module(y)
+    masks = [xp.empty(y.shape, dtype=bool) for _ in _WINDOW]
 
     def block(channels):
         taken = None
         for w, mask in zip(_WINDOW, masks):
-            mask[channels] = x[channels][w] == y[channels]
+            mask[channels] = (x[channels][w] == y[channels]) | xp.isnan(x[channels][w])
             if taken is None:
                 taken = mask[channels].copy()
             else:

@@ -112,6 +112,22 @@ def test_max_pooling_2x2_gives_a_tied_window_to_its_first_maximum_like_chainer(k
     np.testing.assert_array_equal(receivers, 1)
 
 
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('batch', [1, 8, 16, 25, 37])
+def test_max_pooling_2x2_on_batches_that_end_in_a_partial_vector(kernel_path, batch, dtype):
+    """The compiled pooling takes a window's N images a vector at a time (16 or 8 lanes) and the last
+    N % lanes as one vector of copies: each batch size here ends differently, with ties and a NaN."""
+    rng = np.random.RandomState(batch)
+    x = rng.randint(0, 3, size=(batch, 3, 6, 4)).astype(dtype)
+    x[-1, 1, 2, 1] = np.nan
+    gy, ggx = rng.randn(batch, 3, 3, 2).astype(dtype), rng.randn(*x.shape).astype(dtype)
+    ours = first_and_second_backward(max_pooling_2x2, *(np.ascontiguousarray(nchw_to_chwn(a)) for a in (x, gy, ggx)))
+    theirs = first_and_second_backward(lambda h: F.max_pooling_2d(h, 2), x, gy, ggx)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(chwn_to_nchw(a), b)
+    assert np.isnan(chwn_to_nchw(ours[0])[-1, 1, 1, 0])
+
+
 def test_global_max_pool_gives_a_tie_to_one_position():
     h = np.zeros((1, 2, 4, 4))
     h[0, 0, 1, 2] = h[0, 0, 3, 0] = 5.   # a tie
