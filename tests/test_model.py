@@ -167,6 +167,26 @@ def test_folded_copy_keeps_its_weights_when_the_model_changes(image):
                    for mine in (p.array for p in folded.params()) for theirs in net.params())
 
 
+def test_inference_copy_is_made_again_only_when_the_weights_change(image):
+    """One folded copy serves every engine while the weights stay as they were; an in-place update of a
+    parameter or of BatchNorm's statistics, or a parameter's new array, gives a new copy of the new weights."""
+    net = random_cifarnet(width=4, seed=12)
+    x = noisy_copies(image, 0.1, 3, np.random.RandomState(2))
+    first = net.inference_copy()
+    assert net.inference_copy() is first
+    batchnorm = next(link for link in net.links() if isinstance(link, L.BatchNormalization))
+    for change in (lambda: net.fc.W.array.__imul__(1.5),
+                   lambda: batchnorm.avg_var.__iadd__(0.5),
+                   lambda: setattr(net.prep.conv.W, 'array', net.prep.conv.W.array * 0.5)):
+        before = net.inference_copy()
+        change()
+        after = net.inference_copy()
+        assert after is not before and net.inference_copy() is after
+        with chainer.using_config('train', False):
+            np.testing.assert_allclose(after(x).array, net(x).array, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(before(x).array, after(x).array)
+
+
 def test_normalize_standardises_the_training_statistics():
     mean = np.array([0.4914, 0.4822, 0.4465], np.float32).reshape(1, 3, 1, 1)
     x = np.broadcast_to(mean, (1, 3, 2, 2))
