@@ -570,38 +570,33 @@ void NAME(pad)(const REAL *x, const REAL *mask, int H, int W, int N, REAL *xpad,
     }
 }
 
-/* The first maximum of VL windows: y[n] = the largest of window[0..3][from + n] (a NaN if any) and
- * first[n] its position, n < VL, as one vector's selects */
-static inline __attribute__((always_inline)) void
-NAME(window_maxima)(const REAL *const window[4], int from, REAL *y, unsigned char *first)
+/* The first maximum of VL windows, whose four positions' numbers are w[0..3]: the largest (a NaN if any),
+ * and in *first its position (0-3), as one vector's selects */
+static inline __attribute__((always_inline)) vec NAME(window_maxima)(const vec w[4], NAME(bytes) *first)
 {
-    typedef NAME(lanes) lanes;
-    vec m = *(const vec *)(window[0] + from);
-    lanes k = {0};
+    vec m = w[0];
+    NAME(lanes) k = {0};
     for (int p = 1; p < 4; p++) {
-        vec v = *(const vec *)(window[p] + from);
-        lanes take = ((v > m) | (v != v)) & (m == m);
-        m = (vec)(((lanes)v & take) | ((lanes)m & ~take));
+        NAME(lanes) take = ((w[p] > m) | (w[p] != w[p])) & (m == m);
+        m = (vec)(((NAME(lanes))w[p] & take) | ((NAME(lanes))m & ~take));
         k = (p & take) | (k & ~take);
     }
-    *(vec *)y = m;
-    *(NAME(bytes) *)first = __builtin_convertvector(k, NAME(bytes));
+    *first = __builtin_convertvector(k, NAME(bytes));
+    return m;
 }
 
-/* gx's four window positions for VL windows: window[p][from + n] = gy[n] where first[n] == p, else 0 */
-static inline __attribute__((always_inline)) void
-NAME(window_scatter)(const REAL *gy, const unsigned char *first, REAL *const window[4], int from)
+/* VL windows' gradients g sent to their first maxima: out[p] = g where first == p, else 0 */
+static inline __attribute__((always_inline)) void NAME(window_scatter)(vec g, NAME(bytes) first, vec out[4])
 {
-    NAME(lanes) g = *(const NAME(lanes) *)gy;
-    NAME(lanes) positions = __builtin_convertvector(*(const NAME(bytes) *)first, NAME(lanes));
+    NAME(lanes) positions = __builtin_convertvector(first, NAME(lanes));
     for (int p = 0; p < 4; p++)
-        *(vec *)(window[p] + from) = (vec)(g & (positions == p));
+        out[p] = (vec)((NAME(lanes))g & (positions == p));
 }
 
 /* y (C, H/2, W/2, N) = the maximum of each 2x2 window (stride 2) of x (C, H, W, N), and first (y's
  * shape) = the position in the window (0-3, row by row) of its first maximum, for channels
  * [c_begin, c_end). A NaN is the maximum of its window, the first NaN if several. The N images of a
- * window run a vector at a time, the last N % VL as one vector of copies: as a loop over N, whose
+ * window run a vector at a time, the last N % VL as one partial vector: as a loop over N, whose
  * scalar remainder took a mispredicted branch per number, N = 25 took 6 times as long per image as N = 32. */
 void NAME(max_pooling_2x2)(const REAL *x, int H, int W, int N, REAL *y, unsigned char *first, int c_begin,
                            int c_end)
@@ -614,25 +609,25 @@ void NAME(max_pooling_2x2)(const REAL *x, int H, int W, int N, REAL *y, unsigned
                 const REAL *top = x + ((size_t)c * H + 2 * oh) * row + 2 * (size_t)ow * N, *bottom = top + row;
                 const REAL *const window[4] = {top, top + N, bottom, bottom + N};
                 size_t at = (((size_t)c * (H / 2) + oh) * (W / 2) + ow) * N;
-                for (int n = 0; n < whole; n += VL)
-                    NAME(window_maxima)(window, n, y + at + n, first + at + n);
+                vec w[4];
+                for (int n = 0; n < whole; n += VL) {
+                    for (int p = 0; p < 4; p++)
+                        w[p] = *(const vec *)(window[p] + n);
+                    *(vec *)(y + at + n) = NAME(window_maxima)(w, (NAME(bytes) *)(first + at + n));
+                }
                 if (rest) {
-                    REAL copies[4][VL], maxima[VL];
-                    unsigned char positions[VL];
-                    for (int p = 0; p < 4; p++) {
-                        memset(copies[p], 0, sizeof copies[p]);
-                        memcpy(copies[p], window[p] + whole, rest * sizeof(REAL));
-                    }
-                    const REAL *const tail[4] = {copies[0], copies[1], copies[2], copies[3]};
-                    NAME(window_maxima)(tail, 0, maxima, positions);
-                    memcpy(y + at + whole, maxima, rest * sizeof(REAL));
-                    memcpy(first + at + whole, positions, rest);
+                    NAME(bytes) positions;
+                    for (int p = 0; p < 4; p++)
+                        w[p] = NAME(partial)(window[p] + whole, rest);
+                    vec m = NAME(window_maxima)(w, &positions);
+                    memcpy(y + at + whole, &m, rest * sizeof(REAL));
+                    memcpy(first + at + whole, &positions, rest);
                 }
             }
 }
 
 /* gx (C, H, W, N) = gy (C, H/2, W/2, N) at each window's first maximum (first, from max_pooling_2x2),
- * zero elsewhere, for channels [c_begin, c_end); the last N % VL images as one vector, as above. */
+ * zero elsewhere, for channels [c_begin, c_end); the last N % VL images as one partial vector, as above. */
 void NAME(max_pooling_2x2_grad)(const REAL *gy, const unsigned char *first, int H, int W, int N, REAL *gx,
                                 int c_begin, int c_end)
 {
@@ -644,17 +639,18 @@ void NAME(max_pooling_2x2_grad)(const REAL *gy, const unsigned char *first, int 
                 REAL *top = gx + ((size_t)c * H + 2 * oh) * row + 2 * (size_t)ow * N, *bottom = top + row;
                 REAL *const window[4] = {top, top + N, bottom, bottom + N};
                 size_t at = (((size_t)c * (H / 2) + oh) * (W / 2) + ow) * N;
-                for (int n = 0; n < whole; n += VL)
-                    NAME(window_scatter)(gy + at + n, first + at + n, window, n);
-                if (rest) {
-                    REAL gradient[VL] = {0}, scattered[4][VL];
-                    unsigned char positions[VL] = {0};
-                    memcpy(gradient, gy + at + whole, rest * sizeof(REAL));
-                    memcpy(positions, first + at + whole, rest);
-                    REAL *const tail[4] = {scattered[0], scattered[1], scattered[2], scattered[3]};
-                    NAME(window_scatter)(gradient, positions, tail, 0);
+                vec out[4];
+                for (int n = 0; n < whole; n += VL) {
+                    NAME(window_scatter)(*(const vec *)(gy + at + n), *(const NAME(bytes) *)(first + at + n), out);
                     for (int p = 0; p < 4; p++)
-                        memcpy(window[p] + whole, scattered[p], rest * sizeof(REAL));
+                        *(vec *)(window[p] + n) = out[p];
+                }
+                if (rest) {
+                    NAME(bytes) positions = {0};
+                    memcpy(&positions, first + at + whole, rest);
+                    NAME(window_scatter)(NAME(partial)(gy + at + whole, rest), positions, out);
+                    for (int p = 0; p < 4; p++)
+                        memcpy(window[p] + whole, &out[p], rest * sizeof(REAL));
                 }
             }
 }
