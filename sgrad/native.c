@@ -380,6 +380,12 @@ static inline vec NAME(partial)(const REAL *p, int n)
     return v;
 }
 
+/* where ? a : b, lane by lane (C has no ?: on vectors); where: a comparison's all-ones or zero lanes */
+static inline vec NAME(select)(NAME(lanes) where, vec a, vec b)
+{
+    return (vec)(((NAME(lanes))a & where) | ((NAME(lanes))b & ~where));
+}
+
 /* gw (O, C, 9) = the weight gradient of the convolution: gw[o, c, ky*3 + kx] = sum over h, j of
  * gy[o, h, j] * xpad[c, h + ky, j + kx*N], for output channels [o_begin, o_end) and input channels
  * [c_begin, c_end). A tile of WB output channels x the three kx of one (c, ky)
@@ -578,7 +584,7 @@ static inline __attribute__((always_inline)) vec NAME(window_maxima)(const vec w
     NAME(lanes) k = {0};
     for (int p = 1; p < 4; p++) {
         NAME(lanes) take = ((w[p] > m) | (w[p] != w[p])) & (m == m);
-        m = (vec)(((NAME(lanes))w[p] & take) | ((NAME(lanes))m & ~take));
+        m = NAME(select)(take, w[p], m);
         k = (p & take) | (k & ~take);
     }
     *first = __builtin_convertvector(k, NAME(bytes));
@@ -590,7 +596,7 @@ static inline __attribute__((always_inline)) void NAME(window_scatter)(vec g, NA
 {
     NAME(lanes) positions = __builtin_convertvector(first, NAME(lanes));
     for (int p = 0; p < 4; p++)
-        out[p] = (vec)((NAME(lanes))g & (positions == p));
+        out[p] = NAME(select)(positions == p, g, (vec){0});
 }
 
 /* y (C, H/2, W/2, N) = the maximum of each 2x2 window (stride 2) of x (C, H, W, N), and first (y's
@@ -722,11 +728,9 @@ NAME(depthwise_tile)(const REAL *rows, size_t step, const size_t *off, const REA
         for (int v = 0; v < DV; v++)
             if (r < nr && v < nv) {
                 vec a = acc[r][v];
-                if (cap > 0) { /* min(max(a, 0), cap) by masks: C has no ?: on vectors */
-                    __typeof__(a > 0) positive = a > 0;
-                    a = (vec)((__typeof__(positive))a & positive);
-                    __typeof__(a > 0) over = a > cap;
-                    a = (vec)(((__typeof__(over))a & ~over) | ((__typeof__(over))((vec){0} + cap) & over));
+                if (cap > 0) { /* min(max(a, 0), cap) */
+                    a = NAME(select)(a > 0, a, (vec){0});
+                    a = NAME(select)(a > cap, (vec){0} + cap, a);
                 }
                 REAL *to = out + (size_t)r * oW + v * VL;
                 if (left - v * VL >= VL)
