@@ -116,7 +116,7 @@ def test_max_pooling_2x2_gives_a_tied_window_to_its_first_maximum_like_chainer(k
 @pytest.mark.parametrize('batch', [1, 8, 16, 25, 37])
 def test_max_pooling_2x2_on_batches_that_end_in_a_partial_vector(kernel_path, batch, dtype):
     """The compiled pooling takes a window's N images a vector at a time (16 or 8 lanes) and the last
-    N % lanes as one vector of copies: each batch size here ends differently, with ties and a NaN."""
+    N % lanes as one partial vector: each batch size here ends differently, with ties and a NaN."""
     rng = np.random.RandomState(batch)
     x = rng.randint(0, 3, size=(batch, 3, 6, 4)).astype(dtype)
     x[-1, 1, 2, 1] = np.nan
