@@ -13,16 +13,19 @@
    map for signed methods) and the SSIM between the trained and the randomized model's maps,
    averaged over the first --images test images.
 2. Deletion and insertion (Petsiuk et al. 2018): the target-class probability as the most salient
-   pixels are blacked out (deletion) or replaced by a blurred copy (blurred deletion), lower area
-   is better, or copied onto a blurred image (insertion, higher is better), over --deletion-images
+   pixels are blacked out (deletion, the paper's), set to the mean colour (RISE's code: its normalised
+   input set to 0), or replaced by a blurred copy (blurred deletion), lower area is better, or
+   copied onto a blurred image (insertion, higher is better), over --deletion-images
    test images. Pixels are ordered by |map|, and also by the signed map (most positive first) for
    signed methods, with a random order as baseline.
 3. ROAD (Rong et al. 2022): pixels removed by noisy linear imputation from their neighbours instead
    of black (no out-of-distribution holes), most relevant first (MoRF, lower is better) and least
    relevant first (LeRF, higher is better), 10% to 90%, same orders, over --road-images images.
 4. Robustness and sparseness, over --robustness-images images: max-sensitivity of each method's map
-   and infidelity of its attribution (Yeh et al. 2019), the Gini index of the map, and SmoothGrad's
-   max-sensitivity against its noise level.
+   and infidelity of its attribution (Yeh et al. 2019) under two perturbations, small Gaussian noise
+   around x and the authors' noisy black baseline, each drawn the same for every method and for a
+   zero and a random map (the controls), the Gini index of the map, and SmoothGrad's
+   max-sensitivity against its noise level, with its noise drawn the same at x and x + d, or fresh.
 5. SmoothGrad's two knobs: noise level (the deletion/insertion areas) and sample count (stability: the
    rank correlation of two maps from independent noise draws), with picture grids.
 
@@ -46,8 +49,11 @@ import numpy as np  # noqa: E402
 
 NOISE_LEVELS = (0., 0.05, 0.1, 0.2, 0.3, 0.5)
 SAMPLE_COUNTS = (1, 5, 10, 25, 50, 100, 200)
+#: SmoothGrad's noise level in the study's method list.
+STUDY_NOISE = 0.1
 #: The curves of sgrad.metrics.perturbation_curves, and which way their area is better.
-BETTER_AREA = {'deletion': 'lower', 'blurred deletion': 'lower', 'insertion': 'higher'}
+BETTER_AREA = {'deletion': 'lower', 'mean-colour deletion': 'lower', 'blurred deletion': 'lower',
+               'insertion': 'higher'}
 AREA_HEADERS = ['%s AUC (%s is better)' % item for item in BETTER_AREA.items()]
 
 
@@ -55,7 +61,7 @@ def make_methods(engine, samples, steps):
     """name -> method: every method of the project, SmoothGrad being SmoothGrad of the gradient."""
     from sgrad.saliency import METHODS, Gradient, SmoothGrad, make_method
     methods = {name: make_method(name, engine, steps) for name in METHODS}
-    methods['smoothgrad'] = SmoothGrad(Gradient(engine), 0.1, samples, 'sum_abs')
+    methods['smoothgrad'] = SmoothGrad(Gradient(engine), STUDY_NOISE, samples, 'sum_abs')
     return methods
 
 
@@ -150,7 +156,8 @@ class Share:
 
 #: The flags, beyond the maps' (--samples, --steps, --seed), that a section's per-image results depend on.
 SHARD_SETTINGS = {'deletion': ('perturbation_steps',), 'road': ('road_noise',),
-                  'robustness': ('sensitivity_radius', 'sensitivity_samples', 'infidelity_noise', 'infidelity_samples')}
+                  'robustness': ('sensitivity_radius', 'sensitivity_samples', 'infidelity_noise',
+                                 'infidelity_baseline_noise', 'infidelity_samples')}
 
 
 def shard_bounds(total, size, ranks):
@@ -162,15 +169,15 @@ def shard_bounds(total, size, ranks):
     return list(zip(starts, starts[1:] + [total]))
 
 
-def section_settings(args, model, section):
-    """What every shard of a section depends on: the section, its flags, the methods and the model's
-    weights (a digest)."""
+def section_settings(args, model, section, **more):
+    """What every shard of a section depends on: the section, its flags, the methods, the model's
+    weights (a digest) and ``more``."""
     weights = hashlib.sha1()
     for name, param in sorted(model.namedparams()):
         weights.update(name.encode() + np.ascontiguousarray(param.array).tobytes())
     flags = ('samples', 'steps', 'seed') + SHARD_SETTINGS[section]
     return dict({flag: getattr(args, flag) for flag in flags}, section=section, methods=method_names(model),
-                weights=weights.hexdigest())
+                weights=weights.hexdigest(), **more)
 
 
 def shard_settings(section, images, targets):
@@ -196,17 +203,18 @@ def save_shard(path, settings, rows):
     write_atomic(path, lambda f: np.savez_compressed(f, settings=settings, **arrays))
 
 
-def sharded(args, model, section, share, compute):
+def sharded(args, model, section, share, compute, **settings):
     """compute(part) -> per-image results of a Share ``part`` gathered on rank 0 ({key: rows}; None on the
     other ranks), run over the share's images --shard-size at a time. Each shard's results go to
     OUT_DIR/shards/ as soon as they are done, and a rerun with the same settings loads them instead of
     computing them again, so that a long run cut short resumes where it stopped. Returns the results
-    of all images on rank 0, else None. Without --shard-size, compute(share), nothing saved."""
+    of all images on rank 0, else None. Without --shard-size, compute(share), nothing saved. ``settings``:
+    what the results depend on beyond section_settings."""
     comm = share.comm
     if not args.shard_size:
         return compute(share)
     bounds = shard_bounds(share.total, args.shard_size, 1 if comm is None else comm.size)
-    common = section_settings(args, model, section)
+    common = section_settings(args, model, section, **settings)
     done, loaded = [], 0
     for number, (start, stop) in enumerate(bounds, 1):
         images, targets = share.study_images[start:stop], share.study_targets[start:stop]
@@ -358,21 +366,30 @@ def plot_curves(orderings, curves, kinds, fraction, titles):
     axes[kinds[-1]].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
 
 
+def mean_colour(model, share):
+    """The colour that mean-colour deletion fills in, (C,): the model's MEAN_COLOUR (the colour its input
+    normalisation maps to zero, as RISE's code deletes to), or else the mean colour of the study's images."""
+    colour = getattr(model, 'MEAN_COLOUR', None)
+    return np.asarray(share.study_images.mean(axis=(0, 2, 3)) if colour is None else colour, np.float32)
+
+
 def deletion_insertion(args, model, share, report):
     from sgrad.metrics import curve_ends, perturbation_curves
     from sgrad.saliency import GradientEngine
+    colour = mean_colour(model, share)
 
     def curves_of(part):
-        ends = curve_ends(GradientEngine(model, batchsize=args.batchsize), part.images, part.targets)
+        ends = curve_ends(GradientEngine(model, batchsize=args.batchsize), part.images, part.targets, colour)
         return pixel_order_curves(args, model, part, lambda engine, maps: perturbation_curves(
-            engine, part.images, maps, part.targets, args.perturbation_steps, ends), 'curves')
+            engine, part.images, maps, part.targets, args.perturbation_steps, ends, colour), 'curves')
     orderings = pixel_orders(model)
-    curves = sharded(args, model, 'deletion', share, curves_of)
+    curves = sharded(args, model, 'deletion', share, curves_of, mean_colour=colour.tolist())
     if report is None:
         return
     plot_curves(orderings, curves, list(BETTER_AREA), np.linspace(0, 1, args.perturbation_steps + 1),
                 {kind: '%s (%s is better)' % (kind, better) for kind, better in BETTER_AREA.items()})
-    report.table('Deletion and insertion AUC over %d images (mean ± s.e.)' % share.total,
+    report.table('Deletion and insertion AUC over %d images (mean ± s.e.); black is 0 in every channel, the mean '
+                 'colour (%s)' % (share.total, ', '.join('%.4f' % v for v in colour)),
                  ['pixel order'] + AREA_HEADERS,
                  [[name] + auc_cells({kind: curves[name, kind] for kind in BETTER_AREA}) for name, _ in orderings])
     report.figure('deletion_insertion.png')
@@ -404,61 +421,120 @@ def road(args, model, share, report):
     report.figure('road.png')
 
 
+#: Where the robustness section's draws come from: each image's streams RandomState([seed, index, stream]).
+SENSITIVITY_STREAM, RANDOM_MAP_STREAM, FRESH_NOISE_STREAM = 3, 6, 7
+INFIDELITY_STREAMS = {'gaussian': 4, 'noisy baseline': 5}
+#: SmoothGrad's noise around x and around x + d in max-sensitivity: 'same' reuses the image's draws (a seeded
+#: SmoothGrad); 'fresh' draws anew for every map (what Captum or Quantus measure around an unseeded one);
+#: 'floor': fresh draws at radius 0, the Monte Carlo noise that 'fresh' cannot go below.
+SENSITIVITY_CONVENTIONS = {'same': 'same noise at x and x + d', 'fresh': 'fresh noise for every map',
+                           'floor': 'fresh noise, radius 0 (Monte Carlo floor)'}
+#: The infidelity rows that explain nothing: every map must do better than these to explain anything.
+INFIDELITY_CONTROLS = ('zero map (control)', 'random map (control)')
+
+
+def infidelity_header(args, perturbation):
+    return {'gaussian': 'infidelity, Gaussian noise sd %g' % args.infidelity_noise,
+            'noisy baseline': 'infidelity, noisy baseline sd %g' % args.infidelity_baseline_noise}[perturbation]
+
+
 def robustness(args, model, share, report):
+    import itertools
     import matplotlib.pyplot as plt
-    from sgrad.metrics import gini, infidelity, max_sensitivity
+    from sgrad.metrics import gini, infidelity_score, infidelity_terms, max_sensitivity
     from sgrad.saliency import Gradient, GradientEngine, SmoothGrad, attribute_each, channel_sum_abs
     noise_levels = NOISE_LEVELS[1:]
+    infidelity_sd = {'gaussian': args.infidelity_noise, 'noisy baseline': args.infidelity_baseline_noise}
 
     def compute(part):
         engine = GradientEngine(model, batchsize=args.batchsize)
         methods = make_methods(engine, args.samples, args.steps)
         streams = lambda stream: [np.random.RandomState([args.seed, index, stream]) for index in part.indices]
-        attribute = lambda method, images: attribute_each(method, images, part.targets, part.indices, args.seed)
 
-        def sensitivity(method):
-            """Max-sensitivity of the |map| (SmoothGrad: the same noise draws at x and at x + d)."""
-            return max_sensitivity(lambda images: channel_sum_abs(attribute(method, images)), part.images,
-                                   args.sensitivity_radius, args.sensitivity_samples, streams(3))
+        def sensitivity(method, convention='same'):
+            """Max-sensitivity of the |map| under a SENSITIVITY_CONVENTIONS convention for SmoothGrad's noise."""
+            calls = itertools.count()
+            seed = (lambda: args.seed) if convention == 'same' else (lambda: (args.seed, FRESH_NOISE_STREAM, next(calls)))
+            explain = lambda images: channel_sum_abs(attribute_each(method, images, part.targets, part.indices, seed()))
+            radius = 0. if convention == 'floor' else args.sensitivity_radius
+            return max_sensitivity(explain, part.images, radius, args.sensitivity_samples, streams(SENSITIVITY_STREAM))
         # the explained class's score of each image of a batch of whole copies of the part (infidelity's draws)
         scores = lambda batch: engine.objective_values(batch, np.tile(part.targets, len(batch) // len(part.targets)))
+
+        def infidelities(name, explanation):
+            """Both perturbations' infidelity, each on the same draws for every method and control, optimally
+            scaled and as it is (the paper's definition)."""
+            for perturbation, stream in INFIDELITY_STREAMS.items():
+                terms = infidelity_terms(scores, part.images, explanation, perturbation, infidelity_sd[perturbation],
+                                         args.infidelity_samples, streams(stream))
+                for normalize in (True, False):
+                    results['infidelity', perturbation, normalize, name] = infidelity_score(*terms, normalize)
         progress = part.progress(len(methods) + len(noise_levels), 'steps (methods, then SmoothGrad noise levels)')
         results = {}
         for done, (name, method) in enumerate(methods.items()):
             progress(done)
-            attribution = attribute(method, part.images)
+            attribution = attribute_each(method, part.images, part.targets, part.indices, args.seed)
             maps = channel_sum_abs(attribution)
             results['sensitivity', name] = sensitivity(method)
-            results['infidelity', name] = infidelity(scores, part.images, attribution if method.signed else maps,
-                                                     args.infidelity_noise, args.infidelity_samples, streams(4))
+            infidelities(name, attribution if method.signed else maps)
             results['gini', name] = gini(maps)
+        random_maps = np.stack([rng.standard_normal(part.images.shape[1:]) for rng in streams(RANDOM_MAP_STREAM)])
+        for name, explanation in zip(INFIDELITY_CONTROLS, (np.zeros_like(random_maps), random_maps)):
+            infidelities(name, explanation)
         for done, noise in enumerate(noise_levels, start=len(methods)):
             progress(done)
-            results['sensitivity', noise] = sensitivity(SmoothGrad(Gradient(engine), noise, args.samples, 'sum_abs'))
+            smoothgrad = SmoothGrad(Gradient(engine), noise, args.samples, 'sum_abs')
+            for convention in SENSITIVITY_CONVENTIONS:
+                results['sensitivity', noise, convention] = (
+                    results['sensitivity', 'smoothgrad'] if (noise, convention) == (STUDY_NOISE, 'same')
+                    else sensitivity(smoothgrad, convention))
         progress(len(methods) + len(noise_levels))
         return part.gather(results)
     methods = method_names(model)
     results = sharded(args, model, 'robustness', share, compute)
     if report is None:
         return
+
+    label = lambda name: 'smoothgrad (%s)' % SENSITIVITY_CONVENTIONS['same'] if name == 'smoothgrad' else name
     report.table('Robustness and sparseness over %d images (mean ± s.e.): max-sensitivity of the map (relative, '
-                 'radius %g, %d draws), infidelity (noisy baseline, sd %g, %d draws, optimally scaled), Gini index'
-                 % (share.total, args.sensitivity_radius, args.sensitivity_samples, args.infidelity_noise,
-                    args.infidelity_samples),
-                 ['method', 'max-sensitivity (lower is better)', 'infidelity (lower is better)', 'Gini (sparser)'],
-                 [[name] + [mean_cell(results[key, name]) for key in ('sensitivity', 'infidelity', 'gini')]
+                 'radius %g, %d draws), Gini index' % (share.total, args.sensitivity_radius, args.sensitivity_samples),
+                 ['method', 'max-sensitivity (lower is better)', 'Gini (sparser)'],
+                 [[label(name), mean_cell(results['sensitivity', name]), mean_cell(results['gini', name])]
                   for name in methods])
-    means, errors = zip(*[mean_and_error(results['sensitivity', noise]) for noise in noise_levels])
-    report.table('SmoothGrad (N=%d): max-sensitivity against the noise level, %d images' % (args.samples, share.total),
-                 ['noise', 'max-sensitivity'], [['%g%%' % (100 * noise), mean_cell(results['sensitivity', noise])]
-                                                for noise in noise_levels])
-    plt.figure(figsize=(5, 3.5))
-    plt.errorbar([100 * noise for noise in noise_levels], means, yerr=errors, marker='o')
+
+    signed = dict(zip(methods, (method.signed for method in make_methods(GradientEngine(model), 1, 1).values())))
+
+    def cell(perturbation, normalize, name):
+        """The infidelity over the zero map's, image by image (the zero map: its own, in parentheses); as it
+        is, only for attributions in the score's units (signed ones)."""
+        values, zero = (results['infidelity', perturbation, normalize, key] for key in (name, INFIDELITY_CONTROLS[0]))
+        if name == INFIDELITY_CONTROLS[0]:
+            return '1 (%s)' % mean_cell(values)
+        if not (normalize or signed.get(name)):
+            return '-'
+        return mean_cell(np.divide(values, zero, out=np.ones_like(values), where=zero > 0))
+    report.table('Infidelity over %d images relative to the zero map\'s, image by image (mean ± s.e.; 1 explains '
+                 'nothing, 0 everything), %d draws of each perturbation, the same for every row; as it is (the '
+                 'paper\'s definition) only where the attribution is in the score\'s units'
+                 % (share.total, args.infidelity_samples),
+                 ['method'] + ['%s, %s (lower is better)' % (infidelity_header(args, perturbation), scaling)
+                               for perturbation in INFIDELITY_STREAMS for scaling in ('optimally scaled', 'as it is')],
+                 [[name] + [cell(perturbation, normalize, name) for perturbation in INFIDELITY_STREAMS
+                            for normalize in (True, False)] for name in methods + list(INFIDELITY_CONTROLS)])
+    report.table('SmoothGrad (N=%d): max-sensitivity against the noise level, %d images, by how SmoothGrad\'s noise '
+                 'is drawn at x and x + d' % (args.samples, share.total),
+                 ['noise'] + list(SENSITIVITY_CONVENTIONS.values()),
+                 [['%g%%' % (100 * noise)] + [mean_cell(results['sensitivity', noise, convention])
+                                              for convention in SENSITIVITY_CONVENTIONS] for noise in noise_levels])
+    plt.figure(figsize=(5.5, 3.5))
+    for convention, description in SENSITIVITY_CONVENTIONS.items():
+        means, errors = zip(*[mean_and_error(results['sensitivity', noise, convention]) for noise in noise_levels])
+        plt.errorbar([100 * noise for noise in noise_levels], means, yerr=errors, marker='o', label=description)
     plt.axhline(np.mean(results['sensitivity', 'gradient']), color='gray', linestyle=':', label='gradient (no noise)')
     plt.xlabel('SmoothGrad noise level (%)')
     plt.ylabel('max-sensitivity of the map (relative)')
     plt.grid(True, alpha=0.3)
-    plt.legend(fontsize=8)
+    plt.legend(fontsize=7)
     report.figure('sensitivity_noise.png')
 
 
@@ -467,7 +543,8 @@ def knobs(args, model, share, report):
     from sgrad.metrics import curve_ends, perturbation_curves, spearman
     from sgrad.saliency import Gradient, GradientEngine, SmoothGrad
     engine = GradientEngine(model, batchsize=args.batchsize)
-    ends = curve_ends(engine, share.images, share.targets)
+    colour = mean_colour(model, share)
+    ends = curve_ends(engine, share.images, share.targets, colour)
 
     def smoothgrad_maps(noise, samples, seed):
         method = SmoothGrad(Gradient(engine), noise, samples, 'sum_abs')
@@ -480,11 +557,11 @@ def knobs(args, model, share, report):
         progress(done)
         results['noise', noise] = maps = smoothgrad_maps(noise, args.samples, args.seed)
         for kind, values in perturbation_curves(engine, share.images, maps, share.targets,
-                                                args.perturbation_steps, ends).items():
+                                                args.perturbation_steps, ends, colour).items():
             results['curves', noise, kind] = values
     for done, samples in enumerate(SAMPLE_COUNTS, start=len(NOISE_LEVELS)):
         progress(done)
-        a, b = smoothgrad_maps(0.1, samples, args.seed), smoothgrad_maps(0.1, samples, args.seed + 1)
+        a, b = smoothgrad_maps(STUDY_NOISE, samples, args.seed), smoothgrad_maps(STUDY_NOISE, samples, args.seed + 1)
         results['samples', samples] = a
         results['stability', samples] = np.array([spearman(x, y) for x, y in zip(a, b)])
     progress(steps)
@@ -554,7 +631,9 @@ def main(argv=None):
                    help='max-sensitivity: L-infinity radius of the perturbations (default: %(default)s, as Captum)')
     p.add_argument('--sensitivity-samples', type=int, default=10, help='max-sensitivity: draws (default: %(default)s)')
     p.add_argument('--infidelity-noise', type=finite_float, default=0.1,
-                   help='infidelity: sd of the Gaussian perturbations (default: %(default)s)')
+                   help='infidelity: sd of the small Gaussian noise around x (default: %(default)s)')
+    p.add_argument('--infidelity-baseline-noise', type=finite_float, default=0.2,
+                   help="infidelity: sd of the noisy black baseline, as in Yeh et al.'s code (default: %(default)s)")
     p.add_argument('--infidelity-samples', type=int, default=50, help='infidelity: draws (default: %(default)s)')
     p.add_argument('--batchsize', '-b', type=int, default=500)
     p.add_argument('--seed', type=int, default=0)
@@ -579,7 +658,7 @@ def main(argv=None):
 
     from sgrad.models import load_explained
     from sgrad.saliency import GradientEngine
-    for name in ('road_noise', 'sensitivity_radius', 'infidelity_noise', 'shard_size'):
+    for name in ('road_noise', 'sensitivity_radius', 'infidelity_noise', 'infidelity_baseline_noise', 'shard_size'):
         if getattr(args, name) < 0:
             p.error('--%s must not be negative' % name.replace('_', '-'))
     sections = {name: (SECTIONS[name], getattr(args, size)) for name, size in SECTION_SIZES.items()}

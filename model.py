@@ -96,6 +96,9 @@ class CifarNet(chainer.Chain):
     #: Its links (prep ... res3) return (C, H, W, N) activations; Grad-CAM reads them this way.
     ACTIVATION_LAYOUT = 'CHWN'
 
+    #: The colour that its input normalisation maps to zero: what RISE's code deletes pixels to.
+    MEAN_COLOUR = CIFAR10_MEAN
+
     #: Damps the logits of the max-pooled features; without it the initial loss
     #: is ~7 and early training diverges (the same 0.125 as the DAWNBench net).
     LOGIT_SCALE = 0.125

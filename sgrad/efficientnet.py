@@ -124,6 +124,9 @@ class EfficientNetLite0(chainer.Chain):
     """EfficientNet-Lite0: [0, 1] RGB images (N, 3, H, W) -> 1000 ImageNet logits. Its last link with
     a 4-D output, Grad-CAM's default layer, is ``head`` (1280 ReLU6 maps, 7x7 at 224x224)."""
 
+    #: The colour that its input scaling maps to zero, 127/255 grey: what RISE's code deletes pixels to.
+    MEAN_COLOUR = (127. / 255.,) * 3
+
     #: The model randomization check's cascade, from the logits down, the blocks grouped by resolution
     RANDOMIZATION_STAGES = (
         ('fc', ('fc',)), ('head', ('head',)),

@@ -107,31 +107,55 @@ def target_probabilities(engine, batch, targets):
     return engine.probabilities(batch)[np.arange(len(batch)), targets]
 
 
-def curve_ends(engine, images, targets):
-    """The probability of the target class for the images themselves, black images and their blurred
-    copies, (3, N): where every perturbation curve starts and ends, whatever the pixel order."""
-    batch = np.concatenate([images, np.zeros_like(images), blur(images)])
-    return target_probabilities(engine, batch, np.tile(targets, 3)).reshape(3, len(images))
+def filled(images, colour):
+    """Images of the same shape as (N, C, H, W) ``images``, every pixel the colour (C,)."""
+    return np.broadcast_to(np.asarray(colour, images.dtype).reshape(-1, 1, 1), images.shape).copy()
 
 
-def perturbation_curves(engine, images, maps, targets, steps=16, ends=None):
+def curve_canvases(images, mean_colour=None):
+    """What the perturbation curves put in place of the images' pixels: black (the deletion of Petsiuk et
+    al.'s paper), a blurred copy, and, given ``mean_colour`` (C,), that colour: RISE's reference code
+    deletes by setting the normalised input to 0, which is the mean colour the model's input
+    normalisation subtracts (CifarNet: the CIFAR-10 training mean). {name: (N, C, H, W)}."""
+    canvases = {'black': np.zeros_like(images), 'blurred': blur(images)}
+    if mean_colour is not None:
+        canvases['mean colour'] = filled(images, mean_colour)
+    return canvases
+
+
+def curve_ends(engine, images, targets, mean_colour=None):
+    """The probability of the target class for the images themselves and for each canvas of
+    curve_canvases, {'image' or canvas name: (N,)}: where every perturbation curve starts and ends,
+    whatever the pixel order."""
+    batches = dict(image=images, **curve_canvases(images, mean_colour))
+    probabilities = target_probabilities(engine, np.concatenate(list(batches.values())),
+                                         np.tile(targets, len(batches))).reshape(len(batches), len(images))
+    return dict(zip(batches, probabilities))
+
+
+def perturbation_curves(engine, images, maps, targets, steps=16, ends=None, mean_colour=None):
     """The softmax probability of the target class as the most salient pixels, 1/steps of
-    them at a time, are set to black ('deletion', as in the paper), replaced by a blurred copy
-    ('blurred deletion': no black holes, which a CNN may react to whatever their place), or
-    restored onto a blurred canvas ('insertion'). ``ends``: curve_ends of the images, which the
-    curves of every pixel order share (computed if not given). Returns {kind: (N, steps + 1) array}."""
+    them at a time, are set to black ('deletion', as in the paper), to the mean colour ('mean-colour
+    deletion', as RISE's reference code does, where ``mean_colour`` (C,) is given), replaced by a
+    blurred copy ('blurred deletion': no black holes, which a CNN may react to whatever their place),
+    or restored onto a blurred canvas ('insertion'). Ties in a map keep their raster order.
+    ``ends``: curve_ends of the images, which the curves of every pixel order share (computed if not
+    given). Returns {kind: (N, steps + 1) array}."""
     n, c, h, w = images.shape
     counts = np.linspace(0, h * w, steps + 1).astype(int)[1:-1]  # the inner points; the ends are ``ends``
     salient = leading_pixels(relevance_order(maps), counts).reshape(n, steps - 1, 1, h, w)
-    blurred = blur(images)
-    original, black, blurred_original = curve_ends(engine, images, targets) if ends is None else ends
-    perturbations = {'deletion': (np.zeros_like(images), ~salient, original, black),
-                     'blurred deletion': (blurred, ~salient, original, blurred_original),
-                     'insertion': (blurred, salient, blurred_original, original)}
+    canvases = curve_canvases(images, mean_colour)
+    ends = curve_ends(engine, images, targets, mean_colour) if ends is None else ends
+    # kind: (canvas, where the image is kept, the canvas's name)
+    perturbations = {'deletion': ('black', ~salient), 'blurred deletion': ('blurred', ~salient),
+                     'insertion': ('blurred', salient)}
+    if mean_colour is not None:
+        perturbations['mean-colour deletion'] = ('mean colour', ~salient)
     curves = {}
-    for kind, (canvas, keep_image, first, last) in perturbations.items():
-        batch = np.where(keep_image, images[:, None], canvas[:, None]).reshape(-1, c, h, w)
+    for kind, (canvas, keep_image) in perturbations.items():
+        batch = np.where(keep_image, images[:, None], canvases[canvas][:, None]).reshape(-1, c, h, w)
         inner = target_probabilities(engine, batch, np.repeat(targets, steps - 1)).reshape(n, steps - 1)
+        first, last = (ends['image'], ends[canvas]) if kind != 'insertion' else (ends[canvas], ends['image'])
         curves[kind] = np.column_stack([first, inner, last])
     return curves
 
@@ -269,7 +293,8 @@ def noisy_linear_imputation(images, removed, noise=0.01, rngs=None):
 def road_curves(probabilities, images, maps, targets, fractions=ROAD_FRACTIONS, noise=0.01, rngs=None):
     """ROAD (Rong et al. 2022): the target-class probability after removing the most relevant ('MoRF') or the
     least relevant ('LeRF') fraction of each image's pixels by the map and imputing them
-    (noisy_linear_imputation, ``rngs`` one stream per image). ``probabilities(batch)`` gives (B, classes).
+    (noisy_linear_imputation, ``rngs`` one stream per image). Ties in a map keep their raster order
+    (relevance_order); the authors' code breaks them by adding 1e-4 noise to the map instead. ``probabilities(batch)`` gives (B, classes).
     Returns {'MoRF': (N, F), 'LeRF': (N, F)}; a faithful map makes MoRF fall fast and LeRF stay high."""
     n, c, h, w = images.shape
     order = relevance_order(maps)
@@ -307,29 +332,63 @@ def max_sensitivity(explain, images, radius=0.02, samples=10, rngs=None, relativ
     return worst
 
 
-def infidelity(scores, images, attributions, noise=0.1, samples=50, rngs=None, normalize=True):
-    """Infidelity (Yeh et al. 2019) with the paper's noisy baseline, by Monte Carlo: for each image x,
-    E_I[(I . Phi - (f(x) - f(x - I)))^2] with I ~ N(0, noise^2) per input value. ``scores(batch)`` gives
-    the explained class's score f of each image (B,). Attributions (N, C, H, W) meet I element by
-    element; 2-D maps (N, H, W) meet one I per pixel, shared by its channels. With ``normalize``, Phi is
-    first scaled by the beta that minimises the expectation, beta = E[I.Phi dF] / E[(I.Phi)^2] (per image,
-    on the same draws), so that a map's scale does not count: captum.metrics.infidelity with
-    normalize=True (a test holds the two equal on the same draws); normalize=False is the paper's definition.
+def gaussian_perturbations(x, samples, rng, sd=0.1):
+    """Infidelity's small Gaussian noise around x: I ~ N(0, sd^2) for every input value, (samples,) + x.shape
+    (the perturbation of Captum's documentation example of captum.metrics.infidelity)."""
+    return sd * rng.standard_normal((samples,) + x.shape)
+
+
+def noisy_baseline_perturbations(x, samples, rng, sd=0.2):
+    """Infidelity's noisy baseline, as Yeh et al.'s code draws it (infid_sen_utils.set_zero_infid, 'Gaussian'):
+    I = clip(x + sd z, x - 1, x) for every input value, z ~ N(0, 1). That is I = x - x0 with x0 = clip(-sd z,
+    0, 1) a noisy black image: the perturbed input x - I is nearly black. (samples,) + x.shape."""
+    x = np.asarray(x, np.float64)
+    return np.clip(x + sd * rng.standard_normal((samples,) + x.shape), x - 1, x)
+
+
+#: Infidelity's perturbations by name: (draws, their default sd).
+INFIDELITY_PERTURBATIONS = {'gaussian': (gaussian_perturbations, 0.1),
+                            'noisy baseline': (noisy_baseline_perturbations, 0.2)}
+
+
+def infidelity_terms(scores, images, attributions, perturbation='gaussian', sd=None, samples=50, rngs=None):
+    """The Monte Carlo terms of infidelity, (I . Phi, f(x) - f(x - I)), each (samples, N), for ``samples``
+    draws of I per image by INFIDELITY_PERTURBATIONS[perturbation] (standard deviation ``sd``, default its
+    own), for every input value: the same draws whatever the attribution. (N, C, H, W) attributions meet I
+    element by element; a map of one value per pixel, (N, H, W) or (N, 1, H, W), gives that value to each
+    of the pixel's channels. ``scores(batch)`` gives the explained class's score f of each image (B,).
     ``rngs``: one stream per image (image_streams)."""
+    draw, default_sd = INFIDELITY_PERTURBATIONS[perturbation]
     images = np.asarray(images)
-    phi = np.asarray(attributions, np.float64)
-    per_pixel = phi.ndim == 3
     n = len(images)
-    shape = (samples,) + (phi.shape[1:] if not per_pixel else (1,) + phi.shape[1:])
-    perturbations = noise * np.stack([rng.standard_normal(shape) for rng in image_streams(rngs, n)], axis=1)
+    phi = np.asarray(attributions, np.float64)
+    phi = phi.reshape(phi.shape[:-2] + (1,) * (4 - phi.ndim) + phi.shape[-2:])  # (N, C or 1, H, W)
+    perturbations = np.stack([draw(x, samples, rng, default_sd if sd is None else sd)
+                              for x, rng in zip(images, image_streams(rngs, n))], axis=1)  # (S, N, C, H, W)
     perturbed = (images[None] - perturbations).astype(images.dtype).reshape((-1,) + images.shape[1:])
     drops = np.asarray(scores(images), np.float64)[None] - np.asarray(scores(perturbed), np.float64).reshape(samples, n)
-    dots = (perturbations * (phi[:, None] if per_pixel else phi)[None]).reshape(samples, n, -1).sum(axis=2)
+    return (perturbations * phi[None]).reshape(samples, n, -1).sum(axis=2), drops
+
+
+def infidelity_score(dots, drops, normalize=True):
+    """Infidelity (Yeh et al. 2019) from its terms (infidelity_terms): the mean over draws of (I . Phi -
+    (f(x) - f(x - I)))^2, per image. With ``normalize``, Phi is first scaled by the beta that minimises it,
+    beta = E[I.Phi dF] / E[(I.Phi)^2] (per image, on the same draws), so that a map's scale does not count:
+    the estimator of the authors' code and of captum.metrics.infidelity with normalize=True (a test holds
+    ours equal to both on the same draws); normalize=False is the paper's definition."""
     if normalize:
         square = (dots ** 2).mean(axis=0)
-        beta = np.divide((dots * drops).mean(axis=0), square, out=np.zeros(n), where=square > 0)
+        beta = np.divide((dots * drops).mean(axis=0), square, out=np.zeros(dots.shape[1]), where=square > 0)
         dots = beta * dots
     return ((dots - drops) ** 2).mean(axis=0)
+
+
+def infidelity(scores, images, attributions, perturbation='gaussian', sd=None, samples=50, rngs=None,
+               normalize=True):
+    """Infidelity E_I[(I . Phi - (f(x) - f(x - I)))^2] of each image's attribution Phi, by Monte Carlo:
+    infidelity_score of infidelity_terms (see both)."""
+    return infidelity_score(*infidelity_terms(scores, images, attributions, perturbation, sd, samples, rngs),
+                            normalize)
 
 
 def gini(maps):

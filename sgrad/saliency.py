@@ -357,13 +357,14 @@ def attribute_each(method, images, targets, keys, seed=0, progress=None):
     """``method``'s attributions of many images (N, C, H, W) for their targets (N,). SmoothGrad
     draws each image's noise from a stream of its own, RandomState([seed, key]) with ``key`` the
     image's index in its dataset, so that a map does not depend on the images computed beside it
-    (nor, under mpiexec, on the rank that computes it). progress(done, N) after each step."""
+    (nor, under mpiexec, on the rank that computes it); ``seed`` may be a sequence of integers,
+    RandomState([*seed, key]). progress(done, N) after each step."""
     smooth = isinstance(method, SmoothGrad)
     step = 1 if smooth else method.engine.batch_step(len(images), images.shape)
     parts = []
     for start in range(0, len(images), step):
         if smooth:
-            method.rng = np.random.RandomState([seed, keys[start]])
+            method.rng = np.random.RandomState(list(np.atleast_1d(seed)) + [keys[start]])
         parts.append(method.attribute(images[start:start + step], targets[start:start + step]))
         if progress:
             progress(min(len(images), start + step), len(images))

@@ -78,7 +78,9 @@ def test_every_curve_point_is_its_perturbed_image_s_probability():
     targets = engine.probabilities(images).argmax(axis=1)
     maps = channel_sum_abs(Gradient(engine).attribute(images, targets))
     steps = 4
-    curves = perturbation_curves(engine, images, maps, targets, steps)
+    colour = np.array([0.2, 0.5, 0.7], np.float32)
+    curves = perturbation_curves(engine, images, maps, targets, steps, mean_colour=colour)
+    assert sorted(curves) == ['blurred deletion', 'deletion', 'insertion', 'mean-colour deletion']
     for i, (image, target) in enumerate(zip(images, targets)):
         ranking = sorted(range(32 * 32), key=lambda p: -maps[i].ravel()[p])  # ties: raster order
         for k in range(steps + 1):
@@ -86,17 +88,20 @@ def test_every_curve_point_is_its_perturbed_image_s_probability():
             salient[ranking[:k * 32 * 32 // steps]] = True
             salient = salient.reshape(32, 32)
             expected = {'deletion': np.where(salient, 0, image),
+                        'mean-colour deletion': np.where(salient, colour[:, None, None], image),
                         'blurred deletion': np.where(salient, blur(image), image),
                         'insertion': np.where(salient, image, blur(image))}
             for kind, x in expected.items():
                 p = engine.probabilities(x[None].astype(np.float32))[0, target]
                 assert curves[kind][i, k] == pytest.approx(p, rel=1e-5, abs=1e-7), (kind, i, k)
-    ends = curve_ends(engine, images, targets)
-    given = perturbation_curves(engine, images, maps, targets, steps, ends)
+    ends = curve_ends(engine, images, targets, colour)
+    given = perturbation_curves(engine, images, maps, targets, steps, ends, colour)
     for kind in curves:
         np.testing.assert_array_equal(given[kind], curves[kind])
-    ends_only = perturbation_curves(engine, images, maps, targets, 1, ends)
-    np.testing.assert_array_equal(ends_only['deletion'], ends[[0, 1]].T)
+    ends_only = perturbation_curves(engine, images, maps, targets, 1, ends, colour)
+    np.testing.assert_array_equal(ends_only['deletion'], np.column_stack([ends['image'], ends['black']]))
+    np.testing.assert_array_equal(ends_only['mean-colour deletion'], np.column_stack([ends['image'],
+                                                                                      ends['mean colour']]))
 
 
 def test_area_under_curve_of_known_curves():
@@ -144,7 +149,9 @@ def test_evaluate_saliency_end_to_end(tmp_path, model_file):
     text = open(os.path.join(out, 'results.md')).read()
     for expected in ('Cascading randomization', 'next image (control)', 'random (baseline)',
                      'integrated_gradients (signed)', 'blurred deletion AUC', 'Sample count', 'LeRF - MoRF',
-                     'max-sensitivity (lower is better)', 'Gini', 'against the noise level'):
+                     'max-sensitivity (lower is better)', 'Gini', 'against the noise level', 'mean-colour deletion',
+                     'zero map (control)', 'random map (control)', 'noisy baseline sd 0.2, as it is',
+                     'fresh noise, radius 0 (Monte Carlo floor)'):
         assert expected in text
 
 
@@ -202,3 +209,23 @@ def test_a_sharded_section_resumes_and_equals_an_unsharded_run(tmp_path, model_f
     printed = capsys.readouterr().out
     assert 'loaded from' not in printed and printed.count('computed, saved in') == 3
     assert 'earlier runs' not in printed
+
+
+def test_the_mean_colour_is_what_each_model_s_input_normalisation_maps_to_zero():
+    """Mean-colour deletion fills in the colour that RISE's code deletes to, its normalised input's 0."""
+    from model import CifarNet, normalize
+    from sgrad.efficientnet import EfficientNetLite0
+    from sgrad.metrics import filled
+    x = filled(np.zeros((1, 3, 4, 4), np.float32), CifarNet.MEAN_COLOUR)
+    np.testing.assert_allclose(normalize(x), 0, atol=1e-7)
+    x = filled(np.zeros((1, 3, 4, 4), np.float32), EfficientNetLite0.MEAN_COLOUR)
+    np.testing.assert_allclose(x * (255. / 128.) - 127. / 128., 0, atol=1e-7)  # its stem's input scaling
+
+
+@needs_cifar10
+def test_cifarnet_s_mean_colour_is_the_training_set_s():
+    from model import CifarNet
+    from sgrad.data import load_cifar10
+    train, _ = load_cifar10()
+    images = np.stack([train[i][0] for i in range(0, len(train), 5)])  # every fifth: 10,000 images
+    np.testing.assert_allclose(images.mean(axis=(0, 2, 3)), CifarNet.MEAN_COLOUR, atol=2e-3)

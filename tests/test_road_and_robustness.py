@@ -7,7 +7,8 @@ import pytest
 
 from model import load_model
 from sgrad.data import load_test_images
-from sgrad.metrics import (ROAD_NEIGHBOURS, gini, infidelity, linear_imputation, max_sensitivity,
+from sgrad.metrics import (INFIDELITY_PERTURBATIONS, ROAD_NEIGHBOURS, gini, infidelity, infidelity_score,
+                           infidelity_terms, linear_imputation, max_sensitivity, noisy_baseline_perturbations,
                            noisy_linear_imputation, road_curves)
 from sgrad.saliency import Gradient, GradientEngine, channel_sum_abs
 
@@ -153,23 +154,134 @@ def test_infidelity_of_a_linear_model():
     w, x = rng.randn(3, 5, 4), rng.rand(2, 3, 5, 4)
     scores = lambda batch: (batch * w).sum(axis=(1, 2, 3))
     gradient = np.broadcast_to(w, x.shape)
-    np.testing.assert_allclose(infidelity(scores, x, gradient, 0.1, 20, normalize=False), 0, atol=1e-20)
-    np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 0.1, 20), 0, atol=1e-20)
+    for perturbation in INFIDELITY_PERTURBATIONS:
+        np.testing.assert_allclose(infidelity(scores, x, gradient, perturbation, normalize=False), 0, atol=1e-20)
+        np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, perturbation), 0, atol=1e-20)
     draws = [0.1 * np.random.RandomState([7, k]).standard_normal((20, 3, 5, 4)) for k in range(2)]
     expected = [((draw * w).sum(axis=(1, 2, 3)) ** 2).mean() for draw in draws]
     streams = [np.random.RandomState([7, k]) for k in range(2)]
-    np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 0.1, 20, streams, normalize=False), expected,
-                               rtol=1e-10)
+    np.testing.assert_allclose(infidelity(scores, x, 2 * gradient, 'gaussian', 0.1, 20, streams, normalize=False),
+                               expected, rtol=1e-10)
 
 
-def test_infidelity_of_a_per_pixel_map_shares_each_draw_over_the_channels():
-    """f(x) = sum over channels and pixels of v * x: a 2-D map v explains a per-pixel perturbation
-    shared by the three channels up to the factor 3, which normalize removes."""
+def test_a_map_of_one_value_per_pixel_meets_the_same_draws_as_an_attribution_per_value():
+    """f(x) = sum over channels and pixels of v * x: a 2-D map v is v for each of the pixel's channels,
+    its exact gradient, so it explains every perturbation, unscaled; and (N, H, W), (N, 1, H, W) and the
+    map repeated over the channels score alike on the same draws."""
     rng = np.random.RandomState(3)
     v, x = rng.randn(5, 4), rng.rand(2, 3, 5, 4)
     scores = lambda batch: (batch * v).sum(axis=(1, 2, 3))
-    np.testing.assert_allclose(infidelity(scores, x, np.broadcast_to(v, (2, 5, 4)), 0.1, 10), 0, atol=1e-20)
-    assert infidelity(scores, x, rng.randn(2, 5, 4), 0.1, 10).min() > 0
+    np.testing.assert_allclose(infidelity(scores, x, np.broadcast_to(v, (2, 5, 4)), normalize=False), 0, atol=1e-20)
+    other = rng.randn(2, 5, 4)
+    streams = lambda: [np.random.RandomState([8, k]) for k in range(2)]
+    as_2d = infidelity(scores, x, other, 'noisy baseline', samples=10, rngs=streams())
+    assert as_2d.min() > 0
+    for same in (other[:, None], np.repeat(other[:, None], 3, axis=1)):
+        np.testing.assert_allclose(infidelity(scores, x, same, 'noisy baseline', samples=10, rngs=streams()), as_2d,
+                                   rtol=1e-12)
+
+
+def test_the_noisy_baseline_is_drawn_as_the_authors_code_draws_it():
+    """Yeh et al.'s set_zero_infid ('Gaussian') written out value by value: randd = z * 0.2 + x, then
+    min(x, randd), then max(x - 1, randd), and the model sees x - randd: a noisy black image in [0, 1]."""
+    images, _ = load_test_images(0, 2)
+    x = images[1].astype(np.float64)
+    ours = noisy_baseline_perturbations(x, 3, np.random.RandomState(4))
+    z = np.random.RandomState(4).normal(size=(3,) + x.shape)
+    theirs = np.empty_like(ours)
+    for s in range(3):
+        for index in np.ndindex(x.shape):
+            randd = z[(s,) + index] * 0.2 + x[index]
+            randd = min(x[index], randd)
+            theirs[(s,) + index] = max(x[index] - 1, randd)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-15, atol=0)
+    perturbed = x - ours
+    assert perturbed.min() >= 0 and perturbed.max() <= 1
+    assert perturbed.mean() < 0.1 < x.mean()  # nearly black, whatever the image
+    assert (perturbed == 0).mean() == pytest.approx(0.5, abs=0.02)  # the clipped half of the draws
+
+
+@pytest.fixture(scope='module')
+def real_infidelity_terms():
+    """The shipped CifarNet's logits on 16 real test images for their predicted classes, and infidelity's terms
+    of a zero map and of independent noise maps of each kind (one value per input value, one per pixel, one
+    channel), under both perturbations, 50 draws."""
+    model = load_model()
+    images, _ = load_test_images(0, 16)
+    engine = GradientEngine(model)
+    targets = engine.probabilities(images).argmax(axis=1)
+    scores = lambda batch: engine.objective_values(batch, np.tile(targets, len(batch) // len(images)))
+    noise = np.random.RandomState(5)
+    maps = {'zero': np.zeros(images.shape), 'random per value': noise.randn(*images.shape),
+            'random per pixel': noise.randn(16, 32, 32), 'random, one channel': noise.randn(16, 1, 32, 32)}
+    return {(perturbation, name): infidelity_terms(scores, images, m, perturbation, None, 50,
+                                                   [np.random.RandomState([9, k]) for k in range(16)])
+            for perturbation in INFIDELITY_PERTURBATIONS for name, m in maps.items()}
+
+
+def mean_and_error(values):
+    return values.mean(), values.std() / np.sqrt(len(values))
+
+
+@pytest.mark.parametrize('perturbation', list(INFIDELITY_PERTURBATIONS))
+def test_every_kind_of_map_meets_the_same_perturbations(real_infidelity_terms, perturbation):
+    """Real images: every map is scored against the very same draws and score drops, whatever its kind
+    (drawing one value per pixel for 2-D maps made a zero map score 12.1 instead of 8.4 and split the
+    methods by kind, not by merit)."""
+    drops = [real_infidelity_terms[perturbation, name][1] for name in ('zero', 'random per value',
+                                                                       'random per pixel', 'random, one channel')]
+    for other in drops[1:]:
+        np.testing.assert_array_equal(other, drops[0])
+
+
+def test_a_zero_map_and_noise_maps_score_the_same_under_small_gaussian_noise(real_infidelity_terms):
+    """Real images, the small Gaussian noise: a map of independent noise, of any kind, explains nothing, so it
+    scores as the zero map within their standard errors, and image by image within the 1/50 that the optimal
+    scale fits of 50 draws by chance."""
+    zero = infidelity_score(*real_infidelity_terms['gaussian', 'zero'])
+    zero_mean, zero_error = mean_and_error(zero)
+    assert zero_mean > 1  # the logits move: not a comparison of zeros
+    for name in ('random per value', 'random per pixel', 'random, one channel'):
+        score = infidelity_score(*real_infidelity_terms['gaussian', name])
+        mean, error = mean_and_error(score)
+        assert abs(mean - zero_mean) < error + zero_error, name
+        assert 0.9 < (score / zero).mean() <= 1, name
+
+
+def test_the_noisy_baseline_is_fitted_by_any_map_once_optimally_scaled(real_infidelity_terms):
+    """Real images, the authors' noisy baseline: x - I is nearly black on every draw, so the drop f(x) - f(x - I)
+    is nearly the same on every draw and the optimal scale fits it with any map whose I . Phi is nearly
+    constant: a map of noise explains most of it (what the README's reading of that column rests on);
+    unscaled, the paper's definition, it does not."""
+    zero = infidelity_score(*real_infidelity_terms['noisy baseline', 'zero'])
+    for name in ('random per value', 'random per pixel', 'random, one channel'):
+        dots, drops = real_infidelity_terms['noisy baseline', name]
+        assert (infidelity_score(dots, drops) / zero).mean() < 0.5, name
+        assert (infidelity_score(dots, drops, normalize=False) / zero).mean() > 1, name
+
+
+def yeh_infidelity(pdt, pdt_rm, rand, exp):
+    """The estimator of Yeh et al.'s get_exp_infid for one image, written out: exp_sum = sum(rand * exp) per draw,
+    beta = mean(pdt_diff * exp_sum) / mean(exp_sum^2), infid = mean((pdt_diff - beta * exp_sum)^2)."""
+    pdt_diff = [pdt - value for value in pdt_rm]
+    exp_sum = [float(np.sum(r * exp)) for r in rand]
+    beta = np.mean([d * e for d, e in zip(pdt_diff, exp_sum)]) / np.mean([e * e for e in exp_sum])
+    return np.mean([(d - beta * e) ** 2 for d, e in zip(pdt_diff, exp_sum)])
+
+
+def test_infidelity_equals_the_authors_estimator_on_real_images(shipped_gradients):
+    """The shipped model's gradient x input on real images, the noisy baseline: our infidelity equals
+    Yeh et al.'s estimator (its optimal scaling included) computed image by image on the same draws."""
+    model, engine, images, targets, gradient = shipped_gradients
+    attribution = gradient.attribute(images, targets) * images
+    streams = lambda: [np.random.RandomState([13, k]) for k in range(len(images))]
+    scores = lambda batch: engine.objective_values(batch, np.tile(targets, len(batch) // len(images)))
+    ours = infidelity(scores, images, attribution, 'noisy baseline', 0.2, 12, streams())
+    for k, (x, rng) in enumerate(zip(images, streams())):
+        rand = noisy_baseline_perturbations(x, 12, rng)
+        pdt = engine.objective_values(x[None], targets[k])[0]
+        pdt_rm = engine.objective_values((x - rand).astype(np.float32), targets[k])
+        assert ours[k] == pytest.approx(yeh_infidelity(pdt, pdt_rm, rand, attribution[k]), rel=1e-6)
 
 
 def test_gini_of_known_maps():
@@ -216,30 +328,31 @@ def test_max_sensitivity_equals_captums_on_real_images(shipped_gradients):
     assert ours.min() > 0.05  # gradients of a ReLU network move: not a comparison of zeros
 
 
+@pytest.mark.parametrize('perturbation', list(INFIDELITY_PERTURBATIONS))
 @pytest.mark.parametrize('per_pixel', [False, True])
-def test_infidelity_equals_captums_on_real_images(shipped_gradients, per_pixel):
+def test_infidelity_equals_captums_on_real_images(shipped_gradients, per_pixel, perturbation):
     """captum.metrics.infidelity (normalize=True and False), given the very perturbations our per-image
-    streams draw, on the shipped model's logits and gradient x input attributions of real images (each
-    input value its own draw) or their |map| (one draw per pixel: Captum gets the map split evenly over
-    the channels and the draw repeated over them, which gives the same I . Phi)."""
+    streams draw (small Gaussian noise, or the authors' noisy baseline), on the shipped model's logits and
+    gradient x input attributions of real images or their |map| (one value per pixel: Captum gets it
+    repeated over the channels)."""
     torch, captum_metrics = captum_or_skip()
     model, engine, images, targets, gradient = shipped_gradients
-    samples, noise = 8, 0.1
+    samples = 8
+    draw, sd = INFIDELITY_PERTURBATIONS[perturbation]
     attribution = gradient.attribute(images, targets) * images
-    n, c = images.shape[:2]
-    draw_shape = (samples,) + ((1,) if per_pixel else (c,)) + images.shape[2:]
+    n = len(images)
     streams = lambda: [np.random.RandomState([12, k]) for k in range(n)]
-    perturbations = noise * np.stack([rng.standard_normal(draw_shape) for rng in streams()])  # image by image
-    perturbations = np.broadcast_to(perturbations, (n, samples) + images.shape[1:]).reshape((-1,) + images.shape[1:])
+    perturbations = np.stack([draw(x, samples, rng, sd) for x, rng in zip(images, streams())])  # image by image
+    perturbations = perturbations.reshape((-1,) + images.shape[1:])
     phi = channel_sum_abs(attribution) if per_pixel else attribution
-    captum_phi = np.broadcast_to(phi[:, None] / c, images.shape) if per_pixel else phi
+    captum_phi = np.broadcast_to(phi[:, None], images.shape) if per_pixel else phi
 
     def logits(x):
         with chainer.using_config('train', False), chainer.no_backprop_mode():
             return torch.from_numpy(model(x.numpy()).array.astype(np.float64))
     scores = lambda batch: engine.objective_values(batch, np.tile(targets, len(batch) // n))
     for normalize in (True, False):
-        ours = infidelity(scores, images, phi, noise, samples, streams(), normalize=normalize)
+        ours = infidelity(scores, images, phi, perturbation, sd, samples, streams(), normalize=normalize)
         theirs = captum_metrics.infidelity(
             logits, lambda x: (torch.from_numpy(perturbations.copy()),
                                torch.from_numpy((x.numpy() - perturbations).astype(images.dtype))),
