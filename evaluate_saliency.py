@@ -59,8 +59,9 @@ AREA_HEADERS = ['%s AUC (%s is better)' % item for item in BETTER_AREA.items()]
 
 def make_methods(engine, samples, steps):
     """name -> method: every method of the project, SmoothGrad being SmoothGrad of the gradient."""
-    from sgrad.saliency import METHODS, Gradient, SmoothGrad, make_method
-    methods = {name: make_method(name, engine, steps) for name in METHODS}
+    from sgrad.methods import METHODS, make_method
+    from sgrad.saliency import Gradient, SmoothGrad
+    methods = {name: make_method(name, engine, steps=steps) for name in METHODS}
     methods['smoothgrad'] = SmoothGrad(Gradient(engine), STUDY_NOISE, samples, 'sum_abs')
     return methods
 

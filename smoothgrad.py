@@ -42,7 +42,8 @@ def index_range(text):
 
 def parse_args(argv=None):
     from sgrad.models import EFFICIENTNET
-    from sgrad.saliency import AGGREGATIONS, METHODS
+    from sgrad.methods import METHODS
+    from sgrad.saliency import AGGREGATIONS
     p = OneLineErrorParser(prog='smoothgrad.py', description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
@@ -68,10 +69,11 @@ def parse_args(argv=None):
     p.add_argument('--noise', '-n', type=finite_float, nargs='+', default=[0.1], metavar='LEVEL',
                    help='noise level(s) sigma / (max(x) - min(x)); several give one map each (default: 0.1)')
     p.add_argument('--samples', '-s', type=int, default=100, help='noisy samples per map (default: %(default)s)')
-    p.add_argument('--steps', type=int, default=50,
-                   help='integrated_gradients: path points (default: %(default)s)')
+    p.add_argument('--steps', type=int,
+                   help='path methods\' steps: integrated_gradients (default 50), blur_ig (100), guided_ig (200), '
+                   'xrai (100 per baseline)')
     p.add_argument('--baseline', default='black', metavar='black|PATH',
-                   help='integrated_gradients: baseline image (default: black)')
+                   help='integrated_gradients, guided_ig: baseline image (default: black)')
     p.add_argument('--layer', metavar='NAME',
                    help='gradcam, guided_gradcam: the link whose output is weighed, a name from '
                    'model.namedlinks() (default: the last link with a 4-D output; res3 for CifarNet)')
@@ -190,19 +192,36 @@ def load_baseline(args, explained):
     return None if args.baseline == 'black' else load_image_file(args.baseline, explained.image_size)[0]
 
 
+def method_options(args, baseline):
+    """The command line's options of the methods, by their constructors' names (None: the method's default)."""
+    return dict(steps=args.steps, baseline=baseline, layer=args.layer, patch=args.patch, stride=args.stride)
+
+
+def top_regions(x, attribution, share):
+    """The image with only its ``share`` percent most salient pixels by the map kept, the rest darkened to a
+    fifth: XRAI's figures show its top regions this way."""
+    m = attribution.sum(axis=0)
+    keep = m >= np.percentile(m, 100 - share)
+    return np.where(keep, x, 0.2 * x)
+
+
 def method_row(args, engine, x, target, name, smooth, baseline=None):
     """Panels and |maps| of one method: plain, or smoothed at each noise level."""
-    from sgrad.saliency import IntegratedGradients, SmoothGrad, make_method
-    base = make_method(name, engine, args.steps, baseline, args.layer, args.patch, args.stride)
+    from sgrad.methods import make_method
+    from sgrad.saliency import PathMethod, SmoothGrad
+    from sgrad.xrai import XRAI
+    base = make_method(name, engine, **method_options(args, baseline))
     if not smooth:
         attribution = base(x, target)
-        if isinstance(base, IntegratedGradients):
+        if isinstance(base, PathMethod):
             total, difference = base.completeness(x, target, attribution)
-            print('integrated gradients completeness: sum of attributions %.4f, S_c(x) - S_c(baseline) %.4f '
-                  '(%.2f%% off)' % (total, difference, 100 * abs(total - difference) / max(abs(difference), 1e-12)))
+            print('%s completeness: sum of attributions %.4f, S_c(x) - S_c(reference) %.4f (%.2f%% off)'
+                  % (name, total, difference, 100 * abs(total - difference) / max(abs(difference), 1e-12)))
         panels = [(name, 'abs', attribution)]
         if base.signed:
             panels.append(('signed', 'signed', attribution))
+        if isinstance(base, XRAI):
+            panels += [('top %d%% regions' % share, 'image', top_regions(x, attribution, share)) for share in (10, 30)]
         return panels, [attribution]
     panels, attributions = [], []
     for noise in args.noise:
@@ -228,7 +247,8 @@ def with_overlays(panels, image):
 
 def run(args, comm=None):
     from sgrad.models import class_name, load_explained, parse_label
-    from sgrad.saliency import AUTO_BATCHSIZE, METHODS, GradientEngine, channel_sum_abs
+    from sgrad.methods import METHODS
+    from sgrad.saliency import AUTO_BATCHSIZE, GradientEngine, channel_sum_abs
 
     explained = load_explained(args.model, args.arch)
     model = explained.link
@@ -257,10 +277,10 @@ def run(args, comm=None):
         noise = max(args.noise)
         args.noise = [noise if noise > 0 else 0.1]
         rows = []
-        for method in METHODS:
+        for method, cls in METHODS.items():
             plain, _ = method_row(args, engine, x, target, method, False, baseline)
-            smoothed, _ = method_row(args, engine, x, target, method, True, baseline)
-            rows.append([input_panel] + plain + [None] * (2 - len(plain)) + smoothed[:1])
+            smoothed = method_row(args, engine, x, target, method, True, baseline)[0] if not cls.not_smoothable else []
+            rows.append([input_panel] + plain[:2] + [None] * (2 - len(plain[:2])) + smoothed[:1] + plain[2:])
         title += ', smoothed with noise %g%%, N=%d (%s)' % (100 * args.noise[0], args.samples, args.aggregate)
     else:
         smooth = args.smooth or args.method == 'smoothgrad'
@@ -292,7 +312,8 @@ def run_many(args, explained, comm):
     """Maps of many images into one .npz, the images split over the ranks under mpiexec. SmoothGrad
     draws each image's noise from a stream of its own, so the file is the same for any rank count."""
     from sgrad.models import parse_label
-    from sgrad.saliency import AUTO_BATCHSIZE, GradientEngine, SmoothGrad, attribute_each, channel_sum_abs, make_method
+    from sgrad.methods import make_method
+    from sgrad.saliency import AUTO_BATCHSIZE, GradientEngine, SmoothGrad, attribute_each, channel_sum_abs
     images, keys, labels, files = load_many(args, explained)
     if comm is not None and len(images) < comm.size:
         raise InputError('%d images cannot be split over %d ranks' % (len(images), comm.size))
@@ -305,8 +326,8 @@ def run_many(args, explained, comm):
         targets = labels[mine]  # the blog's loss is taken against the true label
     else:
         targets = probs.argmax(axis=1).astype(np.int32)
-    base = make_method('gradient' if args.method == 'smoothgrad' else args.method, engine, args.steps,
-                       load_baseline(args, explained), args.layer, args.patch, args.stride)
+    base = make_method('gradient' if args.method == 'smoothgrad' else args.method, engine,
+                       **method_options(args, load_baseline(args, explained)))
     smooth = args.smooth or args.method == 'smoothgrad'
     methods = [SmoothGrad(base, noise, args.samples, args.aggregate) for noise in args.noise] if smooth else [base]
     maps = []

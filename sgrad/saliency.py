@@ -145,6 +145,8 @@ class Method:
 
     #: whether attributions carry a meaningful sign (drawn with a diverging colormap too)
     signed = True
+    #: why SmoothGrad cannot wrap the method, or None if it can
+    not_smoothable = None
 
     def __init__(self, engine):
         self.engine = engine
@@ -178,37 +180,73 @@ class GuidedBackprop(Method):
         return self.engine(xs, target, guided=True)
 
 
-class IntegratedGradients(Method):
-    """Integrated Gradients (Sundararajan et al. 2017), midpoint Riemann sum over ``steps`` points:
+def path_sums(engine, xs, target, steps, points):
+    """The Riemann sums of path integrals, sum over k < steps of w_k * dS_c/dx (p_k), for every image of xs:
+    ``points(k, images)`` gives the path points p_k of those images (indices into xs) and the weights w_k
+    that their gradients are multiplied by, both (len(images), C, H, W). The (step, image) pairs go
+    through the engine a batch at a time and the points are made a batch at a time, so memory is bounded
+    by the engine's batch size whatever the steps. Float64 sums."""
+    n = len(xs)
+    targets = np.broadcast_to(np.asarray(target), (n,))
+    total = np.zeros(xs.shape, np.float64)
+    for chunk in engine.batches(steps * n, xs.shape):
+        steps_of, images_of = np.divmod(np.arange(chunk.start, chunk.stop), n)
+        groups = [(k, images_of[steps_of == k]) for k in np.unique(steps_of)]
+        inputs, weights = zip(*(points(k, images) for k, images in groups))
+        grads = engine(np.concatenate(inputs), targets[images_of])
+        start = 0
+        for (_, images), weight in zip(groups, weights):
+            total[images] += weight * grads[start:start + len(images)]
+            start += len(images)
+    return total
 
-        IG(x) = (x - x') * 1/m sum_{k=1..m} dS_c/dx (x' + (k - 1/2)/m * (x - x'))
 
-    with baseline x' (black by default). All m path points of all images go
-    through the engine as one chunked batch.
+class PathMethod(Method):
+    """An attribution integrated along a path from a reference image (``reference(xs)``) to the image,
+    so that it adds up to S_c(x) - S_c(reference) (completeness)."""
+
+    def reference(self, xs):
+        raise NotImplementedError
+
+    def completeness(self, x, target, attribution):
+        """(sum of attributions, S_c(x) - S_c(reference)): equal for an exact integral."""
+        values = self.engine.objective_values(np.stack([x, self.reference(x[None])[0]]), target)
+        return float(attribution.sum()), float(values[0] - values[1])
+
+
+#: Integrated Gradients' path points alpha_k, k = 0..m-1, by rule: 'midpoint' (k + 1/2) / m, this
+#: project's (exact for a path that is linear in alpha); 'linspace' k / (m - 1), both ends, PAIR
+#: saliency's (its IntegratedGradients, and XRAI's), which still divides the sum by m.
+IG_POINTS = {'midpoint': lambda m: (np.arange(m) + 0.5) / m,
+             'linspace': lambda m: np.linspace(0, 1, m)}
+
+
+class IntegratedGradients(PathMethod):
+    """Integrated Gradients (Sundararajan et al. 2017), a Riemann sum over ``steps`` points:
+
+        IG(x) = (x - x') * 1/m sum_{k=0..m-1} dS_c/dx (x' + alpha_k * (x - x'))
+
+    with baseline x' (black by default; one image, or one per image (N, C, H, W)) and alpha_k by the
+    rule ``points`` (IG_POINTS: the midpoint rule by default). All m path points of all images go
+    through the engine as chunked batches (path_sums).
     """
 
-    def __init__(self, engine, steps=50, baseline=None):
+    def __init__(self, engine, steps=50, baseline=None, points='midpoint'):
         super().__init__(engine)
         if steps <= 0:
             raise InputError('--steps must be positive, got %d' % steps)
-        self.steps = steps
-        self.baseline = baseline
+        self.steps, self.baseline, self.alphas = steps, baseline, IG_POINTS[points](steps)
 
-    def _baseline(self, xs):
-        return np.zeros_like(xs[0]) if self.baseline is None else self.baseline
+    def reference(self, xs):
+        return np.broadcast_to(0 if self.baseline is None else self.baseline, xs.shape).astype(xs.dtype)
 
     def attribute(self, xs, target):
-        baseline = self._baseline(xs)
-        alphas = ((np.arange(self.steps) + 0.5) / self.steps).astype(np.float32)
-        path = baseline + alphas.reshape((-1,) + (1,) * xs.ndim) * (xs - baseline)[None]   # (m, N, C, H, W)
-        grads = self.engine(path.reshape((-1,) + xs.shape[1:]), np.tile(np.broadcast_to(target, len(xs)),
-                                                                         self.steps))
-        return (xs - baseline) * grads.reshape(path.shape).mean(axis=0)
+        baseline = self.reference(xs)
+        difference = xs - baseline
 
-    def completeness(self, x, target, attribution):
-        """(sum of attributions, S_c(x) - S_c(baseline)): equal for an exact integral."""
-        values = self.engine.objective_values(np.stack([x, self._baseline(x[None])]), target)
-        return float(attribution.sum()), float(values[0] - values[1])
+        def points(k, images):
+            return baseline[images] + xs.dtype.type(self.alphas[k]) * difference[images], difference[images] / self.steps
+        return path_sums(self.engine, xs, target, self.steps, points).astype(xs.dtype)
 
 
 def bilinear_matrix(n_in, n_out):
@@ -241,10 +279,13 @@ class GradCAM(Method):
         super().__init__(engine)
         self.layer = layer
 
-    def attribute(self, xs, target):
+    def layer_map(self, xs, target):
+        """The map at the layer's resolution, (N, 1, h, w)."""
         feats, grads = self.engine.layer_gradients(xs, target, self.layer)
-        cam = np.maximum((grads.mean(axis=(2, 3), keepdims=True) * feats).sum(axis=1, keepdims=True), 0)
-        return upsample(cam, xs.shape[-2:])
+        return np.maximum((grads.mean(axis=(2, 3), keepdims=True) * feats).sum(axis=1, keepdims=True), 0)
+
+    def attribute(self, xs, target):
+        return upsample(self.layer_map(xs, target), xs.shape[-2:])
 
 
 class GuidedGradCAM(GradCAM):
@@ -332,6 +373,8 @@ class SmoothGrad(Method):
             raise InputError('samples must be positive, got %d' % samples)
         if aggregate not in AGGREGATIONS:
             raise InputError('aggregate must be one of %s' % ', '.join(AGGREGATIONS))
+        if base.not_smoothable:
+            raise InputError('SmoothGrad does not apply to %s: %s' % (type(base).__name__, base.not_smoothable))
         self.base, self.noise, self.samples, self.aggregate = base, noise, samples, aggregate
         self.signed = base.signed and aggregate == 'mean'
         self.rng = np.random.RandomState() if rng is None else rng
@@ -381,26 +424,3 @@ def smoothgrad(model, x, target, noise=0.1, samples=100, batchsize=AUTO_BATCHSIZ
     """The blog's SmoothGrad map (H, W) of one [0, 1] image x (C, H, W) for class ``target``."""
     engine = GradientEngine(model, objective, batchsize)
     return channel_sum_abs(SmoothGrad(Gradient(engine), noise, samples, 'sum_abs', rng)(x, target))
-
-
-#: The methods the command line offers, by name; 'smoothgrad' is SmoothGrad over the gradient.
-METHODS = {
-    'gradient': Gradient,
-    'grad_x_input': GradientXInput,
-    'guided_backprop': GuidedBackprop,
-    'integrated_gradients': IntegratedGradients,
-    'gradcam': GradCAM,
-    'guided_gradcam': GuidedGradCAM,
-    'occlusion': Occlusion,
-}
-
-
-def make_method(name, engine, steps=50, baseline=None, layer=None, patch=None, stride=None):
-    """A base method by its command-line name, with the options that apply to it."""
-    if name == 'integrated_gradients':
-        return IntegratedGradients(engine, steps, baseline)
-    if name in ('gradcam', 'guided_gradcam'):
-        return METHODS[name](engine, layer)
-    if name == 'occlusion':
-        return Occlusion(engine, patch, stride)
-    return METHODS[name](engine)

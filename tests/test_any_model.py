@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from sgrad import InputError
-from sgrad.saliency import (METHODS, GradCAM, Gradient, GradientEngine, GuidedBackprop, SmoothGrad, make_method,
-                            upsample)
+from sgrad.methods import METHODS, make_method
+from sgrad.saliency import GradCAM, Gradient, GradientEngine, GuidedBackprop, SmoothGrad, upsample
 
 TARGET = 1
 

@@ -8,9 +8,9 @@ import pytest
 
 from sgrad.hooks import GuidedReLU
 from sgrad.ops import relu
-from sgrad.saliency import (AGGREGATIONS, METHODS, GradCAM, Gradient, GradientEngine, GuidedBackprop,
-                            IntegratedGradients, Method, Occlusion, SmoothGrad, make_method, noisy_copies,
-                            upsample)
+from sgrad.methods import METHODS, make_method
+from sgrad.saliency import (AGGREGATIONS, GradCAM, Gradient, GradientEngine, GuidedBackprop, IntegratedGradients,
+                            Method, Occlusion, SmoothGrad, noisy_copies, upsample)
 
 
 class TinyMLP(chainer.Chain):

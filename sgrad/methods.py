@@ -1,0 +1,29 @@
+"""Every method of the project by its command-line name, and ``make_method``, which builds one with the
+options it takes. 'smoothgrad' (SmoothGrad over the gradient) is not here: SmoothGrad wraps any of them."""
+import inspect
+
+from sgrad.paths import BlurIG, GuidedIG
+from sgrad.saliency import (GradCAM, Gradient, GradientXInput, GuidedBackprop, GuidedGradCAM, IntegratedGradients,
+                            Occlusion)
+from sgrad.xrai import XRAI
+
+METHODS = {
+    'gradient': Gradient,
+    'grad_x_input': GradientXInput,
+    'guided_backprop': GuidedBackprop,
+    'integrated_gradients': IntegratedGradients,
+    'blur_ig': BlurIG,
+    'guided_ig': GuidedIG,
+    'xrai': XRAI,
+    'gradcam': GradCAM,
+    'guided_gradcam': GuidedGradCAM,
+    'occlusion': Occlusion,
+}
+
+
+def make_method(name, engine, **options):
+    """The method ``name`` on ``engine``, given those of ``options`` that its constructor takes (steps,
+    baseline, layer, patch, stride, masks, ...); an option that is None keeps the method's default."""
+    cls = METHODS[name]
+    takes = inspect.signature(cls).parameters
+    return cls(engine, **{key: value for key, value in options.items() if key in takes and value is not None})
