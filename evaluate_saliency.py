@@ -57,11 +57,12 @@ BETTER_AREA = {'deletion': 'lower', 'mean-colour deletion': 'lower', 'blurred de
 AREA_HEADERS = ['%s AUC (%s is better)' % item for item in BETTER_AREA.items()]
 
 
-def make_methods(engine, samples, steps):
-    """name -> method: every method of the project, SmoothGrad being SmoothGrad of the gradient."""
+def make_methods(engine, samples=1, steps=1, masks=1):
+    """name -> method: every method of the project, SmoothGrad being SmoothGrad of the gradient; ``steps``
+    for every path method (IG, Blur IG, Guided IG, XRAI's IG), ``masks`` for RISE."""
     from sgrad.methods import METHODS, make_method
     from sgrad.saliency import Gradient, SmoothGrad
-    methods = {name: make_method(name, engine, steps=steps) for name in METHODS}
+    methods = {name: make_method(name, engine, steps=steps, masks=masks) for name in METHODS}
     methods['smoothgrad'] = SmoothGrad(Gradient(engine), STUDY_NOISE, samples, 'sum_abs')
     return methods
 
@@ -69,7 +70,7 @@ def make_methods(engine, samples, steps):
 def method_names(model):
     """The names of make_methods' methods, in their order."""
     from sgrad.saliency import GradientEngine
-    return list(make_methods(GradientEngine(model), 1, 1))
+    return list(make_methods(GradientEngine(model)))
 
 
 def maps_of(method, images, targets, indices, seed):
@@ -176,7 +177,7 @@ def section_settings(args, model, section, **more):
     weights = hashlib.sha1()
     for name, param in sorted(model.namedparams()):
         weights.update(name.encode() + np.ascontiguousarray(param.array).tobytes())
-    flags = ('samples', 'steps', 'seed') + SHARD_SETTINGS[section]
+    flags = ('samples', 'steps', 'masks', 'seed') + SHARD_SETTINGS[section]
     return dict({flag: getattr(args, flag) for flag in flags}, section=section, methods=method_names(model),
                 weights=weights.hexdigest(), **more)
 
@@ -253,7 +254,8 @@ def sanity_check(args, model, share, report):
     abs_maps, signed_maps = {}, {}  # (stage, method) -> maps of this share's images
     for done, (stage, staged_model) in enumerate(models):
         progress(done)
-        methods = make_methods(GradientEngine(staged_model, batchsize=args.batchsize), args.samples, args.steps)
+        engine = GradientEngine(staged_model, batchsize=args.batchsize)
+        methods = make_methods(engine, args.samples, args.steps, args.masks)
         for name, method in methods.items():
             abs_maps[stage, name], signed_maps[stage, name] = maps_of(
                 method, share.images, share.targets, share.indices, args.seed)
@@ -319,7 +321,7 @@ def pixel_orders(model):
     random order as baseline."""
     from sgrad.saliency import GradientEngine
     orders = []
-    for k, (name, method) in enumerate(make_methods(GradientEngine(model), 1, 1).items()):
+    for k, (name, method) in enumerate(make_methods(GradientEngine(model)).items()):
         orders.append((name, dict(color='C%d' % k)))
         if method.signed:
             orders.append((name + ' (signed)', dict(color='C%d' % k, linestyle='--')))
@@ -331,7 +333,7 @@ def pixel_order_curves(args, model, share, curves_of, unit):
     {kind: curves of the images}. Returns {(label, kind): curves of all images} on rank 0, else None."""
     from sgrad.saliency import GradientEngine
     engine = GradientEngine(model, batchsize=args.batchsize)
-    methods = make_methods(engine, args.samples, args.steps)
+    methods = make_methods(engine, args.samples, args.steps, args.masks)
     orders = [label for label, _ in pixel_orders(model)]
     steps = len(methods) + len(orders)
     progress = share.progress(steps, 'steps (maps, then %s)' % unit)
@@ -449,13 +451,14 @@ def robustness(args, model, share, report):
 
     def compute(part):
         engine = GradientEngine(model, batchsize=args.batchsize)
-        methods = make_methods(engine, args.samples, args.steps)
+        methods = make_methods(engine, args.samples, args.steps, args.masks)
         streams = lambda stream: [np.random.RandomState([args.seed, index, stream]) for index in part.indices]
 
         def sensitivity(method, convention='same'):
             """Max-sensitivity of the |map| under a SENSITIVITY_CONVENTIONS convention for SmoothGrad's noise."""
             calls = itertools.count()
-            seed = (lambda: args.seed) if convention == 'same' else (lambda: (args.seed, FRESH_NOISE_STREAM, next(calls)))
+            fresh = lambda: (args.seed, FRESH_NOISE_STREAM, next(calls))
+            seed = (lambda: args.seed) if convention == 'same' else fresh
             explain = lambda images: channel_sum_abs(attribute_each(method, images, part.targets, part.indices, seed()))
             radius = 0. if convention == 'floor' else args.sensitivity_radius
             return max_sensitivity(explain, part.images, radius, args.sensitivity_samples, streams(SENSITIVITY_STREAM))
@@ -503,7 +506,7 @@ def robustness(args, model, share, report):
                  [[label(name), mean_cell(results['sensitivity', name]), mean_cell(results['gini', name])]
                   for name in methods])
 
-    signed = dict(zip(methods, (method.signed for method in make_methods(GradientEngine(model), 1, 1).values())))
+    signed = dict(zip(methods, (method.signed for method in make_methods(GradientEngine(model)).values())))
 
     def cell(perturbation, normalize, name):
         """The infidelity over the zero map's, image by image (the zero map: its own, in parentheses); as it
@@ -624,7 +627,10 @@ def main(argv=None):
                    help='test images for max-sensitivity, infidelity and sparseness')
     p.add_argument('--only', nargs='+', choices=tuple(SECTIONS), default=list(SECTIONS))
     p.add_argument('--samples', type=int, default=25, help='SmoothGrad samples (default: %(default)s)')
-    p.add_argument('--steps', type=int, default=16, help='Integrated Gradients steps (default: %(default)s)')
+    p.add_argument('--steps', type=int, default=16,
+                   help='steps of the path methods: Integrated Gradients, Blur IG, Guided IG and XRAI\'s IG '
+                   '(default: %(default)s)')
+    p.add_argument('--masks', type=int, default=1000, help='RISE\'s random masks (default: %(default)s)')
     p.add_argument('--perturbation-steps', type=int, default=16, help='points of each deletion/insertion curve')
     p.add_argument('--road-noise', type=finite_float, default=0.01,
                    help="sd of ROAD's imputation noise, [0, 1] image space (default: %(default)s)")
@@ -653,7 +659,7 @@ def main(argv=None):
                    'when mpiexec starts more than one process)')
     args = p.parse_args(argv)
     for name in ('images', 'deletion_images', 'knob_images', 'road_images', 'robustness_images', 'samples', 'steps',
-                 'perturbation_steps', 'batchsize', 'sensitivity_samples', 'infidelity_samples'):
+                 'masks', 'perturbation_steps', 'batchsize', 'sensitivity_samples', 'infidelity_samples'):
         if getattr(args, name) <= 0:
             p.error('--%s must be positive' % name.replace('_', '-'))
 

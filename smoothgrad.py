@@ -75,10 +75,11 @@ def parse_args(argv=None):
     p.add_argument('--baseline', default='black', metavar='black|PATH',
                    help='integrated_gradients, guided_ig: baseline image (default: black)')
     p.add_argument('--layer', metavar='NAME',
-                   help='gradcam, guided_gradcam: the link whose output is weighed, a name from '
-                   'model.namedlinks() (default: the last link with a 4-D output; res3 for CifarNet)')
+                   help='gradcam, guided_gradcam, gradcam_plus_plus, score_cam: the link whose output is weighed, '
+                   'a name from model.namedlinks() (default: the last link with a 4-D output; res3 for CifarNet)')
     p.add_argument('--patch', type=int, help='occlusion: patch side in pixels (default: 1/8 of the image side)')
     p.add_argument('--stride', type=int, help='occlusion: patch stride in pixels (default: half the patch)')
+    p.add_argument('--masks', type=int, help='rise: random masks per map (default: 4000)')
     p.add_argument('--batchsize', '-b', type=int,
                    help='forward/backward (and draw noise for) at most this many images at once; '
                    'memory grows with it, not with --samples (default: about 2^19 pixels, 512 images at '
@@ -107,7 +108,7 @@ def parse_args(argv=None):
     args.many = args.indices is not None or args.folder is not None
     if any(n < 0 for n in args.noise):
         p.error('--noise must be >= 0')
-    for name in ('samples', 'steps', 'batchsize', 'patch', 'stride'):
+    for name in ('samples', 'steps', 'batchsize', 'patch', 'stride', 'masks'):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error('--%s must be positive' % name)
@@ -194,7 +195,8 @@ def load_baseline(args, explained):
 
 def method_options(args, baseline):
     """The command line's options of the methods, by their constructors' names (None: the method's default)."""
-    return dict(steps=args.steps, baseline=baseline, layer=args.layer, patch=args.patch, stride=args.stride)
+    return dict(steps=args.steps, baseline=baseline, layer=args.layer, patch=args.patch, stride=args.stride,
+                masks=args.masks)
 
 
 def top_regions(x, attribution, share):
@@ -343,7 +345,7 @@ def run_many(args, explained, comm):
         return
     settings = {name: getattr(args, name) for name in (
         'method', 'smooth', 'noise', 'samples', 'aggregate', 'steps', 'baseline', 'layer', 'patch', 'stride',
-        'objective', 'label', 'seed', 'model', 'arch')}
+        'masks', 'objective', 'label', 'seed', 'model', 'arch')}
     settings.update(model_description=explained.description, ranks=comm.size if comm else 1)
     saved = dict(rows, settings=json.dumps(settings))
     saved.update({'indices': keys} if files is None else {'files': np.array(files)})

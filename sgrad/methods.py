@@ -2,7 +2,9 @@
 options it takes. 'smoothgrad' (SmoothGrad over the gradient) is not here: SmoothGrad wraps any of them."""
 import inspect
 
+from sgrad.cam import GradCAMPlusPlus, ScoreCAM
 from sgrad.paths import BlurIG, GuidedIG
+from sgrad.rise import RISE
 from sgrad.saliency import (GradCAM, Gradient, GradientXInput, GuidedBackprop, GuidedGradCAM, IntegratedGradients,
                             Occlusion)
 from sgrad.xrai import XRAI
@@ -17,7 +19,10 @@ METHODS = {
     'xrai': XRAI,
     'gradcam': GradCAM,
     'guided_gradcam': GuidedGradCAM,
+    'gradcam_plus_plus': GradCAMPlusPlus,
+    'score_cam': ScoreCAM,
     'occlusion': Occlusion,
+    'rise': RISE,
 }
 
 

@@ -107,11 +107,14 @@ class GradientEngine:
 
     __call__ = gradients
 
+    def _layer_array(self, array):
+        """A layer's output or gradient as a host array (N, C, h, w), whatever the model's activation layout."""
+        array = chainer.backend.CpuDevice().send(array)
+        return array.transpose(3, 0, 1, 2) if getattr(self.model, 'ACTIVATION_LAYOUT', 'NCHW') == 'CHWN' else array
+
     def layer_gradients(self, x, target, layer=None):
         """The output of the link named ``layer`` (default: the last link with a 4-D output, the
         last convolutional block) and the objective's gradient w.r.t. it, both (N, C, h, w)."""
-        to_nchw = (lambda a: a.transpose(3, 0, 1, 2)) if getattr(
-            self.model, 'ACTIVATION_LAYOUT', 'NCHW') == 'CHWN' else (lambda a: a)
         feats, grads = [], []
         with chainer.using_config('train', False):
             for _, xs, ts in self._chunks(x, target):
@@ -119,9 +122,20 @@ class GradientEngine:
                     logits = self.model(chainer.Variable(xs))  # a Variable input, so the layer is in the graph
                 capture.check()
                 gh, = chainer.grad([F.sum(self._objective(logits, ts))], [capture.output])
-                feats.append(to_nchw(chainer.backend.CpuDevice().send(capture.output.array)))
-                grads.append(to_nchw(chainer.backend.CpuDevice().send(gh.array)))
+                feats.append(self._layer_array(capture.output.array))
+                grads.append(self._layer_array(gh.array))
         return np.concatenate(feats), np.concatenate(grads)
+
+    def layer_values(self, x, layer=None):
+        """The output of the link named ``layer`` (as layer_gradients), forward only, (N, C, h, w)."""
+        feats = []
+        with chainer.using_config('train', False), chainer.no_backprop_mode():
+            for _, xs, _ in self._chunks(x, 0):
+                with LinkOutput(self.model, layer) as capture:
+                    self.model(xs)
+                capture.check()
+                feats.append(self._layer_array(capture.output.array))
+        return np.concatenate(feats)
 
     def objective_values(self, x, target):
         """The objective of every image of x, forward only, shape (N,)."""
@@ -245,7 +259,8 @@ class IntegratedGradients(PathMethod):
         difference = xs - baseline
 
         def points(k, images):
-            return baseline[images] + xs.dtype.type(self.alphas[k]) * difference[images], difference[images] / self.steps
+            alpha = xs.dtype.type(self.alphas[k])
+            return baseline[images] + alpha * difference[images], difference[images] / self.steps
         return path_sums(self.engine, xs, target, self.steps, points).astype(xs.dtype)
 
 
@@ -266,9 +281,15 @@ def upsample(maps, size):
     return rows @ maps @ cols.T
 
 
+def channel_weighted_map(feats, weights):
+    """ReLU(sum_k w_k A_k) of a layer's output A (N, C, h, w) and channel weights w (N, C): (N, 1, h, w)."""
+    return np.maximum(np.einsum('nchw,nc->nhw', feats, weights.astype(feats.dtype)), 0)[:, None]
+
+
 class GradCAM(Method):
     """Grad-CAM (Selvaraju et al. 2017) on a convolutional layer, by default the last:
     ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of dS_c/dA_k, upsampled to the image.
+    The CAM family (sgrad.cam) differs only in the channel weights.
 
     layer: the name of the link whose output is A (as in ``model.namedlinks()``, e.g. 'res3').
     """
@@ -279,10 +300,15 @@ class GradCAM(Method):
         super().__init__(engine)
         self.layer = layer
 
+    @staticmethod
+    def weights(feats, grads):
+        """alpha_k, (N, C), from the layer's output A and the gradient dS_c/dA, both (N, C, h, w)."""
+        return grads.mean(axis=(2, 3))
+
     def layer_map(self, xs, target):
         """The map at the layer's resolution, (N, 1, h, w)."""
         feats, grads = self.engine.layer_gradients(xs, target, self.layer)
-        return np.maximum((grads.mean(axis=(2, 3), keepdims=True) * feats).sum(axis=1, keepdims=True), 0)
+        return channel_weighted_map(feats, self.weights(feats, grads))
 
     def attribute(self, xs, target):
         return upsample(self.layer_map(xs, target), xs.shape[-2:])
