@@ -122,9 +122,13 @@ def parse_args(argv=None):
 
 def visualize(attribution, signed=False, percentile=99):
     """PAIR's display of a (C, H, W) attribution as a 2-D map in [0, 1] (or [-1, 1] if signed):
-    summed over channels (of |a| unless signed), divided by its 99th percentile, clipped."""
+    summed over channels (of |a| unless signed), divided by its 99th percentile, clipped. An unsigned
+    map is first lowered by its minimum, which is 0 for the gradient methods and RISE's floor (the
+    probability that almost every masked copy keeps) for RISE."""
     from sgrad.saliency import channel_sum_abs
     m = attribution.sum(axis=0) if signed else channel_sum_abs(attribution)
+    if not signed:
+        m = m - m.min()
     vmax = np.percentile(np.abs(m), percentile)
     return np.clip(m / vmax, -1, 1) if vmax > 0 else np.zeros_like(m)
 

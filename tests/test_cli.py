@@ -60,7 +60,7 @@ def test_cli_image_file_is_resized_and_label_by_name(tmp_path, model_file, capsy
 @pytest.mark.parametrize('case', [
     'missing model', 'missing image', 'not an image', 'negative noise', 'nan noise', 'infinite noise', 'zero samples',
     'index out of range', 'other architecture', 'bad label', 'missing output folder', 'no such layer',
-    'zero patch'])
+    'zero patch', 'zero masks', 'a CAM on a dense layer', 'smoothed XRAI'])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, capsys, case):
     out_png = str(tmp_path / 'out.png')
     other = str(tmp_path / 'other.npz')
@@ -82,6 +82,9 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, cap
         'missing output folder': ['--out', str(tmp_path / 'no' / 'such' / 'dir.png')],
         'no such layer': ['--method', 'gradcam', '--layer', 'res9'],
         'zero patch': ['--method', 'occlusion', '--patch', '0'],
+        'zero masks': ['--method', 'rise', '--masks', '0'],
+        'a CAM on a dense layer': ['--method', 'score_cam', '--layer', 'fc'],
+        'smoothed XRAI': ['--method', 'xrai', '--smooth', '--steps', '2'],
     }[case]
     if '--model' not in argv:
         argv = ['--model', model_file] + argv
@@ -120,13 +123,20 @@ def test_cli_methods_and_gallery(tmp_path, model_file, capsys):
                             '--save-map', npy], capsys)
     assert code == 0, err
     assert np.load(npy).shape == (1, 32, 32)
+    for method, extra in (('blur_ig', ['--steps', '8']), ('guided_ig', ['--steps', '8']), ('xrai', ['--steps', '4']),
+                          ('gradcam_plus_plus', []), ('score_cam', ['--layer', 'conv3']), ('rise', ['--masks', '64'])):
+        code, out, err = run_cli(['--model', model_file, '--method', method, '--out', png, '--save-map', npy] + extra,
+                                 capsys)
+        assert code == 0, err
+        assert np.load(npy).shape == (1, 32, 32) and np.abs(np.load(npy)).max() > 0
+        assert ('%s completeness' % method in out) == (method in ('blur_ig', 'guided_ig'))
     gallery = str(tmp_path / 'all.png')
     code, _, err = run_cli(['--model', model_file, '--method', 'all', '--samples', '2', '--steps', '4',
                             '--out', gallery], capsys)
     assert code == 0, err
     from PIL import Image
     with Image.open(gallery) as img:
-        assert img.size[1] > 1.5 * img.size[0]  # seven method rows, four columns
+        assert img.size[1] > 3 * img.size[0]  # a row for each of the 13 methods, four columns
 
 
 def test_cli_rejects_zero_steps(tmp_path, model_file, capsys):
