@@ -30,6 +30,9 @@ from sgrad.saliency import AUTO_BATCHSIZE, GradientEngine
 from sgrad.xrai import XRAI
 
 
+METHODS = ('XRAI', 'Blur IG', 'Guided IG')
+
+
 def pair_runs(engine):
     """name -> (PAIR's mask of one image, this project's method)."""
     import saliency.core as pair
@@ -59,10 +62,12 @@ def peak_mb(fn):
     return peak / 2 ** 20
 
 
-def compare(title, engine, images, targets):
+def compare(title, engine, images, targets, methods):
     print('\n%s: %d images, our batch size %s' % (title, len(images), engine.batch_step(len(images), images.shape)))
     print('%-10s %12s %12s %8s %14s' % ('method', 'PAIR s', 'ours s', 'ratio', 'our peak MB'))
     for name, (theirs, ours) in pair_runs(engine).items():
+        if name not in methods:
+            continue
         pair_s = timed(lambda: [theirs(x, t) for x, t in zip(images, targets)])
         ours_s = timed(lambda: ours.attribute(images, targets))
         peak = peak_mb(lambda: ours.attribute(images, targets))
@@ -75,18 +80,21 @@ def main():
     p.add_argument('--images', type=int, default=100, help='CIFAR-10 test images (default: %(default)s)')
     p.add_argument('--photos', type=int, default=4, help='photographs of data/photos (default: all 4)')
     p.add_argument('--batchsize', '-b', type=int, default=None, help="our engine's batch size (default: auto)")
+    p.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS), help='(default: all three)')
     args = p.parse_args()
     keep_freed_memory()
     from model import load_model
     from sgrad.efficientnet import load_efficientnet_lite0
-    cases = [('CifarNet, CIFAR-10 test images', load_model, lambda: load_test_images(0, args.images)[0])]
+    cases = []
+    if args.images:
+        cases.append(('CifarNet, CIFAR-10 test images', load_model, lambda: load_test_images(0, args.images)[0]))
     if args.photos:
         cases.append(('EfficientNet-Lite0, photographs at 224x224', load_efficientnet_lite0,
                       lambda: load_image_folder(PHOTOS_DIR, 224, args.photos)[0]))
     for title, model, images in cases:
         engine = GradientEngine(model(), batchsize=args.batchsize or AUTO_BATCHSIZE)
         images = images()
-        compare(title, engine, images, engine.probabilities(images).argmax(axis=1))
+        compare(title, engine, images, engine.probabilities(images).argmax(axis=1), args.methods)
 
 
 if __name__ == '__main__':

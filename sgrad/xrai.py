@@ -7,11 +7,14 @@ The attribution is this project's: Integrated Gradients from the image's darkest
 all images, both baselines and every step as one chunked batch. The segmentation and the greedy ranking are
 PAIR saliency's own (``saliency.core.xrai``, which uses scikit-image's ``felzenszwalb``): they do not touch
 the model, their choices (resizing to 224x224 before segmenting, the six scales, a 5-pixel dilation, regions
-adding fewer than 50 new pixels skipped) define XRAI's maps, and calling them keeps ours equal to PAIR's.
+adding fewer than 50 new pixels skipped) define XRAI's maps, and calling them keeps ours equal to PAIR's. They
+dominate XRAI's time on small images (0.4 s an image at 32x32, against 0.06 s for the IG), so the images are
+segmented and ranked on every core at once.
 """
 import numpy as np
 
 from sgrad import InputError
+from sgrad.ops import for_blocks
 from sgrad.pair import to_pair
 from sgrad.saliency import IntegratedGradients, Method
 
@@ -48,7 +51,10 @@ class XRAI(Method):
         if (xs.max(axis=(1, 2, 3)) == xs.min(axis=(1, 2, 3))).any():
             raise InputError('XRAI cannot segment an image of one colour')
         attributions = self.integrated_gradients(xs, target)
-        maps = [xrai.XRAI._xrai(attribution, xrai._get_segments_felzenszwalb(to_pair(x)),
-                                area_perc_th=self.area_threshold, min_pixel_diff=self.min_pixel_diff)[0]
-                for x, attribution in zip(xs, attributions)]
-        return np.stack(maps)[:, None].astype(xs.dtype)
+
+        def regions(i):
+            segments = xrai._get_segments_felzenszwalb(to_pair(xs[i]))
+            return xrai.XRAI._xrai(attributions[i], segments, area_perc_th=self.area_threshold,
+                                   min_pixel_diff=self.min_pixel_diff)[0]
+        # image by image on every core: the segmentation (scikit-image, SciPy) releases the GIL for most of its time
+        return np.stack(for_blocks(regions, list(range(len(xs)))))[:, None].astype(xs.dtype)
