@@ -305,8 +305,10 @@ def mean_and_error(values):
 
 
 def mean_cell(values):
-    """'mean ± standard error' of per-image values, as a table cell."""
-    return '%.3f ± %.3f' % mean_and_error(values)
+    """'mean ± standard error' of per-image values, as a table cell: three decimals, none from 100 on (where the
+    third decimal is float32 rounding, which differs with the batches' sizes)."""
+    mean, error = mean_and_error(values)
+    return ('%.3f ± %.3f' if abs(mean) < 100 else '%.0f ± %.0f') % (mean, error)
 
 
 def auc_cells(curves):
