@@ -121,7 +121,11 @@ def finite_float(text):
 
 def get_device(gpu):
     """Chainer's device for a --gpu flag (negative: the CPU), or an InputError."""
+    import importlib.util
     import chainer
+    if gpu >= 0 and importlib.util.find_spec('cupy') is None:
+        raise InputError('cannot use GPU %d: CuPy is not installed (Chainer 7.8.1 needs CuPy 7.x, which needs '
+                         'NumPy < 2; this project has not been run on a GPU)' % gpu)
     try:
         return chainer.get_device(gpu if gpu >= 0 else '@numpy')
     except Exception as e:  # CuPy missing, no such GPU: Chainer raises several kinds

@@ -1,4 +1,5 @@
 """smoothgrad.py end to end: the figure, the raw maps, and one-line errors on bad input."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_cli_image_file_is_resized_and_label_by_name(tmp_path, model_file, capsy
 @pytest.mark.parametrize('case', [
     'missing model', 'missing image', 'not an image', 'negative noise', 'nan noise', 'infinite noise', 'zero samples',
     'index out of range', 'other architecture', 'bad label', 'missing output folder', 'no such layer',
-    'zero patch', 'zero masks', 'a CAM on a dense layer', 'smoothed XRAI'])
+    'zero patch', 'zero masks', 'a CAM on a dense layer', 'smoothed XRAI', 'a GPU without CuPy'])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, capsys, case):
     out_png = str(tmp_path / 'out.png')
     other = str(tmp_path / 'other.npz')
@@ -85,7 +86,10 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, cap
         'zero masks': ['--method', 'rise', '--masks', '0'],
         'a CAM on a dense layer': ['--method', 'score_cam', '--layer', 'fc'],
         'smoothed XRAI': ['--method', 'xrai', '--smooth', '--steps', '2'],
+        'a GPU without CuPy': ['--gpu', '0'],
     }[case]
+    if case == 'a GPU without CuPy' and importlib.util.find_spec('cupy') is not None:
+        pytest.skip('CuPy is installed here')
     if '--model' not in argv:
         argv = ['--model', model_file] + argv
     if '--out' not in argv:
