@@ -14,13 +14,10 @@ Each row: seconds for all images and images per second, PAIR first; the ratio is
 each (these runs take minutes): run it on a quiet machine.
 """
 import argparse
-import os
 import time
 import tracemalloc
 
-from common import median_ms  # noqa: F401  (first: the project on sys.path, sgrad before NumPy)
-
-import numpy as np
+import common  # noqa: F401  (first: the project on sys.path, sgrad before NumPy)
 
 from sgrad import keep_freed_memory
 from sgrad.data import PHOTOS_DIR, load_image_folder, load_test_images
