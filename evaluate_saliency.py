@@ -428,7 +428,10 @@ def road(args, model, share, report):
 
 #: Where the robustness section's draws come from: each image's streams RandomState([seed, index, stream]).
 SENSITIVITY_STREAM, RANDOM_MAP_STREAM, FRESH_NOISE_STREAM = 3, 6, 7
-INFIDELITY_STREAMS = {'gaussian': 4, 'noisy baseline': 5}
+#: Infidelity's perturbations (sgrad.metrics.INFIDELITY_PERTURBATIONS): their draws' stream, the flag of their sd and
+#: their name in the tables.
+INFIDELITY_RUNS = {'gaussian': (4, 'infidelity_noise', 'Gaussian noise'),
+                   'noisy baseline': (5, 'infidelity_baseline_noise', 'noisy baseline')}
 #: SmoothGrad's noise around x and around x + d in max-sensitivity: 'same' reuses the image's draws (a seeded
 #: SmoothGrad); 'fresh' draws anew for every map (what Captum or Quantus measure around an unseeded one);
 #: 'floor': fresh draws at radius 0, the Monte Carlo noise that 'fresh' cannot go below.
@@ -439,8 +442,8 @@ INFIDELITY_CONTROLS = ('zero map (control)', 'random map (control)')
 
 
 def infidelity_header(args, perturbation):
-    return {'gaussian': 'infidelity, Gaussian noise sd %g' % args.infidelity_noise,
-            'noisy baseline': 'infidelity, noisy baseline sd %g' % args.infidelity_baseline_noise}[perturbation]
+    _, flag, name = INFIDELITY_RUNS[perturbation]
+    return 'infidelity, %s sd %g' % (name, getattr(args, flag))
 
 
 def robustness(args, model, share, report):
@@ -449,29 +452,30 @@ def robustness(args, model, share, report):
     from sgrad.metrics import gini, infidelity_score, infidelity_terms, max_sensitivity
     from sgrad.saliency import Gradient, GradientEngine, SmoothGrad, attribute_each, channel_sum_abs
     noise_levels = NOISE_LEVELS[1:]
-    infidelity_sd = {'gaussian': args.infidelity_noise, 'noisy baseline': args.infidelity_baseline_noise}
 
     def compute(part):
         engine = GradientEngine(model, batchsize=args.batchsize)
         methods = make_methods(engine, args.samples, args.steps, args.masks)
         streams = lambda stream: [np.random.RandomState([args.seed, index, stream]) for index in part.indices]
 
-        def sensitivity(method, convention='same'):
-            """Max-sensitivity of the |map| under a SENSITIVITY_CONVENTIONS convention for SmoothGrad's noise."""
+        def sensitivity(method, convention='same', maps=None):
+            """Max-sensitivity of the |map| under a SENSITIVITY_CONVENTIONS convention for SmoothGrad's noise;
+            ``maps``: the images' own |maps|, where they are drawn already ('same' alone)."""
             calls = itertools.count()
             fresh = lambda: (args.seed, FRESH_NOISE_STREAM, next(calls))
             seed = (lambda: args.seed) if convention == 'same' else fresh
             explain = lambda images: channel_sum_abs(attribute_each(method, images, part.targets, part.indices, seed()))
             radius = 0. if convention == 'floor' else args.sensitivity_radius
-            return max_sensitivity(explain, part.images, radius, args.sensitivity_samples, streams(SENSITIVITY_STREAM))
+            return max_sensitivity(explain, part.images, radius, args.sensitivity_samples, streams(SENSITIVITY_STREAM),
+                                   base=maps)
         # the explained class's score of each image of a batch of whole copies of the part (infidelity's draws)
         scores = lambda batch: engine.objective_values(batch, np.tile(part.targets, len(batch) // len(part.targets)))
 
         def infidelities(name, explanation):
             """Both perturbations' infidelity, each on the same draws for every method and control, optimally
             scaled and as it is (the paper's definition)."""
-            for perturbation, stream in INFIDELITY_STREAMS.items():
-                terms = infidelity_terms(scores, part.images, explanation, perturbation, infidelity_sd[perturbation],
+            for perturbation, (stream, flag, _) in INFIDELITY_RUNS.items():
+                terms = infidelity_terms(scores, part.images, explanation, perturbation, getattr(args, flag),
                                          args.infidelity_samples, streams(stream))
                 for normalize in (True, False):
                     results['infidelity', perturbation, normalize, name] = infidelity_score(*terms, normalize)
@@ -481,7 +485,7 @@ def robustness(args, model, share, report):
             progress(done)
             attribution = attribute_each(method, part.images, part.targets, part.indices, args.seed)
             maps = channel_sum_abs(attribution)
-            results['sensitivity', name] = sensitivity(method)
+            results['sensitivity', name] = sensitivity(method, maps=maps)
             infidelities(name, attribution if method.signed else maps)
             results['gini', name] = gini(maps)
         random_maps = np.stack([rng.standard_normal(part.images.shape[1:]) for rng in streams(RANDOM_MAP_STREAM)])
@@ -524,8 +528,8 @@ def robustness(args, model, share, report):
                  'paper\'s definition) only where the attribution is in the score\'s units'
                  % (share.total, args.infidelity_samples),
                  ['method'] + ['%s, %s (lower is better)' % (infidelity_header(args, perturbation), scaling)
-                               for perturbation in INFIDELITY_STREAMS for scaling in ('optimally scaled', 'as it is')],
-                 [[name] + [cell(perturbation, normalize, name) for perturbation in INFIDELITY_STREAMS
+                               for perturbation in INFIDELITY_RUNS for scaling in ('optimally scaled', 'as it is')],
+                 [[name] + [cell(perturbation, normalize, name) for perturbation in INFIDELITY_RUNS
                             for normalize in (True, False)] for name in methods + list(INFIDELITY_CONTROLS)])
     report.table('SmoothGrad (N=%d): max-sensitivity against the noise level, %d images, by how SmoothGrad\'s noise '
                  'is drawn at x and x + d' % (args.samples, share.total),

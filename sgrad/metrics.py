@@ -310,17 +310,18 @@ def road_curves(probabilities, images, maps, targets, fractions=ROAD_FRACTIONS, 
     return curves
 
 
-def max_sensitivity(explain, images, radius=0.02, samples=10, rngs=None, relative=True):
+def max_sensitivity(explain, images, radius=0.02, samples=10, rngs=None, relative=True, base=None):
     """Max-sensitivity (Yeh et al. 2019), by Monte Carlo: for each image x, the largest ||Phi(x + d) - Phi(x)||_2
     over ``samples`` draws of d uniform in the L-infinity ball of ``radius`` (in the [0, 1] image space;
     x + d is not clipped). ``explain(images)`` gives their attributions Phi (one per image). With
     ``relative``, divided by ||Phi(x)||_2, which makes methods of different scales comparable: that is
     captum.metrics.sensitivity_max with its default perturbation and norm_ord='fro' (a test holds the two
     equal on the same draws), except for an all-zero Phi(x), where Captum divides by 1 and this gives 0;
-    the paper's definition is relative=False. ``rngs``: one stream per image (image_streams)."""
+    the paper's definition is relative=False. ``rngs``: one stream per image (image_streams). ``base``:
+    explain(images), where the caller has it already."""
     images = np.asarray(images)
     rngs = image_streams(rngs, len(images))
-    base = np.asarray(explain(images), np.float64).reshape(len(images), -1)
+    base = np.asarray(explain(images) if base is None else base, np.float64).reshape(len(images), -1)
     worst = np.zeros(len(images))
     for _ in range(samples):
         draws = np.stack([rng.uniform(-radius, radius, images.shape[1:]) for rng in rngs])

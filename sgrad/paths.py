@@ -79,9 +79,6 @@ class GuidedIG(PathMethod):
             raise InputError('--steps must be positive, got %d' % steps)
         self.steps, self.baseline, self.fraction, self.max_dist = steps, baseline, fraction, max_dist
 
-    def reference(self, xs):
-        return np.broadcast_to(0 if self.baseline is None else self.baseline, xs.shape).astype(xs.dtype)
-
     def attribute(self, xs, target):
         n = len(xs)
         flat = lambda a: a.reshape(n, -1)

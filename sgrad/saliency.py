@@ -217,10 +217,13 @@ def path_sums(engine, xs, target, steps, points):
 
 class PathMethod(Method):
     """An attribution integrated along a path from a reference image (``reference(xs)``) to the image,
-    so that it adds up to S_c(x) - S_c(reference) (completeness)."""
+    so that it adds up to S_c(x) - S_c(reference) (completeness). The reference is ``baseline`` (black
+    if None; one image, or one per image (N, C, H, W)) unless a method's path defines its own."""
+
+    baseline = None
 
     def reference(self, xs):
-        raise NotImplementedError
+        return np.broadcast_to(0 if self.baseline is None else self.baseline, xs.shape).astype(xs.dtype)
 
     def completeness(self, x, target, attribution):
         """(sum of attributions, S_c(x) - S_c(reference)): equal for an exact integral."""
@@ -250,9 +253,6 @@ class IntegratedGradients(PathMethod):
         if steps <= 0:
             raise InputError('--steps must be positive, got %d' % steps)
         self.steps, self.baseline, self.alphas = steps, baseline, IG_POINTS[points](steps)
-
-    def reference(self, xs):
-        return np.broadcast_to(0 if self.baseline is None else self.baseline, xs.shape).astype(xs.dtype)
 
     def attribute(self, xs, target):
         baseline = self.reference(xs)

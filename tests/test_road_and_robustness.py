@@ -140,6 +140,7 @@ def test_max_sensitivity_of_the_identity_is_the_largest_perturbation_drawn():
     np.testing.assert_allclose(absolute, largest, rtol=1e-12)
     relative = max_sensitivity(identity, x, 0.1, 7, streams())
     np.testing.assert_allclose(relative, largest / np.linalg.norm(x.reshape(3, -1), axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(max_sensitivity(identity, x, 0.1, 7, streams(), base=x), relative)  # maps given
     np.testing.assert_array_equal(max_sensitivity(lambda images: np.ones_like(images), x, 0.1, 3), 0)
     assert (absolute <= 0.1 * np.sqrt(32)).all()  # the corner of the ball
     # an image's draws do not depend on the images beside it
