@@ -41,7 +41,9 @@ import os
 import sys
 import time
 
-from sgrad import InputError, OneLineErrorParser, finite_float, keep_freed_memory, parallel, progress_bar, write_atomic
+from sgrad import parallel
+from sgrad.cli import OneLineErrorParser, finite_float, keep_freed_memory, progress_bar, write_atomic
+from sgrad.errors import InputError
 parallel.share_cores()  # under mpiexec: BLAS threads per rank, before NumPy loads
 
 import numpy as np  # noqa: E402

@@ -5,6 +5,8 @@
 set -e
 python -m pip install "setuptools>=40,<70" wheel
 python -m pip install --no-build-isolation -r requirements.txt
+# The package itself, editable: `import sgrad` works from any folder (pyproject.toml).
+python -m pip install --no-build-isolation --no-deps -e .
 # Python 3.12: NumPy has no numpy.distutils, which `import chainer` asks for; this installs a
 # stand-in as a start-up hook of the environment (see sgrad/chainer_py312.py). Nothing on 3.8-3.11.
 python -m sgrad.chainer_py312

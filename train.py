@@ -4,12 +4,12 @@
     python train.py                         # full run, weights -> result/model.npz
     python train.py --train-size 512 -e 1   # quick smoke run (also -> result/model.npz)
     python smoothgrad.py --model result/model.npz        # explain the model just trained
-    python train.py --evaluate models/cifarnet.npz
+    python train.py --evaluate sgrad/shipped/cifarnet.npz
     python train.py --ship                  # full run that replaces the shipped model
 
-The shipped models/cifarnet.npz is replaced only with --ship, which also measures
+The shipped sgrad/shipped/cifarnet.npz is replaced only with --ship, which also measures
 the new model on the whole test set and records that accuracy in
-models/cifarnet.json beside it.
+sgrad/shipped/cifarnet.json beside it.
 
 Past one process (ChainerMN, data parallel; the global batch --batchsize is split over the ranks):
 
@@ -42,8 +42,9 @@ from chainer import training  # noqa: E402
 from chainer.training import extensions  # noqa: E402
 
 from model import CLASS_NAMES, CifarNet, DEFAULT_MODEL_PATH, load_model  # noqa: E402
-from sgrad import (InputError, OneLineErrorParser, finite_float, get_device, keep_freed_memory,  # noqa: E402
-                   write_atomic)
+from sgrad.cli import (OneLineErrorParser, finite_float, get_device, keep_freed_memory,  # noqa: E402
+                       write_atomic)
+from sgrad.errors import InputError  # noqa: E402
 from sgrad.data import load_cifar10  # noqa: E402
 
 
@@ -104,12 +105,12 @@ def save_npz_atomic(path, model):
 
 
 def ship(model, test, device, argv):
-    """Replace the shipped weights and their record (models/cifarnet.json) with this model's,
+    """Replace the shipped weights and their record (sgrad/shipped/cifarnet.json) with this model's,
     the accuracy measured on the whole test set."""
     accuracy, confusion = evaluate(model.inference_copy(), test, 500, device)
     record = {'command': 'python train.py ' + ' '.join(shlex.quote(a) for a in argv),
               'test_accuracy': round(float(accuracy), 4), 'test_images': int(confusion.sum()),
-              'evaluated_with': 'python train.py --evaluate models/cifarnet.npz'}
+              'evaluated_with': 'python train.py --evaluate sgrad/shipped/cifarnet.npz'}
     save_npz_atomic(DEFAULT_MODEL_PATH, model)
     text = json.dumps(record, indent=2) + '\n'
     write_atomic(shipped_record_path(), lambda f: f.write(text.encode()))

@@ -28,7 +28,9 @@ import chainer
 import numpy as np
 from chainer.function_hooks import TimerHook
 
-from sgrad import blas_kernels, keep_freed_memory, native
+from sgrad import native
+from sgrad.blas import blas_kernels
+from sgrad.cli import keep_freed_memory
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0
 from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
@@ -114,7 +116,7 @@ def main():
     p.add_argument('--repeats', type=int, default=7, help='interleaved timed rounds (default: %(default)s)')
     p.add_argument('--skip-stock', action='store_true', help='skip the slow stock-depthwise row')
     p.add_argument('--malloc-default', action='store_true',
-                   help="leave glibc's malloc as it is (the scripts call sgrad.keep_freed_memory())")
+                   help="leave glibc's malloc as it is (the scripts call sgrad.cli.keep_freed_memory())")
     args = p.parse_args()
     if not args.malloc_default:
         keep_freed_memory()

@@ -19,7 +19,9 @@ import numpy as np
 
 from bench_peer import convolution_blocks
 from model import DEFAULT_MODEL_PATH, CifarNet, load_model
-from sgrad import blas_kernels, keep_freed_memory, native, ops
+from sgrad import native, ops
+from sgrad.blas import blas_kernels
+from sgrad.cli import keep_freed_memory
 
 
 def main():

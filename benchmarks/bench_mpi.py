@@ -85,7 +85,7 @@ def main():
 
     cores = len(os.sched_getaffinity(0))
     print('%d cores, OpenBLAS kernels: %s; one process: BLAS on all cores; 2 ranks: %s BLAS thread(s) each '
-          '(sgrad.parallel)' % (cores, sgrad.blas_kernels(), os.environ.get('OMP_NUM_THREADS', max(1, cores // 2))))
+          '(sgrad.parallel)' % (cores, sgrad.blas.blas_kernels(), os.environ.get('OMP_NUM_THREADS', max(1, cores // 2))))
     print('%-52s %12s %12s %8s' % ('images/s (median of %d round(s))' % args.rounds, '1 process', '2 ranks',
                                    'speed-up'))
     for task in tasks:

@@ -19,7 +19,7 @@ import tracemalloc
 
 import common  # noqa: F401  (first: the project on sys.path, sgrad before NumPy)
 
-from sgrad import keep_freed_memory
+from sgrad.cli import keep_freed_memory
 from sgrad.data import PHOTOS_DIR, load_image_folder, load_test_images
 from sgrad.pair import TARGET, call_model_function, to_pair
 from sgrad.paths import BlurIG, GuidedIG

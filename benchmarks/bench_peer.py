@@ -29,7 +29,9 @@ import chainer.functions as F
 import numpy as np
 
 from model import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_MODEL_PATH, CifarNet, load_model
-from sgrad import blas_kernels, keep_freed_memory, native
+from sgrad import native
+from sgrad.blas import blas_kernels
+from sgrad.cli import keep_freed_memory
 from sgrad.data import load_test_image
 from sgrad.ops import winograd_tiles
 from sgrad.reference import plain_chainer_forward
@@ -156,7 +158,7 @@ def main():
     p.add_argument('--train-steps', type=int, default=7, help='timed training steps per variant')
     p.add_argument('--skip-memory', action='store_true')
     p.add_argument('--malloc-default', action='store_true',
-                   help="leave glibc's malloc as it is (the scripts call sgrad.keep_freed_memory())")
+                   help="leave glibc's malloc as it is (the scripts call sgrad.cli.keep_freed_memory())")
     args = p.parse_args()
     if not args.malloc_default:
         keep_freed_memory()

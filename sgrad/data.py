@@ -3,21 +3,21 @@ few shipped test images for offline use; image files from disk, and the shipped
 photographs (data/photos, from scikit-image's sample data).
 
 All images come back as float32 (3, H, W) arrays in [0, 1], the models' input
-space (see model.py).
+space (see sgrad/cifarnet.py).
 """
 import os
 
 import chainer
 import numpy as np
 
-from sgrad import InputError
+from sgrad.errors import InputError
 
 #: Test images 0..SAMPLE_COUNT-1 and their labels, cut from the real CIFAR-10.
-SAMPLES_PATH = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'data', 'cifar10_test_samples.npz')
+SAMPLES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shipped', 'cifar10_test_samples.npz')
 N_TEST_IMAGES = 10000
 #: Photographs for the ImageNet model, from scikit-image's sample data (see data/photos/README.md).
-PHOTOS_DIR = os.path.join(os.path.dirname(SAMPLES_PATH), 'photos')
+#: In the clone only: the scripts' examples use them, the package does not ship them.
+PHOTOS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'photos')
 
 
 def to_unit_range(pixels):

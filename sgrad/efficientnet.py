@@ -21,7 +21,7 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 
-from sgrad import InputError
+from sgrad.errors import InputError
 from sgrad.ops import FoldsBatchNorm, clipped_relu, depthwise_convolution, folded_copy, pointwise_convolution
 from sgrad.torch_weights import load_state_dict
 

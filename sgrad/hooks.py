@@ -10,7 +10,7 @@ import chainer
 from chainer.functions.activation.clipped_relu import ClippedReLU
 from chainer.functions.activation.relu import ReLU as ChainerReLU
 
-from sgrad import InputError
+from sgrad.errors import InputError
 
 
 def _guided_relu_backward(node):

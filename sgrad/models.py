@@ -1,6 +1,6 @@
 """The models the scripts explain: CifarNet weights, EfficientNet-Lite0 by name, or a user's own class.
 
-    --model models/cifarnet.npz                  CifarNet (model.py) with these weights (the default)
+    --model models/cifarnet.npz                  CifarNet (sgrad/cifarnet.py) with these weights (the default)
     --model efficientnet-lite0                   EfficientNet-Lite0 with its ImageNet weights
     --arch mynet.py:Net [--model weights.npz]    a user's chainer.Chain, built with no arguments
 
@@ -14,7 +14,7 @@ import os
 
 import chainer
 
-from sgrad import WEIGHTS_ERRORS, InputError, weights_error
+from sgrad.errors import WEIGHTS_ERRORS, InputError, weights_error
 
 EFFICIENTNET = 'efficientnet-lite0'
 
@@ -60,7 +60,7 @@ def load_explained(model, arch=None):
     if model == EFFICIENTNET:
         from sgrad.efficientnet import IMAGE_SIZE, load_efficientnet_lite0
         return Explained(load_efficientnet_lite0(), imagenet_class_names(), IMAGE_SIZE, 'EfficientNet-Lite0')
-    from model import CLASS_NAMES, DEFAULT_MODEL_PATH, load_model
+    from sgrad.cifarnet import CLASS_NAMES, DEFAULT_MODEL_PATH, load_model
     return Explained(load_model(model or DEFAULT_MODEL_PATH), CLASS_NAMES, 32, 'CifarNet')
 
 

@@ -36,7 +36,8 @@ import chainer.functions as F
 import numpy
 from chainer.backend import get_array_module
 
-from sgrad import _openblas_function, blas_threads, native
+from sgrad import native
+from sgrad.blas import blas_threads, openblas_function
 
 
 #: Bytes of one block of blocked work (for_blocks): small enough that a block's input, output and
@@ -127,7 +128,7 @@ def column_blocks(a):
 def _cblas_gemm(dtype):
     """NumPy's OpenBLAS cblas_sgemm / cblas_dgemm for float32 / float64, its argument types set, or None."""
     name = {numpy.dtype(numpy.float32): 'cblas_sgemm', numpy.dtype(numpy.float64): 'cblas_dgemm'}.get(dtype)
-    function = _openblas_function(name) if name else None
+    function = openblas_function(name) if name else None
     if function is not None:
         size = ctypes.c_int64 if function.__name__.endswith('64_') else ctypes.c_int  # the 64-bit-integer build
         scalar = numpy.ctypeslib.as_ctypes_type(dtype)

@@ -6,7 +6,7 @@ the K ranks. Nothing here imports NumPy at module level: ``share_cores`` must ru
 import io
 import os
 
-from sgrad import InputError
+from sgrad.errors import InputError
 
 #: How MPI launchers tell a process its rank, the number of ranks, and the ranks on its own machine
 #: (MPICH's hydra first, then Open MPI's).

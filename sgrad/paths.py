@@ -7,7 +7,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from sgrad import InputError
+from sgrad.errors import InputError
 from sgrad.saliency import PathMethod, path_sums
 
 

@@ -7,7 +7,7 @@ F.convolution_2d / F.batch_normalization / F.max_pooling_2d / F.relu.
 import chainer
 import chainer.functions as F
 
-from model import normalize
+from sgrad.cifarnet import normalize
 
 
 def _conv_bn(block, h):

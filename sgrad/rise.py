@@ -1,7 +1,7 @@
 """RISE: saliency from the class probabilities of randomly masked copies of an image."""
 import numpy as np
 
-from sgrad import InputError
+from sgrad.errors import InputError
 from sgrad.saliency import Method, bilinear_matrix
 
 #: Images of at most this many pixels a side (CIFAR-10's 32) get SMALL_IMAGE_CELLS cells a side by

@@ -13,7 +13,7 @@ import chainer
 import chainer.functions as F
 import numpy as np
 
-from sgrad import InputError
+from sgrad.errors import InputError
 from sgrad.hooks import GuidedReLU, LinkOutput
 
 OBJECTIVES = ('score', 'loss')

@@ -15,7 +15,7 @@ import zipfile
 
 import numpy as np
 
-from sgrad import InputError
+from sgrad.errors import InputError
 
 #: torch storage classes -> NumPy dtypes (little-endian, as torch writes them)
 STORAGE_DTYPES = {'FloatStorage': '<f4', 'DoubleStorage': '<f8', 'HalfStorage': '<f2', 'LongStorage': '<i8',

@@ -12,7 +12,7 @@ import chainer.links as L
 import numpy as np
 import pytest
 
-from sgrad import InputError
+from sgrad.errors import InputError
 from sgrad.methods import METHODS, make_method
 from sgrad.saliency import GradCAM, Gradient, GradientEngine, GuidedBackprop, SmoothGrad, upsample
 

@@ -28,22 +28,22 @@ def cpuinfo(tmp_path, flags):
 @pytest.mark.parametrize('flags, kernels', [(AVX512, 'SkylakeX'), ('sse2 avx avx2 fma', 'Haswell'),
                                             ('sse2 avx', None), ('', None)])
 def test_the_kernels_follow_the_cpu_features(tmp_path, before_numpy, flags, kernels):
-    assert sgrad.select_blas_kernels(cpuinfo(tmp_path, flags)) == kernels
+    assert sgrad.blas.select_blas_kernels(cpuinfo(tmp_path, flags)) == kernels
     assert os.environ.get('OPENBLAS_CORETYPE') == kernels
 
 
 def test_a_users_choice_and_a_loaded_numpy_are_left_alone(tmp_path, before_numpy, monkeypatch):
     monkeypatch.setenv('OPENBLAS_CORETYPE', 'Haswell')
-    assert sgrad.select_blas_kernels(cpuinfo(tmp_path, AVX512)) is None
+    assert sgrad.blas.select_blas_kernels(cpuinfo(tmp_path, AVX512)) is None
     assert os.environ['OPENBLAS_CORETYPE'] == 'Haswell'
     monkeypatch.delenv('OPENBLAS_CORETYPE')
     monkeypatch.setitem(sys.modules, 'numpy', np)
-    assert sgrad.select_blas_kernels(cpuinfo(tmp_path, AVX512)) is None
+    assert sgrad.blas.select_blas_kernels(cpuinfo(tmp_path, AVX512)) is None
     assert 'OPENBLAS_CORETYPE' not in os.environ
 
 
 def test_no_cpuinfo_changes_nothing(tmp_path, before_numpy):
-    assert sgrad.select_blas_kernels(str(tmp_path / 'missing')) is None
+    assert sgrad.blas.select_blas_kernels(str(tmp_path / 'missing')) is None
     assert 'OPENBLAS_CORETYPE' not in os.environ
 
 
@@ -54,7 +54,7 @@ def test_openblas_runs_the_kernels_chosen_and_computes_right():
     code = ('import os, sgrad, numpy as np\n'
             'r = np.random.RandomState(0); a, b = r.rand(300, 500).astype(np.float32), r.rand(500, 70).astype(np.float32)\n'
             'exact = a.astype(np.float64) @ b\n'
-            'print(os.environ.get("OPENBLAS_CORETYPE"), sgrad.blas_kernels(), np.abs(a @ b - exact).max() / exact.max())')
+            'print(os.environ.get("OPENBLAS_CORETYPE"), sgrad.blas.blas_kernels(), np.abs(a @ b - exact).max() / exact.max())')
     chosen, running, error = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                                             check=True).stdout.split()
     if chosen == 'None':
@@ -63,11 +63,11 @@ def test_openblas_runs_the_kernels_chosen_and_computes_right():
     assert float(error) < 1e-6
 
 
-@pytest.mark.skipif(sgrad.blas_kernels() is None, reason='NumPy has no OpenBLAS here')
+@pytest.mark.skipif(sgrad.blas.blas_kernels() is None, reason='NumPy has no OpenBLAS here')
 def test_blas_threads_sets_openblas_threads_for_the_block_and_restores_them():
-    threads = sgrad._openblas_function('openblas_get_num_threads')
+    threads = sgrad.blas.openblas_function('openblas_get_num_threads')
     before = threads()
-    with sgrad.blas_threads(1):
+    with sgrad.blas.blas_threads(1):
         assert threads() == 1
         a = np.random.RandomState(0).randn(300, 300)
         np.testing.assert_allclose(a @ a.T, np.einsum('ij,kj->ik', a, a), rtol=1e-10, atol=1e-10)

@@ -12,7 +12,7 @@ import pytest
 from skimage.transform import resize
 
 from model import load_model
-from sgrad import InputError
+from sgrad.errors import InputError
 from sgrad.cam import GradCAMPlusPlus, ScoreCAM, unit_range
 from sgrad.data import PHOTOS_DIR, load_image_file, load_test_images
 from sgrad.efficientnet import IMAGE_SIZE, load_efficientnet_lite0

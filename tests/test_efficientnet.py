@@ -14,7 +14,8 @@ import pytest
 from chainer import gradient_check
 
 from conftest import skip_without_native
-from sgrad import InputError, native
+from sgrad import native
+from sgrad.errors import InputError
 from sgrad.data import PHOTOS_DIR, load_image_file
 from sgrad.efficientnet import (IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0, same_padding,
                                same_pads)

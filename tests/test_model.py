@@ -10,7 +10,7 @@ from chainer import gradient_check
 from conftest import random_cifarnet
 from model import global_max_pool, load_model, normalize
 from sgrad.reference import plain_chainer_forward
-from sgrad import InputError
+from sgrad.errors import InputError
 from sgrad.ops import convolution_3x3, max_pooling_2x2
 from sgrad.saliency import GradientEngine, noisy_copies
 

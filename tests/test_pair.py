@@ -150,7 +150,7 @@ def test_smoothgrad_equals_pair_s_get_smoothed_mask_on_the_same_noise(cifar, mon
 
 
 def test_xrai_refuses_images_too_small_or_flat_to_segment(cifar):
-    from sgrad import InputError
+    from sgrad.errors import InputError
     engine, images, targets = cifar
     with pytest.raises(InputError, match='at least 50 pixels'):
         XRAI(engine, 2).attribute(images[:, :, :6, :6].copy(), targets)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import needs_cifar10
-from sgrad import InputError, parallel
+from sgrad import parallel
+from sgrad.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = shutil.which('mpiexec', path=os.path.dirname(sys.executable)) or shutil.which('mpiexec')

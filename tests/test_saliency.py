@@ -8,7 +8,7 @@ import chainer
 import numpy as np
 import pytest
 
-from sgrad import InputError
+from sgrad.errors import InputError
 from sgrad.saliency import (Gradient, GradientEngine, SmoothGrad, channel_sum_abs, noise_stdev,
                             noisy_copies, smoothgrad)
 
@@ -128,7 +128,7 @@ def test_bad_arguments_raise_input_error(model, image):
 PAGE_FAULTS = '''
 import resource, sys
 import numpy as np
-from sgrad import keep_freed_memory
+from sgrad.cli import keep_freed_memory
 if sys.argv[1] == 'keep':
     assert keep_freed_memory()
 for _ in range(11):
