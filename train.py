@@ -44,7 +44,7 @@ from chainer.training import extensions  # noqa: E402
 from model import CLASS_NAMES, CifarNet, DEFAULT_MODEL_PATH, load_model  # noqa: E402
 from sgrad.cli import (OneLineErrorParser, finite_float, get_device, keep_freed_memory,  # noqa: E402
                        write_atomic)
-from sgrad.errors import InputError  # noqa: E402
+from sgrad.errors import InputError, WEIGHTS_ERRORS  # noqa: E402
 from sgrad.data import load_cifar10  # noqa: E402
 
 
@@ -129,6 +129,50 @@ def latest_snapshot(out):
     return epochs[max(epochs)] if epochs else None
 
 
+def resume(trainer, f, path, epochs, advice=''):
+    """Load the snapshot ``f`` (the bytes of the file ``path``; None: an empty file) into ``trainer`` and
+    return its epoch. An InputError in one line, ending in ``advice``, if it is no snapshot, or one of
+    a run with other settings or past ``epochs``."""
+    try:  # without allow_pickle: a file that is no .npz is refused, and none of its pickles is run
+        is_snapshot = f is not None and 'updater/iteration' in getattr(np.load(f), 'files', ())
+    except WEIGHTS_ERRORS + (EOFError,):
+        is_snapshot = False
+    if not is_snapshot:
+        raise InputError('%s is not a snapshot of train.py (those are the %s* files in its --out folder)'
+                         % (path, SNAPSHOT_PREFIX))
+    f.seek(0)
+    try:
+        chainer.serializers.load_npz(f, trainer)
+    except (KeyError, ValueError, TypeError) as e:  # a missing entry, or an array of another shape
+        raise InputError('%s is of a run with other settings (--train-size, --width or the number of processes) '
+                         'and cannot be resumed (%s)%s' % (path, str(e).strip("'").splitlines()[0], advice))
+    epoch = trainer.updater.epoch
+    if epoch > epochs:
+        raise InputError('%s is of a run already past --epoch %d (at epoch %d)%s' % (path, epochs, epoch, advice))
+    return epoch
+
+
+class WithoutCursorCodes:
+    """A stream that drops the terminal's cursor codes written to it: Chainer's PrintReport starts each
+    line with ESC[J (to clear the ProgressBar below it) even when its output is a file or a pipe."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        return self.stream.write(re.sub(r'\x1b\[\d*[A-Za-z]', '', text))
+
+    def flush(self):
+        self.stream.flush()
+
+
+def error_line(error):
+    """Report an InputError in one line on stderr, once under mpiexec (every rank meets it); exit code 2."""
+    if parallel.is_first_rank():
+        print('train.py: error: %s' % error, file=sys.stderr)
+    return 2
+
+
 def shipped_record_path():
     return os.path.splitext(DEFAULT_MODEL_PATH)[0] + '.json'
 
@@ -177,8 +221,10 @@ def parse_args(argv=None):
                    help='L2 weight decay coefficient (default: %(default)s)')
     p.add_argument('--label-smoothing', type=finite_float, default=0.1,
                    help='weight of the uniform target in the loss (default: %(default)s)')
-    p.add_argument('--train-size', type=int, default=0, help='train on the first N images only (quick runs)')
-    p.add_argument('--test-size', type=int, default=0, help='evaluate on the first N test images only')
+    p.add_argument('--train-size', type=int, default=0,
+                   help='train on the first N images only, for quick runs (default 0: all 50,000)')
+    p.add_argument('--test-size', type=int, default=0,
+                   help='evaluate on the first N test images only (default 0: all 10,000)')
     p.add_argument('--communicator', metavar='NAME',
                    help='ChainerMN communicator for data-parallel training under mpiexec (naive on CPUs; '
                    'default: naive when mpiexec starts more than one process, else one plain process)')
@@ -213,10 +259,13 @@ def main(argv=None):
         device = get_device(args.gpu)
         model = load_model(args.evaluate) if args.evaluate else None
         train, test = load_cifar10()
+        for flag, size, dataset, name in (('train', args.train_size, train, 'training'),
+                                          ('test', args.test_size, test, 'test')):
+            if size > len(dataset):
+                raise InputError('--%s-size %d is more than the %s %s images (0 takes them all)'
+                                 % (flag, size, format(len(dataset), ','), name))
     except InputError as e:
-        if parallel.is_first_rank():  # every rank meets the same error; one says it
-            print('train.py: error: %s' % e, file=sys.stderr)
-        return 2
+        return error_line(e)
     if args.test_size:
         test = test[:args.test_size]
 
@@ -267,6 +316,7 @@ def main(argv=None):
         trainer.extend(chainermn.extensions.AllreducePersistent(model, comm), trigger=(1, 'epoch'))
         trainer.extend(mean_over_ranks(comm, ('main/loss', 'main/accuracy')))
     trainer.extend(evaluator)
+    tty = sys.stdout.isatty()
     if first_rank:
         trainer.extend(extensions.snapshot(filename=SNAPSHOT_NAME, n_retains=1), trigger=(1, 'epoch'))
         trainer.extend(extensions.LogReport(trigger=(1, 'epoch')))
@@ -275,13 +325,31 @@ def main(argv=None):
         trainer.extend(extensions.PlotReport(['main/accuracy', 'validation/main/accuracy'], 'epoch',
                                              filename='accuracy.png'))
         trainer.extend(extensions.PrintReport(['epoch', 'main/loss', 'validation/main/loss', 'main/accuracy',
-                                               'validation/main/accuracy', 'lr', 'elapsed_time']))
-        trainer.extend(extensions.ProgressBar(update_interval=10))
+                                               'validation/main/accuracy', 'lr', 'elapsed_time'],
+                                              out=sys.stdout if tty else WithoutCursorCodes(sys.stdout)))
 
-    snapshot = parallel.broadcast_file(args.resume or latest_snapshot(args.out), comm)
-    if snapshot is not None:
-        chainer.serializers.load_npz(snapshot, trainer)
-    trainer.run()
+    path = args.resume or latest_snapshot(args.out)  # rank 0's path is the one read
+    snapshot = parallel.broadcast_file(path, comm)
+    finished = False
+    if snapshot is not None or args.resume:
+        # a snapshot found in --out by itself: say how to start anew instead
+        anew = '' if args.resume else '; to train anew, give another --out or delete %s' % args.out
+        try:
+            epoch = resume(trainer, snapshot, path, args.epoch, anew)
+        except InputError as e:
+            return error_line(e)
+        finished = epoch == args.epoch
+        if first_rank and finished:
+            print('%s is of a run that already finished (epoch %d of --epoch %d): nothing to train, saving its '
+                  'weights again (a larger --epoch trains it further%s)' % (path, epoch, args.epoch, anew))
+        elif first_rank:
+            print('resuming from %s (epoch %d)' % (path, epoch))
+    if first_rank and tty:
+        # a bar redrawn in place is for a terminal only. Added after the snapshot is loaded: it has no
+        # state to resume, and a snapshot of a run whose output was a file has none for it
+        trainer.extend(extensions.ProgressBar(update_interval=10))
+    if not finished:
+        trainer.run()
 
     if first_rank:
         save_npz_atomic(args.model_out, model)

@@ -1,7 +1,10 @@
 """train.py end to end on a tiny subset of the real CIFAR-10, and its atomic save."""
 import hashlib
+import io
 import json
 import os
+import subprocess
+import sys
 import urllib.error
 
 import chainer
@@ -13,6 +16,9 @@ import smoothgrad
 import train
 from conftest import needs_cifar10, random_cifarnet
 from model import DEFAULT_MODEL_PATH, load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--train-size', '64', '--test-size', '32', '-b', '32', '--width', '4']
 
 
 def file_digest(path):
@@ -46,14 +52,111 @@ def test_train_runs_end_to_end_and_smoothgrad_loads_the_model(tmp_path, capsys):
 
 
 @needs_cifar10
-def test_resume_continues_from_the_snapshot(tmp_path):
+def test_resume_continues_from_the_snapshot(tmp_path, capsys):
     out = str(tmp_path / 'out')
-    common = ['--train-size', '64', '--test-size', '32', '-b', '32', '--width', '4', '-o', out]
+    common = TINY + ['-o', out]
     assert train.main(common + ['-e', '1', '--model-out', str(tmp_path / 'a.npz')]) == 0
-    # the latest snapshot in --out is loaded by itself; training goes on to epoch 2 only
+    assert 'resuming' not in capsys.readouterr().out
+    # the latest snapshot in --out is loaded by itself, and says so; training goes on to epoch 2 only
     assert train.main(common + ['-e', '2', '--model-out', str(tmp_path / 'b.npz')]) == 0
+    assert capsys.readouterr().out.startswith('resuming from %s (epoch 1)\n' % os.path.join(out, 'snapshot_epoch_1'))
     log = json.load(open(os.path.join(out, 'log')))
     assert [entry['epoch'] for entry in log] == [1, 2]
+    # a run already past --epoch would hand back weights of more epochs than asked for: refused
+    assert train.main(common + ['-e', '1']) == 2
+    assert capsys.readouterr().err == (
+        'train.py: error: %s is of a run already past --epoch 1 (at epoch 2); to train anew, give another --out '
+        'or delete %s\n' % (os.path.join(out, 'snapshot_epoch_2'), out))
+
+
+def load_weights(path):
+    with np.load(path) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+@needs_cifar10
+def test_rerun_of_a_finished_run_trains_nothing_and_saves_its_weights_again(tmp_path, capsys):
+    out = str(tmp_path / 'out')
+    snapshot = os.path.join(out, 'snapshot_epoch_1')
+    assert train.main(TINY + ['-e', '1', '-o', out]) == 0
+    capsys.readouterr()
+    before = file_digest(snapshot)
+    assert train.main(TINY + ['-e', '1', '-o', out, '--model-out', str(tmp_path / 'again.npz')]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ('%s is of a run that already finished (epoch 1 of --epoch 1): nothing to train, saving its '
+                        'weights again (a larger --epoch trains it further; to train anew, give another --out or '
+                        'delete %s)' % (snapshot, out))
+    assert len(lines) == 2 and lines[1].startswith('saved the trained weights to ')  # no epoch table: no training
+    assert file_digest(snapshot) == before
+    again, first = load_weights(str(tmp_path / 'again.npz')), load_weights(os.path.join(out, 'model.npz'))
+    assert again.keys() == first.keys() and all(np.array_equal(again[k], first[k]) for k in first)
+
+
+@needs_cifar10
+def test_snapshot_of_other_settings_in_out_is_a_one_line_error(tmp_path, capsys):
+    out = str(tmp_path / 'out')
+    assert train.main(TINY + ['-e', '1', '-o', out]) == 0
+    capsys.readouterr()
+    errs = []
+    for change in (['--train-size', '32'], ['--width', '8']):
+        assert train.main(TINY + ['-e', '2', '-o', out] + change) == 2
+        errs.append(capsys.readouterr().err)
+        assert errs[-1].count('\n') == 1 and errs[-1].startswith(
+            'train.py: error: %s is of a run with other settings' % os.path.join(out, 'snapshot_epoch_1'))
+        assert errs[-1].endswith('to train anew, give another --out or delete %s\n' % out), errs[-1]
+    assert '(could not broadcast input array from shape (64,) into shape (32,))' in errs[0]  # the sampler's order
+
+
+@needs_cifar10
+def test_resume_from_a_file_that_is_no_snapshot_is_a_one_line_error(tmp_path, capsys):
+    png = tmp_path / 'notimage.png'
+    png.write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(64))
+    empty = tmp_path / 'empty'
+    empty.write_bytes(b'')
+    for path in (str(png), str(empty), DEFAULT_MODEL_PATH):  # the last: weights, not a trainer's snapshot
+        assert train.main(TINY + ['-e', '1', '-o', str(tmp_path / 'out'), '--resume', path]) == 2
+        assert capsys.readouterr().err == ('train.py: error: %s is not a snapshot of train.py (those are the '
+                                           'snapshot_epoch_* files in its --out folder)\n' % path)
+    assert not os.path.exists(str(tmp_path / 'out'))
+
+
+@needs_cifar10
+def test_sizes_beyond_the_dataset_are_refused_and_help_says_0_is_all(tmp_path, capsys):
+    for flag, size, message in (('--train-size', 50001, 'the 50,000 training images'),
+                                ('--test-size', 10001, 'the 10,000 test images')):
+        assert train.main(['-e', '1', '-o', str(tmp_path / 'out'), flag, str(size)]) == 2
+        assert capsys.readouterr().err == 'train.py: error: %s %d is more than %s (0 takes them all)\n' % (
+            flag, size, message)
+    assert not os.path.exists(str(tmp_path / 'out'))
+    with pytest.raises(SystemExit) as e:
+        train.main(['--help'])
+    assert e.value.code == 0
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '--train-size TRAIN_SIZE train on the first N images only, for quick runs (default 0: all 50,000)' in text
+    assert '(default 0: all 10,000)' in text
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@needs_cifar10
+def test_terminal_codes_only_on_a_terminal(tmp_path, monkeypatch):
+    """A redirected log holds no ESC[J / ESC[4A (PrintReport's and ProgressBar's redraws); a terminal
+    still gets the progress bar, also when resuming a snapshot of a run whose output was a file."""
+    out = str(tmp_path / 'out')
+    tiny = TINY + ['-b', '8', '-o', out]  # 8 iterations an epoch: the bar is drawn every 10
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py')] + tiny + ['-e', '1'],
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert '\x1b' not in proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[1].startswith('1  ')  # PrintReport's row for epoch 1, plain
+    terminal = Terminal()
+    monkeypatch.setattr(sys, 'stdout', terminal)
+    assert train.main(tiny + ['-e', '2']) == 0
+    shown = terminal.getvalue()
+    assert '\x1b[J2  ' in shown and 'this epoch [' in shown and '\x1b[4A' in shown
 
 
 def test_interrupted_save_leaves_no_model_file(tmp_path, monkeypatch):
