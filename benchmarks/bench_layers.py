@@ -5,7 +5,7 @@
     python benchmarks/bench_layers.py -n 100 --repeats 5
 
 Each layer of the shipped model (its weights, bias and ReLU) on an input of its shape, (C, H, W, N)
-float32, timed as sgrad.ops.direct_convolution with sgrad.ops.WINOGRAD on and off in turn. Layers that
+float32, timed as sgrad.convolution.direct_convolution with sgrad.convolution.WINOGRAD on and off in turn. Layers that
 Winograd does not take (the 3-channel first one, batches that fill their last vector poorly) run the
 direct kernel both ways. Needs the compiled kernels (python -m sgrad.native).
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 from bench_peer import convolution_blocks
 from model import DEFAULT_MODEL_PATH, CifarNet, load_model
-from sgrad import native, ops
+from sgrad import convolution, native
 from sgrad.blas import blas_kernels
 from sgrad.cli import keep_freed_memory
 
@@ -46,12 +46,12 @@ def main():
             x, b = rng.rand(c, size, size, n).astype(np.float32), rng.randn(o).astype(np.float32)
 
             def run(winograd):
-                ops.WINOGRAD = winograd
-                ops.direct_convolution(x, W, b, relu=True)
+                convolution.WINOGRAD = winograd
+                convolution.direct_convolution(x, W, b, relu=True)
             times = np.array(interleaved_median_ms([lambda: run(False), lambda: run(True)], args.repeats))
-            ops.WINOGRAD = True
+            convolution.WINOGRAD = True
             totals += times
-            taken = ops.winograd_tiles(x.shape, x.dtype) > 0
+            taken = convolution.winograd_tiles(x.shape, x.dtype) > 0
             print('%-14s %-18s %10.1f %10.1f %8s' % (name, '(%d, %d, %d) -> %d' % (c, size, size, o), *times,
                                                      '%.2f' % (times[1] / times[0]) if taken else '(direct)'))
         print('%-14s %-18s %10.1f %10.1f %8.2f' % ('all', '', *totals, totals[1] / totals[0]))

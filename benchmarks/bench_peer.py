@@ -33,7 +33,7 @@ from sgrad import native
 from sgrad.blas import blas_kernels
 from sgrad.cli import keep_freed_memory
 from sgrad.data import load_test_image
-from sgrad.ops import winograd_tiles
+from sgrad.convolution import winograd_tiles
 from sgrad.reference import plain_chainer_forward
 from sgrad.saliency import GradientEngine, noise_stdev, smoothgrad
 
@@ -71,7 +71,7 @@ def forward_flops(model):
 def winograd_flops(model, n):
     """Multiply-adds x 2 of one image's forward and input backward as this project computes them at batch n:
     16 instead of 36 per 2x2 output tile and input channel in the convolutions that run by Winograd
-    F(2x2, 3x3) (sgrad.ops.winograd_tiles; the input backward's input channels are the layer's outputs)."""
+    F(2x2, 3x3) (sgrad.convolution.winograd_tiles; the input backward's input channels are the layer's outputs)."""
     macs = 0
     for o, c, size in convolutions(model):
         for inputs in (c, o):  # forward, input backward

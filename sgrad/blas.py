@@ -63,7 +63,7 @@ def blas_kernels():
 @contextlib.contextmanager
 def blas_threads(count):
     """OpenBLAS runs ``count`` threads per call inside the block. For callers that run threads of their
-    own (sgrad.ops.for_blocks): OpenBLAS's idle threads wait for work by spinning, and took the cores
+    own (sgrad.blocks.for_blocks): OpenBLAS's idle threads wait for work by spinning, and took the cores
     from those threads (about a quarter of the samples of `perf record` were their sched_yield)."""
     get, set_ = openblas_function('openblas_get_num_threads'), openblas_function('openblas_set_num_threads')
     if get is None or set_ is None:

@@ -15,8 +15,11 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
+from sgrad.activations import relu
+from sgrad.batchnorm import FoldsBatchNorm, batch_normalization_relu, folded_copy
+from sgrad.convolution import convolution_3x3
 from sgrad.errors import WEIGHTS_ERRORS, InputError, weights_error
-from sgrad.ops import FoldsBatchNorm, batch_normalization_relu, convolution_3x3, folded_copy, max_pooling_2x2, relu
+from sgrad.pooling import max_pooling_2x2
 
 #: The shipped weights that smoothgrad.py explains by default (their record: cifarnet.json beside them).
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shipped', 'cifarnet.npz')
@@ -117,7 +120,7 @@ class CifarNet(chainer.Chain):
 
     def features(self, x):
         """The last convolutional block's activations, (N, 8w, 4, 4)."""
-        h = F.transpose(normalize(x), (1, 2, 3, 0))   # (C, H, W, N) inside, see sgrad/ops.py
+        h = F.transpose(normalize(x), (1, 2, 3, 0))   # (C, H, W, N) inside, see sgrad/convolution.py
         h = self.prep(h)
         h = self.res1(max_pooling_2x2(self.conv1(h)))
         h = max_pooling_2x2(self.conv2(h))

@@ -8,7 +8,7 @@ projection, a 1x1 head to 1280 channels, global average pooling and a linear
 classifier. Every activation is ReLU6, there is no squeeze-excite, and BatchNorm's eps
 is 1e-3. Convolutions pad the TensorFlow "SAME" way: for stride 2 on an even size the
 extra row and column go to the bottom and right, so the padding is applied before an
-unpadded convolution: with F.pad, or inside sgrad.ops's depthwise node (no padded copy).
+unpadded convolution: with F.pad, or inside sgrad.depthwise's node (no padded copy).
 
 Input: [0, 1] RGB images (N, 3, H, W), 224x224 for ImageNet; the model scales them to
 [-1, 1] as (255 x - 127) / 128, the preprocessing these weights were trained with
@@ -21,8 +21,10 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 
+from sgrad.activations import clipped_relu
+from sgrad.batchnorm import FoldsBatchNorm, folded_copy
+from sgrad.depthwise import depthwise_convolution, pointwise_convolution
 from sgrad.errors import InputError
-from sgrad.ops import FoldsBatchNorm, clipped_relu, depthwise_convolution, folded_copy, pointwise_convolution
 from sgrad.torch_weights import load_state_dict
 
 #: (repeats, kernel, stride, expansion, input channels, output channels) of the seven stages
@@ -59,9 +61,9 @@ def relu6(x):
 
 class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
     """Convolution ('SAME' padding, no bias), BatchNorm, ReLU6 (optional). With ``groups=channels`` it is
-    depthwise, and computed by sgrad.ops.depthwise_convolution: the same function as the link's
+    depthwise, and computed by sgrad.depthwise.depthwise_convolution: the same function as the link's
     F.convolution_2d(groups=C), faster on the CPU (benchmarks/bench_imagenet.py). Folded for saliency,
-    the depthwise and 1x1 convolutions run as sgrad.ops nodes with the bias and ReLU6 inside, and the
+    the depthwise and 1x1 convolutions run as sgrad.depthwise nodes with the bias and ReLU6 inside, and the
     stem as the 1x1 convolution of its 27-channel patches (F.im2col)."""
 
     def __init__(self, in_channels, out_channels, ksize, stride=1, groups=1, activation=True):
@@ -72,7 +74,7 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
             self.conv = L.Convolution2D(in_channels, out_channels, ksize, stride, nobias=True, groups=groups)
             self.bn = L.BatchNormalization(out_channels, eps=BN_EPS)
 
-    #: The folded depthwise weights' band matrices (sgrad.ops), made once per input size
+    #: The folded depthwise weights' band matrices (sgrad.depthwise), made once per input size
     bands_cache = None
 
     def fold_batchnorm(self):
@@ -87,7 +89,7 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
                         else F.convolution_2d(same_padding(x, self.ksize, self.stride), self.conv.W, None,
                                               self.stride, groups=self.conv.groups))
             return relu6(h) if self.activation else h
-        # folded (saliency): sgrad.ops nodes with the bias and ReLU6 inside, block by block on all cores
+        # folded (saliency): sgrad.depthwise nodes with the bias and ReLU6 inside, block by block on all cores
         W, b = folded
         cap = RELU6_CAP if self.activation else None
         if self.depthwise:

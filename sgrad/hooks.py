@@ -40,7 +40,8 @@ class GuidedReLU(chainer.FunctionHook):
 
     Every ReLU node created in the block backpropagates only positive gradients of
     positive inputs: F.relu, F.clipped_relu (ReLU6: where 0 < x < cap) and this
-    project's own ReLU nodes (``guided`` attribute, sgrad/ops.py). The rule belongs to
+    project's own ReLU nodes (``guided`` attribute: sgrad/activations.py, and the
+    convolutions with a ReLU fused in). The rule belongs to
     the node, which lives only as long as its graph; the model, F.relu and every
     class stay as they are. A Chainer FunctionHook sees gradients only as arrays,
     which a skip connection shares between branches (Add's backward hands the same
@@ -65,7 +66,7 @@ class GuidedReLU(chainer.FunctionHook):
     def check(self):
         """An InputError if the forward pass had no ReLU: Guided Backprop would be the plain gradient."""
         if not self.relus:
-            raise InputError('Guided Backprop needs ReLUs (F.relu, F.clipped_relu or sgrad.ops.relu); '
+            raise InputError('Guided Backprop needs ReLUs (F.relu, F.clipped_relu or sgrad.activations.relu); '
                              'this model has none')
 
 

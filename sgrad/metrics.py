@@ -256,8 +256,8 @@ def linear_imputation(images, removed):
     d_p u_p - sum_{q removed} w_pq u_q = sum_{q kept} w_pq x_q (d_p: the weights of p's neighbours), symmetric
     and positive definite while any pixel is kept. Solved directly (exact to rounding), with the image's
     rows of pixels as the blocks of a block-tridiagonal system: O(H W^3) per image, all channels at once,
-    groups of images on every core (sgrad.ops.for_blocks). Float64 result."""
-    from sgrad.ops import for_blocks
+    groups of images on every core (sgrad.blocks.for_blocks). Float64 result."""
+    from sgrad.blocks import for_blocks
     x = np.asarray(images, np.float64)
     removed = np.asarray(removed, bool)
     if x.shape[-1] > x.shape[-2]:  # the shorter side as the block size; the weights are symmetric

@@ -3,9 +3,9 @@ and EfficientNet-Lite0's depthwise convolution and ReLU6 gradient, through ctype
 
 ``python -m sgrad.native`` (run by setup.sh) compiles native.c with the C compiler into _native.so
 beside it, for this machine's vector instructions (-march=native). Where it is not built (no
-compiler), or SGRAD_NATIVE=0 is set, ``library()`` is None and sgrad.ops runs its NumPy + OpenBLAS
+compiler), or SGRAD_NATIVE=0 is set, ``library()`` is None and sgrad.convolution runs its NumPy + OpenBLAS
 convolution instead; the two agree to rounding (tests). ctypes releases the GIL during a call, so
-sgrad.ops.for_blocks runs blocks of the work on every core.
+sgrad.blocks.for_blocks runs blocks of the work on every core.
 """
 import ctypes
 import functools
@@ -129,7 +129,7 @@ def convolve(xpad, x_shape, kernels, bias, relu, y, outputs, rows):
 def winograd(xpad, x_shape, kernels, bias, relu, y, tiles, blocks):
     """The blocks ``blocks`` (a range) of y = the convolution of the padded input xpad (see pad) with
     ``kernels`` (from winograd_kernels), plus bias (or None), then ReLU if ``relu``, by Winograd F(2x2, 3x3),
-    ``tiles`` 2x2 output tiles a block (see sgrad.ops.winograd_tiles)."""
+    ``tiles`` 2x2 output tiles a block (see sgrad.convolution.winograd_tiles)."""
     c, h, w, n = x_shape
     if _kernel('winograd_3x3', xpad.dtype)(
             xpad.ctypes.data, c, h, w, n, kernels.ctypes.data, None if bias is None else bias.ctypes.data,

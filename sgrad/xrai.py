@@ -13,8 +13,8 @@ segmented and ranked on every core at once.
 """
 import numpy as np
 
+from sgrad.blocks import for_blocks
 from sgrad.errors import InputError
-from sgrad.ops import for_blocks
 from sgrad.pair import to_pair
 from sgrad.saliency import IntegratedGradients, Method
 

@@ -43,12 +43,12 @@ def kernel_path(request, monkeypatch):
     """Runs a test on every kind of 3x3 convolution and 2x2 max pooling: sgrad.native's compiled kernels,
     with the convolution by Winograd F(2x2, 3x3) where it applies (the default) or direct everywhere, and
     the NumPy + OpenBLAS ones."""
-    from sgrad import native, ops
+    from sgrad import convolution, native
     if request.param == 'numpy':
         monkeypatch.setattr(native, 'library', lambda: None)
     else:
         skip_without_native()
-    monkeypatch.setattr(ops, 'WINOGRAD', request.param == 'winograd')
+    monkeypatch.setattr(convolution, 'WINOGRAD', request.param == 'winograd')
     return request.param
 
 

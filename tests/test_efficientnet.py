@@ -14,14 +14,13 @@ import pytest
 from chainer import gradient_check
 
 from conftest import skip_without_native
-from sgrad import native
+from sgrad import activations, blocks, depthwise, native
 from sgrad.errors import InputError
 from sgrad.data import PHOTOS_DIR, load_image_file
+from sgrad.depthwise import depthwise_convolution
 from sgrad.efficientnet import (IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0, same_padding,
                                same_pads)
 from sgrad.models import imagenet_class_names
-from sgrad import ops
-from sgrad.ops import depthwise_convolution
 from sgrad.saliency import GradCAM, GradientEngine, GuidedBackprop
 from sgrad.torch_weights import LEGACY_MAGIC, load_state_dict
 
@@ -83,7 +82,7 @@ def use_depthwise(way, monkeypatch):
         skip_without_native()
         return
     monkeypatch.setattr(native, 'library', lambda: None)
-    monkeypatch.setattr(ops, 'BAND_MAX_WIDTH', 1000 if way == 'band matrices' else 0)
+    monkeypatch.setattr(depthwise, 'BAND_MAX_WIDTH', 1000 if way == 'band matrices' else 0)
 
 
 @pytest.mark.parametrize('way', DEPTHWISE_WAYS)
@@ -115,7 +114,7 @@ def test_depthwise_convolution_equals_chainers_grouped_one_and_passes_gradient_c
 
 @pytest.mark.parametrize('bytes_per_block', [1 << 20, 64], ids=['default blocks', 'many small blocks'])
 def test_depthwise_and_pointwise_convolutions_are_the_same_in_blocks_and_threads(bytes_per_block, monkeypatch):
-    """The blocked, threaded work (sgrad.ops.for_blocks) against one block on one thread (BLAS may round
+    """The blocked, threaded work (sgrad.blocks.for_blocks) against one block on one thread (BLAS may round
     differently in products of other sizes: channel blocks split the 1x1 convolution's weight rows)."""
     rng = np.random.RandomState(4)
     x, W, W1 = rng.randn(3, 8, 16, 15), rng.randn(8, 1, 5, 5), rng.randn(6, 8, 1, 1)
@@ -123,15 +122,15 @@ def test_depthwise_and_pointwise_convolutions_are_the_same_in_blocks_and_threads
 
     def run():
         y = depthwise_convolution(x, W, 2, pads=((1, 2), (2, 2)), cap=3.)
-        gx = ops.DepthwiseGradInput(2, ((1, 2), (2, 2)), x.shape).apply((gy, W))[0]
-        return y.array, gx.array, ops.pointwise_convolution(x, W1, cap=3.).array
+        gx = depthwise.DepthwiseGradInput(2, ((1, 2), (2, 2)), x.shape).apply((gy, W))[0]
+        return y.array, gx.array, depthwise.pointwise_convolution(x, W1, cap=3.).array
     blocked = run()
-    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1 << 40)
+    monkeypatch.setattr(blocks, 'BLOCK_BYTES', 1 << 40)
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     single = run()
-    monkeypatch.setattr(ops, 'BLOCK_BYTES', bytes_per_block)
+    monkeypatch.setattr(blocks, 'BLOCK_BYTES', bytes_per_block)
     monkeypatch.setenv('OMP_NUM_THREADS', '2')
-    assert len(ops.plane_blocks(x)) > (2 if bytes_per_block == 64 else 1)
+    assert len(blocks.plane_blocks(x)) > (2 if bytes_per_block == 64 else 1)
     for a, b, c in zip(blocked, single, run()):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
         np.testing.assert_allclose(c, b, rtol=1e-13, atol=1e-13)
@@ -153,7 +152,8 @@ def test_band_matrices_kept_for_a_fixed_weight_give_the_same_results(monkeypatch
     expected = depthwise_convolution(chainer.Variable(x), W, 1)
     for y, gx in runs:
         np.testing.assert_array_equal(y, expected.array)
-        np.testing.assert_array_equal(gx, ops.DepthwiseGradInput(1, ops.NO_PADDING, x.shape).apply((gy, W))[0].array)
+        np.testing.assert_array_equal(
+            gx, depthwise.DepthwiseGradInput(1, depthwise.NO_PADDING, x.shape).apply((gy, W))[0].array)
 
 
 @pytest.mark.parametrize('width, ksize, stride', [(62, 3, 1), (63, 5, 2), (65, 3, 2)])
@@ -165,7 +165,8 @@ def test_band_matrices_and_windows_agree_at_the_widths_where_the_choice_is_made(
         use_depthwise(way, monkeypatch)
         y = depthwise_convolution(x, W, stride)
         gy = rng.randn(*y.shape).astype(np.float32) if not results else results[0][2]
-        results.append((y.array, ops.DepthwiseGradInput(stride, ops.NO_PADDING, x.shape).apply((gy, W))[0].array, gy))
+        gx = depthwise.DepthwiseGradInput(stride, depthwise.NO_PADDING, x.shape).apply((gy, W))[0].array
+        results.append((y.array, gx, gy))
     (y_band, gx_band, _), (y_windows, gx_windows, _) = results
     np.testing.assert_allclose(y_band, y_windows, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gx_band, gx_windows, rtol=1e-5, atol=1e-5)
@@ -237,7 +238,7 @@ def test_pointwise_convolution_equals_chainers_and_passes_gradient_check(cap, bi
     expected = F.convolution_2d(x, W, b if bias else None)
     if cap:
         expected = F.clipped_relu(expected, cap)
-    conv = lambda *inputs: ops.pointwise_convolution(*inputs[:2], b=inputs[2] if bias else None, cap=cap)
+    conv = lambda *inputs: depthwise.pointwise_convolution(*inputs[:2], b=inputs[2] if bias else None, cap=cap)
     inputs = (x, W, b) if bias else (x, W)
     y = conv(*inputs).array
     np.testing.assert_allclose(y, expected.array, rtol=1e-12, atol=1e-12)
@@ -266,12 +267,12 @@ def test_relu6_inside_the_depthwise_node_equals_clipped_relu_and_passes_gradient
 def test_blocked_clipped_relu_equals_chainers_and_passes_gradient_check():
     rng = np.random.RandomState(6)
     x = 4 * rng.randn(3, 4, 5, 6)
-    y = ops.clipped_relu(x, 6.).array
+    y = activations.clipped_relu(x, 6.).array
     np.testing.assert_array_equal(y, F.clipped_relu(x, 6.).array)
     assert (y == 0).any() and (y == 6).any()
     x[np.abs(x) < 0.01] = 0.5
     x[np.abs(x - 6) < 0.01] = 5.5  # no kink within gradient_check's step
-    relu6 = lambda x: ops.clipped_relu(x, 6.)
+    relu6 = lambda x: activations.clipped_relu(x, 6.)
     gy, ggx = rng.randn(*x.shape), rng.randn(*x.shape)
     gradient_check.check_backward(relu6, x, gy, dtype=np.float64)
     gradient_check.check_double_backward(relu6, x, gy, ggx, dtype=np.float64)
@@ -312,7 +313,7 @@ def test_the_compiled_relu6_gradient_equals_numpys_on_a_photographs_activations(
     assert (y == 0).any() and (y == 6).any() and ((y > 0) & (y < 6)).any()
     rng = np.random.RandomState(7)
     gy, guide = rng.randn(*y.shape).astype(y.dtype), rng.randn(*y.shape).astype(y.dtype)
-    run = lambda: ops.ReLUGradient(y, 6., guide if guided else None).apply((gy,))[0].array
+    run = lambda: activations.ReLUGradient(y, 6., guide if guided else None).apply((gy,))[0].array
     compiled = run()
     monkeypatch.setattr(native, 'library', lambda: None)
     np.testing.assert_array_equal(compiled, run())

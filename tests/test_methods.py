@@ -6,8 +6,8 @@ import chainer.links as L
 import numpy as np
 import pytest
 
+from sgrad.activations import relu
 from sgrad.hooks import GuidedReLU
-from sgrad.ops import relu
 from sgrad.methods import METHODS, make_method
 from sgrad.saliency import (AGGREGATIONS, GradCAM, Gradient, GradientEngine, GuidedBackprop, IntegratedGradients,
                             Method, Occlusion, SmoothGrad, noisy_copies, upsample)
@@ -41,7 +41,7 @@ def numpy_backprop(mlp, x, c, guided):
     return W1.T @ g
 
 
-@pytest.mark.parametrize('activation', [relu, F.relu], ids=['sgrad.ops.relu', 'F.relu'])
+@pytest.mark.parametrize('activation', [relu, F.relu], ids=['sgrad.activations.relu', 'F.relu'])
 def test_guided_backprop_equals_numpy_reference_and_leaves_nothing_changed(activation):
     mlp = TinyMLP(activation=activation)
     xs = np.random.RandomState(1).randn(5, 12).astype(np.float32)

@@ -11,7 +11,8 @@ from conftest import random_cifarnet
 from model import global_max_pool, load_model, normalize
 from sgrad.reference import plain_chainer_forward
 from sgrad.errors import InputError
-from sgrad.ops import convolution_3x3, max_pooling_2x2
+from sgrad.convolution import convolution_3x3
+from sgrad.pooling import max_pooling_2x2
 from sgrad.saliency import GradientEngine, noisy_copies
 
 
@@ -245,10 +246,10 @@ def test_channel_major_model_equals_plain_chainer_nchw(image, train, kernel_path
 
 @pytest.mark.parametrize('train', [True, False], ids=['training', 'saliency'])
 def test_the_model_in_many_small_blocks_equals_one_block_on_one_thread(image, train, monkeypatch, kernel_path):
-    """The channel-major nodes' blocked, threaded work (sgrad.ops.for_blocks: row_patches and its adjoint,
+    """The channel-major nodes' blocked, threaded work (sgrad.blocks.for_blocks: row_patches and its adjoint,
     the GEMMs in column blocks, the weight gradient summed over them, pooling, ReLU) against one block on
     one thread."""
-    from sgrad import ops
+    from sgrad import blocks
     model = random_cifarnet(seed=5, dtype=np.float64)
     x = noisy_copies(image, 0.1, 6, np.random.RandomState(0)).astype(np.float64)
     t = np.arange(6, dtype=np.int32)
@@ -259,41 +260,41 @@ def test_the_model_in_many_small_blocks_equals_one_block_on_one_thread(image, tr
         with chainer.using_config('train', train):
             F.softmax_cross_entropy(model(xv), t).backward()
         return [xv.grad] + [p.grad.copy() for _, p in sorted(model.namedparams())]
-    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1 << 40)
+    monkeypatch.setattr(blocks, 'BLOCK_BYTES', 1 << 40)
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     single = run()
-    monkeypatch.setattr(ops, 'BLOCK_BYTES', 4096)
+    monkeypatch.setattr(blocks, 'BLOCK_BYTES', 4096)
     monkeypatch.setenv('OMP_NUM_THREADS', '2')
-    assert len(ops.channel_blocks(np.empty((16, 32, 32, 6)))) == 16
+    assert len(blocks.channel_blocks(np.empty((16, 32, 32, 6)))) == 16
     for a, b in zip(run(), single):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])
 def test_gemm_on_column_ranges_equals_numpy(dtype, monkeypatch):
-    """sgrad.ops.gemm on column ranges of larger matrices (what the convolution hands it): OpenBLAS's
+    """sgrad.blocks.gemm on column ranges of larger matrices (what the convolution hands it): OpenBLAS's
     call with its row strides, and NumPy's product where there is no OpenBLAS, against a @ b."""
-    from sgrad import ops
+    from sgrad import blocks
     rng = np.random.RandomState(0)
     a, b = rng.randn(5, 30).astype(dtype), rng.randn(7, 40).astype(dtype)
     left, right, transposed = a[:, 3:10], b[:, 11:30], b[:, 2:9]
     for blas in (True, False):
         if not blas:
-            monkeypatch.setattr(ops, '_cblas_gemm', lambda dtype: None)
+            monkeypatch.setattr(blocks, '_cblas_gemm', lambda dtype: None)
         out = np.ones((5, 50), dtype)
-        ops.gemm(left, right, out[:, 20:39])
+        blocks.gemm(left, right, out[:, 20:39])
         np.testing.assert_allclose(out[:, 20:39], left @ right, rtol=1e-5)
-        ops.gemm(left, right, out[:, 20:39], accumulate=True)
+        blocks.gemm(left, right, out[:, 20:39], accumulate=True)
         np.testing.assert_allclose(out[:, 20:39], 2 * (left @ right), rtol=1e-5)
         assert (out[:, :20] == 1).all() and (out[:, 39:] == 1).all()
-        ops.gemm(a[:, :7], transposed, out[:, :7], transpose_b=True)
+        blocks.gemm(a[:, :7], transposed, out[:, :7], transpose_b=True)
         np.testing.assert_allclose(out[:, :7], a[:, :7] @ transposed.T, rtol=1e-5)
 
 
 def test_the_convolution_without_openblas_equals_it_with(monkeypatch):
     """CuPy arrays and NumPy on another BLAS take NumPy's product: the model's outputs and gradients equal
     (the compiled convolution off, so that the GEMM path runs)."""
-    from sgrad import native, ops
+    from sgrad import blocks, native
     monkeypatch.setattr(native, 'library', lambda: None)
     model = random_cifarnet(seed=3, dtype=np.float64)
     x = np.random.RandomState(1).rand(3, 3, 32, 32)
@@ -305,7 +306,7 @@ def test_the_convolution_without_openblas_equals_it_with(monkeypatch):
             F.sum(model(xv) ** 2).backward()
         return [xv.grad] + [p.grad.copy() for _, p in sorted(model.namedparams())]
     with_blas = run()
-    monkeypatch.setattr(ops, '_cblas_gemm', lambda dtype: None)
+    monkeypatch.setattr(blocks, '_cblas_gemm', lambda dtype: None)
     for a, b in zip(run(), with_blas):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
 
@@ -316,9 +317,9 @@ def test_batch_normalization_relu_equals_chainers_link_then_relu(monkeypatch, ke
     running statistics after two steps, and the gradients of x, gamma and beta equal
     F.relu(L.BatchNormalization(axis=(1, 2, 3))(x)); and the node passes gradient_check."""
     import chainer.links as L
-    from sgrad import ops
-    from sgrad.ops import batch_normalization_relu
-    monkeypatch.setattr(ops, 'BLOCK_BYTES', 2048)
+    from sgrad import batchnorm, blocks
+    from sgrad.batchnorm import batch_normalization_relu
+    monkeypatch.setattr(blocks, 'BLOCK_BYTES', 2048)
     monkeypatch.setenv('OMP_NUM_THREADS', '2')
     rng = np.random.RandomState(4)
     x = rng.randn(*shape) * 2 + 1
@@ -346,23 +347,23 @@ def test_batch_normalization_relu_equals_chainers_link_then_relu(monkeypatch, ke
     bn = L.BatchNormalization(5, axis=(1, 2, 3), dtype=np.float64)
     with chainer.using_config('train', True):
         gradient_check.check_backward(
-            lambda x, gamma, beta: ops.BatchNormReLU(bn.eps, bn.decay, bn.avg_mean, bn.avg_var).apply(
+            lambda x, gamma, beta: batchnorm.BatchNormReLU(bn.eps, bn.decay, bn.avg_mean, bn.avg_var).apply(
                 (x, gamma, beta))[0], (x, rng.uniform(0.5, 1.5, 5), rng.normal(0, 0.5, 5)), gy,
             dtype=np.float64, atol=1e-6, rtol=1e-6)
 
 
 def test_gemm_on_single_rows_and_columns_and_strided_columns():
-    """The shapes a one-channel layer or a one-image batch hands sgrad.ops.gemm, and a non-contiguous
+    """The shapes a one-channel layer or a one-image batch hands sgrad.blocks.gemm, and a non-contiguous
     column view (NumPy's product then), against a @ b."""
-    from sgrad import ops
+    from sgrad import blocks
     rng = np.random.RandomState(1)
     for m, k, n in ((1, 4, 6), (3, 1, 5), (2, 3, 1), (1, 1, 1)):
         a, b = rng.randn(m, k).astype(np.float32), rng.randn(k, n).astype(np.float32)
         out = np.empty((m, n), np.float32)
-        ops.gemm(a, b, out)
+        blocks.gemm(a, b, out)
         np.testing.assert_allclose(out, a @ b, rtol=1e-6)
     a, b = rng.randn(2, 3), rng.randn(3, 10)
     out = np.zeros((2, 10))
-    ops.gemm(a, b[:, ::2], out[:, ::2])
+    blocks.gemm(a, b[:, ::2], out[:, ::2])
     np.testing.assert_allclose(out[:, ::2], a @ b[:, ::2], rtol=1e-12)
     assert (out[:, 1::2] == 0).all()

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import needs_cifar10
 from model import DEFAULT_MODEL_PATH, CifarNet
-from sgrad import native, ops
+from sgrad import convolution, native
 from sgrad.data import load_cifar10, load_test_image
 from sgrad.metrics import spearman
 from sgrad.saliency import Gradient, GradientEngine, SmoothGrad, noisy_copies
@@ -34,14 +34,14 @@ def reference(x, W, b=None, relu=False, mask=None):
 
 
 def _check_against_chainer(shape, outputs, dtype, tolerance):
-    """ops.direct_convolution against reference on random arrays: plain, with bias and ReLU, masked."""
+    """convolution.direct_convolution against reference on random arrays: plain, with bias and ReLU, masked."""
     rng = np.random.RandomState(0)
     x = rng.randn(*shape).astype(dtype)
     W = rng.randn(outputs, shape[0], 3, 3).astype(dtype)
     b = rng.randn(outputs).astype(dtype)
     mask = rng.randn(*shape).astype(dtype)
     for kwargs in ({}, {'b': b, 'relu': True}, {'mask': mask}):
-        y = ops.direct_convolution(x, W, **kwargs)
+        y = convolution.direct_convolution(x, W, **kwargs)
         expected = reference(x, W, **kwargs)
         np.testing.assert_allclose(y, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
@@ -55,7 +55,7 @@ def _check_against_chainer(shape, outputs, dtype, tolerance):
     ((16, 8, 8, 100), 32),   # the model's kind of layer
 ])
 def test_direct_convolution_equals_chainers(shape, outputs, dtype, tolerance, monkeypatch):
-    monkeypatch.setattr(ops, 'WINOGRAD', False)
+    monkeypatch.setattr(convolution, 'WINOGRAD', False)
     _check_against_chainer(shape, outputs, dtype, tolerance)
 
 
@@ -71,8 +71,8 @@ def test_direct_convolution_equals_chainers(shape, outputs, dtype, tolerance, mo
 def test_winograd_convolution_equals_chainers(shape, outputs, columns, dtype, tolerance, monkeypatch):
     """Winograd F(2x2, 3x3), the kernel for most of the model's layers, on the edges of its blocking: one
     tile, lanes past N in every tile, blocks that do not divide a tile row, outputs not a whole tile."""
-    monkeypatch.setattr(ops, '_WINOGRAD_COLUMNS', columns)
-    assert ops.winograd_tiles(shape, dtype) > 0
+    monkeypatch.setattr(convolution, '_WINOGRAD_COLUMNS', columns)
+    assert convolution.winograd_tiles(shape, dtype) > 0
     _check_against_chainer(shape, outputs, dtype, tolerance)
 
 
@@ -97,11 +97,11 @@ def test_winograd_is_chosen_only_where_it_pays():
     most of its last vector of lanes empty (N = lanes + 1: 17 with AVX-512's 16 float32 lanes); CIFAR's
     layers at N = 100 and 25 take Winograd."""
     f32 = np.float32
-    assert ops.winograd_tiles((16, 32, 32, 100), f32) and ops.winograd_tiles((128, 4, 4, 25), f32)
-    assert not ops.winograd_tiles((16, 5, 6, 100), f32)
-    assert not ops.winograd_tiles((3, 32, 32, 100), f32)
-    assert not ops.winograd_tiles((16, 32, 32, 1), f32)
-    assert not ops.winograd_tiles((16, 32, 32, native.vector_lanes(f32) + 1), f32)
+    assert convolution.winograd_tiles((16, 32, 32, 100), f32) and convolution.winograd_tiles((128, 4, 4, 25), f32)
+    assert not convolution.winograd_tiles((16, 5, 6, 100), f32)
+    assert not convolution.winograd_tiles((3, 32, 32, 100), f32)
+    assert not convolution.winograd_tiles((16, 32, 32, 1), f32)
+    assert not convolution.winograd_tiles((16, 32, 32, native.vector_lanes(f32) + 1), f32)
 
 
 @needs_native
@@ -118,7 +118,7 @@ def test_direct_weight_gradient_equals_chainers(shape, outputs, dtype, tolerance
     y = F.convolution_2d(x.transpose(3, 0, 1, 2), W, pad=1)
     y.grad = np.ascontiguousarray(gy.transpose(3, 0, 1, 2))
     y.backward()
-    np.testing.assert_allclose(ops.direct_weight_gradient(x, gy), W.grad, rtol=tolerance,
+    np.testing.assert_allclose(convolution.direct_weight_gradient(x, gy), W.grad, rtol=tolerance,
                                atol=tolerance * np.abs(W.grad).max())
 
 
@@ -126,14 +126,14 @@ def test_direct_weight_gradient_equals_chainers(shape, outputs, dtype, tolerance
 def test_direct_convolution_declines_what_it_cannot_take():
     x = np.ones((2, 4, 4, 3))
     W = np.ones((5, 2, 3, 3))
-    assert ops.direct_convolution(x.astype(np.float16), W.astype(np.float16)) is None
-    assert ops.direct_convolution(x, W.astype(np.float32)) is None
-    assert ops.direct_convolution(x, W) is not None
+    assert convolution.direct_convolution(x.astype(np.float16), W.astype(np.float16)) is None
+    assert convolution.direct_convolution(x, W.astype(np.float32)) is None
+    assert convolution.direct_convolution(x, W) is not None
     # a transposed view is taken (copied to C order): the model's input arrives so
     view = np.ascontiguousarray(x.transpose(3, 0, 1, 2)).transpose(1, 2, 3, 0)
     assert not view.flags.c_contiguous
-    np.testing.assert_array_equal(ops.direct_convolution(view, W), ops.direct_convolution(x, W))
-    assert ops.direct_weight_gradient(x, np.ones((5, 4, 4, 3), np.float32)) is None
+    np.testing.assert_array_equal(convolution.direct_convolution(view, W), convolution.direct_convolution(x, W))
+    assert convolution.direct_weight_gradient(x, np.ones((5, 4, 4, 3), np.float32)) is None
 
 
 @needs_native
@@ -145,7 +145,7 @@ def test_the_blocks_of_the_work_cover_every_output_once(monkeypatch):
         monkeypatch.setenv('OMP_NUM_THREADS', threads)
         for channels, rows in ((3, 32), (tile, 4), (16, 16), (128, 4), (5 * tile + 1, 2)):
             covered = np.zeros((channels, rows), int)
-            blocks = ops._output_blocks(channels, rows)
+            blocks = convolution._output_blocks(channels, rows)
             for outputs, rows_ in blocks:
                 assert outputs.start % tile == 0
                 covered[outputs, rows_] += 1
@@ -194,7 +194,7 @@ def test_winograd_float32_maps_match_the_exact_ones_on_real_images(monkeypatch):
         maps = [SmoothGrad(Gradient(engine), 0.1, 20, rng=np.random.RandomState(i))(x[i], labels[i])
                 for i in range(len(x))]
         results[name] = engine(x, labels).astype(np.float64), np.stack(maps).astype(np.float64)
-        assert name == 'exact' or ops.winograd_tiles((16, 32, 32, len(x)), dtype)
+        assert name == 'exact' or convolution.winograd_tiles((16, 32, 32, len(x)), dtype)
     (exact, exact_maps), (gradients, maps) = results['exact'], results['winograd']
     flat = lambda a: np.abs(a).reshape(len(a), -1).max(axis=1)
     errors = flat(gradients - exact) / flat(exact)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from model import load_model
-from sgrad import ops
+from sgrad import convolution
 from sgrad.data import PHOTOS_DIR, load_image_file, load_test_images
 from sgrad.pair import TARGET, call_model_function, from_pair, to_pair
 from sgrad.paths import BlurIG, GuidedIG
@@ -24,7 +24,7 @@ pair = pytest.importorskip('saliency.core', reason="PAIR's saliency is in requir
 
 @pytest.fixture(autouse=True)
 def direct_convolutions(monkeypatch):
-    monkeypatch.setattr(ops, 'WINOGRAD', False)
+    monkeypatch.setattr(convolution, 'WINOGRAD', False)
 
 
 def close(ours, theirs, rtol=1e-5):

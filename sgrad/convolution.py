@@ -1,0 +1,321 @@
+"""Chainer FunctionNodes of the 3x3 convolution (pad 1, stride 1) on channel-major, batch-minor
+(C, H, W, N) activations, CifarNet's, and of its input and weight gradients. With ``relu=True`` the ReLU is
+fused in, and the node has a ``guided`` switch that sgrad.hooks.GuidedReLU turns on for Guided Backprop.
+
+Why this layout: with activations laid out (C, H, W, N), one image row of all
+channels is a contiguous run of W*N values (the batch is innermost). A 3x3
+convolution then needs no im2col: three copies of the input, shifted by -1, 0
+and +1 pixels along W (``row_patches``, (3C, (H+2)*W*N)), hold every patch, the
+kernel row ky being an offset of ky*W*N columns into the same buffer; three
+GEMMs, W_ky (O, 3C) @ those columns, accumulate in place in the (O, H*W*N)
+result, which is already the next layer's (C, H, W, N) input. None of the large
+transposes that Chainer's NCHW ``convolution_2d`` pays for (about a quarter of
+its CPU time), a third of im2col's copies, and a third of its buffer.
+Where sgrad.native's compiled kernel is built (setup.sh does), it computes the convolution and its
+input and weight gradients directly instead (``direct_convolution``, ``direct_weight_gradient``: no
+patches, no GEMM; Winograd F(2x2, 3x3) where it pays, ``winograd_tiles``; see native.c); the GEMM path
+stays for CuPy arrays and where no C compiler was at hand.
+Every node passes ``chainer.gradient_check`` (tests) and works with NumPy or
+CuPy arrays, block by block on every core (sgrad.blocks.for_blocks).
+"""
+import chainer
+import chainer.functions as F
+import numpy
+from chainer.backend import get_array_module
+
+from sgrad import native
+from sgrad.activations import relu_gradient
+from sgrad.blocks import channel_blocks, column_blocks, for_blocks, gemm, worker_count
+
+
+def row_patches(x):
+    """(C, H, W, N) -> (3C, (H+2)*W*N): for each channel c and kx = 0, 1, 2, the image padded by one
+    row above and below, its rows shifted by kx - 1 pixels along W (zeros shifted in): row (c, kx),
+    column ((hp, w, n)) holds x_padded[c, hp, w + kx, n]. A 3x3 convolution's patch for output row h
+    and kernel row ky is then the column range starting at (h + ky)*W*N: three GEMMs over one buffer,
+    a third of im2col's copies."""
+    xp = get_array_module(x)
+    c, h, w, n = x.shape
+    rows = xp.empty((c, 3, h + 2, w, n), dtype=x.dtype)
+
+    def block(channels):
+        out, source = rows[channels], x[channels]
+        out[:, :, [0, -1]] = 0
+        out[:, 1, 1:-1] = source
+        out[:, 0, 1:-1, 0] = out[:, 2, 1:-1, -1] = 0
+        out[:, 0, 1:-1, 1:] = source[:, :, :-1]
+        out[:, 2, 1:-1, :-1] = source[:, :, 1:]
+    for_blocks(block, channel_blocks(x))
+    return rows.reshape(3 * c, (h + 2) * w * n)
+
+
+def row_patches_adjoint(rows, shape):
+    """The adjoint of :func:`row_patches`: (3C, (H+2)*W*N) -> (C, H, W, N), the shifted copies summed
+    back (the padding rows dropped), in channel blocks."""
+    xp = get_array_module(rows)
+    c, h, w, n = shape
+    rows = rows.reshape(c, 3, h + 2, w, n)
+    x = xp.empty(shape, dtype=rows.dtype)
+
+    def block(channels):
+        source, out = rows[channels, :, 1:-1], x[channels]
+        out[...] = source[:, 1]
+        out[:, :, :-1] += source[:, 0, :, 1:]
+        out[:, :, 1:] += source[:, 2, :, :-1]
+    for_blocks(block, channel_blocks(x))
+    return x
+
+
+def _kernels_by_row(W, transposed=False):
+    """(O, C, 3, 3) weights -> (3, O, 3C): for each kernel row ky, the (O, (c, kx)) matrix that meets
+    row_patches' rows; or its transpose, (3, 3C, O)."""
+    xp = get_array_module(W)
+    o, c = W.shape[:2]
+    if transposed:
+        return xp.ascontiguousarray(W.transpose(2, 1, 3, 0)).reshape(3, 3 * c, o)
+    return xp.ascontiguousarray(W.transpose(2, 0, 1, 3)).reshape(3, o, 3 * c)
+
+
+def _column_range(columns, count):
+    """(start, stop) of a slice of range(count)."""
+    span = range(count)[columns]
+    return span.start, span.stop
+
+
+def _output_blocks(channels, rows):
+    """(output channels, rows) slice pairs for the direct convolution (for its weight gradient: (output
+    channels, input channels)), at least one per thread: ranges of whole tiles of output channels, and
+    rows cut too where there are fewer tiles than threads."""
+    workers, tile = worker_count(), native.tile_channels()
+    tiles = -(-channels // tile)
+    parts = min(tiles, workers)
+    row_parts = min(rows, -(-workers // parts))
+    return [(slice(tile * (tiles * i // parts), tile * (tiles * (i + 1) // parts)),
+             slice(rows * k // row_parts, rows * (k + 1) // row_parts))
+            for i in range(parts) for k in range(row_parts)]
+
+
+def _padded(x, mask=None):
+    """x (C, H, W, N) padded by a zero pixel all round, (C, (H+2)*(W+2)*N), where mask > 0 if a mask is
+    given, for sgrad.native's kernels."""
+    c, h, w, n = x.shape
+    xpad = native.empty_with_slack((c, (h + 2) * (w + 2) * n), x.dtype)
+    for_blocks(lambda channels: native.pad(x, mask, xpad, channels), channel_blocks(x))
+    return xpad
+
+
+def direct_weight_gradient(x, gy):
+    """The gradient with respect to the (O, C, 3, 3) kernels of the 3x3 convolution of (C, H, W, N) x
+    whose output gradient is gy (O, H, W, N), by sgrad.native's compiled kernel on every core; None
+    where it cannot take these arrays."""
+    if not native.supports(x, gy, contiguous=False):
+        return None
+    x, gy = numpy.ascontiguousarray(x), numpy.ascontiguousarray(gy)
+    o, c = gy.shape[0], x.shape[0]
+    xpad, gw = _padded(x), numpy.empty((o, c, 9), x.dtype)
+    for_blocks(lambda block: native.weight_grad(xpad, x.shape, gy, gw, *block), _output_blocks(o, c))
+    return gw.reshape(o, c, 3, 3)
+
+
+def direct_convolution(x, W, b=None, relu=False, mask=None, cache=None):
+    """The 3x3 convolution (pad 1) of (C, H, W, N) x with (O, C, 3, 3) kernels W, plus b, then ReLU if
+    ``relu``, of x where ``mask`` > 0 only if a mask is given, by sgrad.native's compiled kernels on
+    every core: Winograd F(2x2, 3x3) where it pays (winograd_tiles), else the direct one; None where
+    they cannot take these arrays (not built, CuPy, another dtype). ``cache``: a dict that keeps W's
+    rearranged kernels for the next call, for weights that do not change (an inference copy's)."""
+    if W.dtype != x.dtype or not native.supports(x, *(a for a in (b, mask) if a is not None), contiguous=False):
+        return None
+    # a transposed view (the model's input; the gradient from the global max pool) is copied once
+    x, b, mask = (None if a is None else numpy.ascontiguousarray(a) for a in (x, b, mask))
+    c, h, w, n = x.shape
+    xpad = _padded(x, mask)
+    y = native.empty_with_slack((W.shape[0], h, w, n), x.dtype)
+    tiles = winograd_tiles(x.shape, x.dtype)
+    if tiles:
+        kernels = _kernels(native.winograd_kernels, W, cache)
+        blocks = h // 2 * -(-(w // 2) // tiles)
+        parts = min(blocks, worker_count())
+        for_blocks(lambda part: native.winograd(xpad, x.shape, kernels, b, relu, y, tiles, part),
+                   [range(blocks * i // parts, blocks * (i + 1) // parts) for i in range(parts)])
+        return y
+    kernels = _kernels(native.tile_kernels, W, cache)
+    for_blocks(lambda block: native.convolve(xpad, x.shape, kernels, b, relu, y, *block),
+               _output_blocks(W.shape[0], h))
+    return y
+
+
+def _kernels(rearrange, W, cache):
+    """rearrange(W), kept in cache (a dict, or None: not kept) for the next call."""
+    if cache is None:
+        return rearrange(W)
+    if rearrange not in cache:
+        cache[rearrange] = rearrange(W)
+    return cache[rearrange]
+
+
+#: Whether direct_convolution may use Winograd F(2x2, 3x3) (tests switch it off to check the other kernel).
+WINOGRAD = True
+
+#: Columns (2x2 output tiles x lanes) that a Winograd block aims at: its buffers (16 x (C + O) x columns)
+#: stay in the L2 cache
+_WINOGRAD_COLUMNS = 128
+
+
+def winograd_tiles(shape, dtype):
+    """2x2 output tiles per block of sgrad.native's Winograd convolution of (C, H, W, N) inputs, or 0 where
+    the direct kernel is the better one: odd H or W; fewer than 8 input channels, where the transforms
+    cost more than the multiplies saved; a batch that fills its last vector of lanes by less than 3/4
+    (each tile computes whole vectors: N = 1 would waste 15 of 16 float32 lanes)."""
+    c, h, w, n = shape
+    lanes = native.vector_lanes(dtype)
+    width = -(-n // lanes) * lanes
+    if not WINOGRAD or h % 2 or w % 2 or c < 8 or 3 * width > 4 * n:
+        return 0
+    return max(1, _WINOGRAD_COLUMNS // width)
+
+
+class Convolution3x3(chainer.function_node.FunctionNode):
+    """y = W * x (+ b) (then ReLU if ``relu``), 3x3 kernel, pad 1, stride 1, (C, H, W, N) layout.
+
+    By sgrad.native's compiled kernel where it is built (direct_convolution); else y[:, h] = sum over
+    ky of W_ky (O, 3C) @ the row_patches of row h + ky, three GEMMs accumulated in place on each column
+    block of y, bias and ReLU applied to the block while it is fresh, and the row_patches buffer, which
+    the GEMM weight gradient needs, is kept in training mode (otherwise built if that gradient is asked
+    for).
+    """
+
+    def __init__(self, relu=False, cache=None):
+        self.relu, self.cache = relu, cache
+        if relu:
+            self.guided = False
+
+    def _cache(self, direction):
+        """The part of the cache for 'forward' or 'input' (gradient), or None without a cache."""
+        return None if self.cache is None else self.cache.setdefault(direction, {})
+
+    def forward(self, inputs):
+        x, W = inputs[:2]
+        self.x_shape = x.shape
+        self.retain_inputs((0, 1))
+        if self.relu:
+            self.retain_outputs((0,))
+        y = direct_convolution(x, W, inputs[2] if len(inputs) == 3 else None, self.relu,
+                               cache=self._cache('forward'))
+        if y is not None:
+            self.rows = None  # the weight gradient has its own compiled kernel
+            return y,
+        xp = get_array_module(x)
+        c, h, w, n = x.shape
+        rows, kernels = row_patches(x), _kernels_by_row(W)
+        y = xp.empty((W.shape[0], h * w * n), dtype=x.dtype)
+
+        def block(columns):
+            start, stop = _column_range(columns, y.shape[1])
+            out = y[:, start:stop]
+            for ky in range(3):
+                gemm(kernels[ky], rows[:, ky * w * n + start:ky * w * n + stop], out, accumulate=ky > 0)
+            if len(inputs) == 3:
+                out += inputs[2][:, None]
+            if self.relu:
+                xp.maximum(out, 0, out=out)
+        for_blocks(block, column_blocks(y))
+        self.rows = rows if chainer.config.train else None
+        return y.reshape((W.shape[0],) + x.shape[1:]),
+
+    def backward(self, indexes, grad_outputs):
+        x, W = self.get_retained_inputs()
+        gy, = grad_outputs
+        if self.relu:
+            y, = self.get_retained_outputs()
+            if indexes == (0,) and not self.guided:  # saliency: the ReLU's mask applied inside the input gradient
+                return Convolution3x3InputGrad(self.x_shape, y.array, self._cache('input')).apply((W, gy))
+            gy = relu_gradient(y, gy, self.guided)
+        ret = []
+        if 0 in indexes:
+            ret.append(Convolution3x3InputGrad(self.x_shape, cache=self._cache('input')).apply((W, gy))[0])
+        if 1 in indexes:
+            ret.append(Convolution3x3WeightGrad(x.array, self.rows, W.shape).apply((gy,))[0])
+        if 2 in indexes:
+            ret.append(F.sum(gy, axis=(1, 2, 3)))
+        return ret
+
+
+class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
+    """Gradient with respect to the input, of the convolution, or given ``relu_output`` (the output of
+    ReLU(convolution)) of the convolution and its ReLU: the adjoint of a 3x3 convolution is the
+    convolution with kernels transposed and flipped, which sgrad.native computes (the ReLU's mask
+    applied as it pads gy). Without it: the row_patches gradient, sum over ky of W_ky^T gy placed ky
+    rows down (each column block of it summed from the gy columns that reach it), then
+    row_patches_adjoint."""
+
+    def __init__(self, x_shape, relu_output=None, cache=None):
+        self.x_shape = x_shape
+        self.relu_output, self.cache = relu_output, cache
+
+    def forward(self, inputs):
+        W, gy = inputs
+        g = direct_convolution(gy, W.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], mask=self.relu_output,
+                               cache=self.cache)
+        if g is not None:
+            return g,
+        if self.relu_output is not None:
+            gy = gy * (self.relu_output > 0)
+        xp = get_array_module(gy)
+        c, h, w, n = self.x_shape
+        gy = gy.reshape(gy.shape[0], -1)
+        kernels, shift = _kernels_by_row(W, transposed=True), w * n
+        g_rows = xp.empty((3 * c, (h + 2) * shift), dtype=gy.dtype)
+
+        def block(columns):
+            start, stop = _column_range(columns, g_rows.shape[1])
+            # kernel row 1 reaches every row but the two padding rows: it writes, the other two add
+            g_rows[:, start:max(start, min(stop, shift))] = 0
+            g_rows[:, min(stop, max(start, g_rows.shape[1] - shift)):stop] = 0
+            for ky in (1, 0, 2):
+                first, last = max(start, ky * shift), min(stop, ky * shift + gy.shape[1])
+                if first < last:
+                    gemm(kernels[ky], gy[:, first - ky * shift:last - ky * shift], g_rows[:, first:last],
+                         accumulate=ky != 1)
+        for_blocks(block, column_blocks(g_rows))
+        return row_patches_adjoint(g_rows, self.x_shape),
+
+
+class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):
+    """Gradient with respect to the weights, of the convolution of x: by sgrad.native where it is built
+    (direct_weight_gradient); else gW_ky = gy row_patches_ky^T, summed over column blocks (``rows``: the
+    forward's row_patches of x, or None to build them)."""
+
+    def __init__(self, x, rows, W_shape):
+        self.x, self.rows = x, rows
+        self.W_shape = W_shape
+
+    def forward(self, inputs):
+        gy, = inputs
+        gW = direct_weight_gradient(self.x, gy)
+        if gW is not None:
+            return gW,
+        if self.rows is None:
+            self.rows = row_patches(self.x)
+        xp = get_array_module(gy)
+        o, c = self.W_shape[:2]
+        shift = gy.shape[2] * gy.shape[3]  # W*N: one row of the image
+        gy = gy.reshape(o, -1)
+
+        def block(columns):
+            start, stop = _column_range(columns, gy.shape[1])
+            part = xp.empty((3, o, 3 * c), dtype=gy.dtype)
+            for ky in range(3):
+                gemm(gy[:, start:stop], self.rows[:, ky * shift + start:ky * shift + stop], part[ky],
+                     transpose_b=True)
+            return part
+        parts = for_blocks(block, column_blocks(gy))
+        gW = sum(parts[1:], parts[0]).reshape(3, o, c, 3)
+        return xp.ascontiguousarray(gW.transpose(1, 2, 0, 3)),
+
+
+def convolution_3x3(x, W, b=None, relu=False, cache=None):
+    """3x3, pad 1, stride 1 convolution of (C, H, W, N) activations, optionally with bias and ReLU.
+    ``cache``: a dict in which the compiled kernels keep their rearrangements of W (forward and input
+    gradient), for weights that stay as they are between calls (an inference copy's); None: none kept."""
+    inputs = (x, W) if b is None else (x, W, b)
+    return Convolution3x3(relu, cache).apply(inputs)[0]
