@@ -6,6 +6,7 @@
     python smoothgrad.py --image cat.png --label cat   # any image, resized and cropped to 32x32
     python smoothgrad.py --model efficientnet-lite0 --image data/photos/chelsea.png --noise 0 0.1 0.2
     python smoothgrad.py --arch mynet.py:Net --model result/model.npz --image x.png   # your own model
+    python smoothgrad.py --model efficientnet-lite0 --method all   # every method on a photograph (~1 min)
     python smoothgrad.py --indices 0:10000 --save-maps maps.npz    # maps of many images, no figure
     mpiexec -n 2 python smoothgrad.py --indices 0:10000            # ... split over 2 processes
 
@@ -30,6 +31,18 @@ import numpy as np  # noqa: E402
 
 DEFAULT_OUT = 'smoothgrad.png'
 DEFAULT_MAPS = 'smoothgrad_maps.npz'
+DEFAULT_SAMPLES = 100
+
+#: --method all on an image of this side or more (a photograph): the settings not given on the command line,
+#: lowered so that a 224x224 gallery of every method takes about a minute on 2 cores, and the methods that
+#: are forward passes alone (each noisy copy repeats all of them) left unsmoothed.
+PHOTO_GALLERY_SIDE = 64
+PHOTO_GALLERY = {'samples': 8, 'steps': 8, 'masks': 500}
+FORWARD_ONLY = ('occlusion', 'score_cam', 'rise')
+
+#: Work of more model passes than this gets a time estimate first (printed when above ESTIMATE_SECONDS).
+ESTIMATE_PASSES = 200
+ESTIMATE_SECONDS = 10
 
 
 def index_range(text):
@@ -69,10 +82,12 @@ def parse_args(argv=None):
                    'squared (SmoothGrad^2), var (VarGrad)')
     p.add_argument('--noise', '-n', type=finite_float, nargs='+', default=[0.1], metavar='LEVEL',
                    help='noise level(s) sigma / (max(x) - min(x)); several give one map each (default: 0.1)')
-    p.add_argument('--samples', '-s', type=int, default=100, help='noisy samples per map (default: %(default)s)')
+    p.add_argument('--samples', '-s', type=int,
+                   help='noisy samples per map (default: %d; %d in a photograph\'s --method all gallery)'
+                   % (DEFAULT_SAMPLES, PHOTO_GALLERY['samples']))
     p.add_argument('--steps', type=int,
                    help='path methods\' steps: integrated_gradients (default 50), blur_ig (100), guided_ig (200), '
-                   'xrai (100 per baseline)')
+                   'xrai (100 per baseline); %d each in a photograph\'s --method all gallery' % PHOTO_GALLERY['steps'])
     p.add_argument('--baseline', default='black', metavar='black|PATH',
                    help='integrated_gradients, guided_ig: baseline image (default: black)')
     p.add_argument('--layer', metavar='NAME',
@@ -80,7 +95,8 @@ def parse_args(argv=None):
                    'a name from model.namedlinks() (default: the last link with a 4-D output; res3 for CifarNet)')
     p.add_argument('--patch', type=int, help='occlusion: patch side in pixels (default: 1/8 of the image side)')
     p.add_argument('--stride', type=int, help='occlusion: patch stride in pixels (default: half the patch)')
-    p.add_argument('--masks', type=int, help='rise: random masks per map (default: 4000)')
+    p.add_argument('--masks', type=int, help='rise: random masks per map (default: 4000; %d in a photograph\'s '
+                   '--method all gallery)' % PHOTO_GALLERY['masks'])
     p.add_argument('--batchsize', '-b', type=int,
                    help='forward/backward (and draw noise for) at most this many images at once; '
                    'memory grows with it, not with --samples (default: about 2^19 pixels, 512 images at '
@@ -94,7 +110,13 @@ def parse_args(argv=None):
                    '%s (ImageNet), or with --arch the weights of that class' % EFFICIENTNET)
     p.add_argument('--arch', metavar='FILE.py:Class',
                    help='explain your own chainer.Chain: the class, built with no arguments; it may set '
-                   'CLASS_NAMES and IMAGE_SIZE')
+                   'CLASS_NAMES and IMAGE_SIZE (the side images are resized and centre-cropped to)')
+    p.add_argument('--size', type=int, metavar='N',
+                   help='with --arch: resize and centre-crop images to NxN (default: the class\'s IMAGE_SIZE, '
+                   'else the image as it is)')
+    p.add_argument('--random-weights', action='store_true',
+                   help='with --arch and no --model: explain the randomly initialised network (a sanity check, '
+                   'not an explanation of a trained model)')
     p.add_argument('--out', '-o', default=DEFAULT_OUT, help='figure to write (default: %(default)s)')
     p.add_argument('--save-map', metavar='PATH.npy',
                    help='also save the raw |maps| summed over channels, shape (len(noise), H, W)')
@@ -109,7 +131,10 @@ def parse_args(argv=None):
     args.many = args.indices is not None or args.folder is not None
     if any(n < 0 for n in args.noise):
         p.error('--noise must be >= 0')
-    for name in ('samples', 'steps', 'batchsize', 'patch', 'stride', 'masks'):
+    if (args.size or args.random_weights) and not args.arch:
+        p.error('--size and --random-weights are for --arch models (CifarNet takes 32x32 images, '
+                'EfficientNet-Lite0 224x224, both with trained weights)')
+    for name in ('samples', 'steps', 'batchsize', 'patch', 'stride', 'masks', 'size'):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error('--%s must be positive' % name)
@@ -212,32 +237,37 @@ def top_regions(x, attribution, share):
     return np.where(keep, x, 0.2 * x)
 
 
-def method_row(args, engine, x, target, name, smooth, baseline=None):
-    """Panels and |maps| of one method: plain, or smoothed at each noise level."""
+def variants(args, engine, x, name, smooth, baseline=None):
+    """One row's (heading, method) pairs: the plain method, or SmoothGrad of it at each noise level.
+    A CAM's heading names the layer it weighs."""
     from sgrad.methods import make_method
-    from sgrad.saliency import PathMethod, SmoothGrad
-    from sgrad.xrai import XRAI
+    from sgrad.saliency import GradCAM, SmoothGrad
     base = make_method(name, engine, **method_options(args, baseline))
+    if isinstance(base, GradCAM):
+        name = '%s at %s' % (name, engine.layer_name(x, base.layer))
     if not smooth:
-        attribution = base(x, target)
-        if isinstance(base, PathMethod):
-            total, difference = base.completeness(x, target, attribution)
-            print('%s completeness: sum of attributions %.4f, S_c(x) - S_c(reference) %.4f (%.2f%% off)'
-                  % (name, total, difference, 100 * abs(total - difference) / max(abs(difference), 1e-12)))
-        panels = [(name, 'abs', attribution)]
-        if base.signed:
-            panels.append(('signed', 'signed', attribution))
-        if isinstance(base, XRAI):
-            panels += [('top %d%% regions' % share, 'image', top_regions(x, attribution, share)) for share in (10, 30)]
-        return panels, [attribution]
+        return [(name, base)]
+    return [('%s, noise %g%%' % ('SmoothGrad' if name == 'gradient' else 'smoothed', 100 * noise),
+             SmoothGrad(base, noise, args.samples, args.aggregate, np.random.RandomState(args.seed)))
+            for noise in args.noise]
+
+
+def method_row(x, target, row):
+    """Panels and attributions of one row of variants; a path method's completeness is printed."""
+    from sgrad.saliency import PathMethod
+    from sgrad.xrai import XRAI
     panels, attributions = [], []
-    for noise in args.noise:
-        method = SmoothGrad(base, noise, args.samples, args.aggregate, np.random.RandomState(args.seed))
+    for heading, method in row:
         attribution = method(x, target)
-        label = '%s, noise %g%%' % ('SmoothGrad' if name == 'gradient' else 'smoothed', 100 * noise)
-        panels.append((label, 'abs', attribution))
+        if isinstance(method, PathMethod):
+            total, difference = method.completeness(x, target, attribution)
+            print('%s completeness: sum of attributions %.4f, S_c(x) - S_c(reference) %.4f (%.2f%% off)'
+                  % (heading, total, difference, 100 * abs(total - difference) / max(abs(difference), 1e-12)))
+        panels.append((heading, 'abs', attribution))
         if method.signed:
             panels.append(('signed', 'signed', attribution))
+        if isinstance(method, XRAI):
+            panels += [('top %d%% regions' % share, 'image', top_regions(x, attribution, share)) for share in (10, 30)]
         attributions.append(attribution)
     return panels, attributions
 
@@ -252,12 +282,51 @@ def with_overlays(panels, image):
     return out
 
 
-def run(args, comm=None):
-    from sgrad.models import class_name, load_explained, parse_label
+def announce_time(engine, x, methods):
+    """Print how long the methods will take on x when it is more than a few seconds: the model passes
+    they take (Method.passes) times the seconds of a gradient and of a forward pass, measured on x."""
+    gradients, forwards = np.sum([method.passes(x) for method in methods], axis=0)
+    if gradients + forwards <= ESTIMATE_PASSES:
+        return
+    gradient_s, forward_s = engine.seconds_per_image(x)
+    seconds = gradients * gradient_s + forwards * forward_s
+    if seconds > ESTIMATE_SECONDS:
+        print('this takes about %s: %d gradients (%.0f ms each) and %d forward passes (%.0f ms each)'
+              % ('%.0f s' % seconds if seconds < 120 else '%.0f min' % (seconds / 60), gradients,
+                 1000 * gradient_s, forwards, 1000 * forward_s))
+
+
+def gallery(args, engine, x, baseline):
+    """(plain, smoothed) variants of every method, smoothed at the highest noise level ([] where it is
+    not smoothed), and the title's note on the settings. On a photograph the settings not given are lowered (PHOTO_GALLERY) and the forward-only
+    methods left unsmoothed, so that it takes about a minute; the note says so."""
     from sgrad.methods import METHODS
+    noise = max(args.noise)
+    args.noise = [noise if noise > 0 else 0.1]
+    photo = min(x.shape[1:]) >= PHOTO_GALLERY_SIDE
+    lowered = {name: value for name, value in PHOTO_GALLERY.items() if photo and getattr(args, name) is None}
+    for name, value in lowered.items():
+        setattr(args, name, value)
+    args.samples = args.samples or DEFAULT_SAMPLES
+    rows = []
+    for name, cls in METHODS.items():
+        smoothed = not cls.not_smoothable and not (photo and name in FORWARD_ONLY)
+        rows.append((variants(args, engine, x, name, False, baseline),
+                     variants(args, engine, x, name, True, baseline) if smoothed else []))
+    note = ', smoothed with noise %g%%, N=%d (%s)' % (100 * args.noise[0], args.samples, args.aggregate)
+    if lowered:
+        note += '; lowered for a %dx%d gallery: %s, %s unsmoothed' % (
+            x.shape[1], x.shape[2], ', '.join('%s %d' % item for item in lowered.items()), ', '.join(FORWARD_ONLY))
+    elif photo:
+        note += '; %s unsmoothed' % ', '.join(FORWARD_ONLY)
+    return rows, note
+
+
+def run(args, comm=None):
+    from sgrad.models import class_name, load_explained, parse_label, probe
     from sgrad.saliency import AUTO_BATCHSIZE, GradientEngine, channel_sum_abs
 
-    explained = load_explained(args.model, args.arch)
+    explained = load_explained(args.model, args.arch, args.random_weights, args.size)
     model = explained.link
     model.to_device(get_device(args.gpu))
     if args.many:
@@ -266,7 +335,7 @@ def run(args, comm=None):
     baseline = load_baseline(args, explained)
     engine = GradientEngine(model, args.objective, args.batchsize or AUTO_BATCHSIZE, progress_bar)
 
-    probs = engine.probabilities(x[None])[0]
+    probs = probe(explained, engine, x[None])[0]
     label = None if args.label is None else parse_label(explained, args.label, len(probs))
     top = np.argsort(probs)[::-1][:3]
     truth = ' (true class: %s)' % class_name(explained, true_label) if true_label is not None else ''
@@ -281,26 +350,31 @@ def run(args, comm=None):
 
     input_panel = ('input', 'image', x)
     if args.method == 'all':
-        noise = max(args.noise)
-        args.noise = [noise if noise > 0 else 0.1]
-        rows = []
-        for method, cls in METHODS.items():
-            plain, _ = method_row(args, engine, x, target, method, False, baseline)
-            smoothed = method_row(args, engine, x, target, method, True, baseline)[0] if not cls.not_smoothable else []
-            rows.append([input_panel] + plain[:2] + [None] * (2 - len(plain[:2])) + smoothed[:1] + plain[2:])
-        title += ', smoothed with noise %g%%, N=%d (%s)' % (100 * args.noise[0], args.samples, args.aggregate)
+        rows, note = gallery(args, engine, x, baseline)
+        title += note
     else:
+        args.samples = args.samples or DEFAULT_SAMPLES
         smooth = args.smooth or args.method == 'smoothgrad'
-        method = 'gradient' if args.method == 'smoothgrad' else args.method
-        panels, attributions = method_row(args, engine, x, target, method, smooth, baseline)
-        rows = [[input_panel] + (with_overlays(panels, x) if min(x.shape[1:]) >= 64 else panels)]
+        # one row: the method, plain or smoothed at each noise level
+        rows = [(variants(args, engine, x, 'gradient' if args.method == 'smoothgrad' else args.method, smooth,
+                          baseline), [])]
         if smooth:
             title += ', N=%d (%s)' % (args.samples, args.aggregate)
-        if args.save_map:
-            maps = np.stack([channel_sum_abs(a) for a in attributions])
-            write_atomic(args.save_map, lambda f: np.save(f, maps))
-            print('saved maps %s to %s' % (maps.shape, args.save_map))
-    write_atomic(args.out, lambda f: draw_grid(f, rows, title))
+    announce_time(engine, x, [method for plain, smoothed in rows for _, method in plain + smoothed])
+    figure_rows = []
+    for plain, smoothed in rows:
+        panels, attributions = method_row(x, target, plain)
+        if args.method == 'all':  # the map (and its signed one), the smoothed map, XRAI's regions
+            smoothed_map = method_row(x, target, smoothed)[0][:1] if smoothed else []
+            figure_rows.append([input_panel] + panels[:2] + [None] * (2 - len(panels[:2])) + smoothed_map
+                               + panels[2:])
+        else:
+            figure_rows.append([input_panel] + (with_overlays(panels, x) if min(x.shape[1:]) >= 64 else panels))
+    if args.save_map:
+        maps = np.stack([channel_sum_abs(a) for a in attributions])
+        write_atomic(args.save_map, lambda f: np.save(f, maps))
+        print('saved maps %s to %s' % (maps.shape, args.save_map))
+    write_atomic(args.out, lambda f: draw_grid(f, figure_rows, title))
     print('saved the figure to %s' % args.out)
 
 
@@ -318,7 +392,7 @@ def load_many(args, explained):
 def run_many(args, explained, comm):
     """Maps of many images into one .npz, the images split over the ranks under mpiexec. SmoothGrad
     draws each image's noise from a stream of its own, so the file is the same for any rank count."""
-    from sgrad.models import parse_label
+    from sgrad.models import parse_label, probe
     from sgrad.methods import make_method
     from sgrad.saliency import AUTO_BATCHSIZE, GradientEngine, SmoothGrad, attribute_each, channel_sum_abs
     images, keys, labels, files = load_many(args, explained)
@@ -326,7 +400,8 @@ def run_many(args, explained, comm):
         raise InputError('%d images cannot be split over %d ranks' % (len(images), comm.size))
     mine = parallel.split(np.arange(len(images)), comm)
     engine = GradientEngine(explained.link, args.objective, args.batchsize or AUTO_BATCHSIZE)
-    probs = engine.probabilities(images[mine])
+    probs = probe(explained, engine, images[mine])
+    args.samples = args.samples or DEFAULT_SAMPLES
     if args.label is not None:
         targets = np.full(len(mine), parse_label(explained, args.label, probs.shape[1]), np.int32)
     elif args.objective == 'loss' and labels is not None:

@@ -49,6 +49,9 @@ class ScoreCAM(GradCAM):
     in chunks of the engine's batch size, so memory does not grow with the layer's channels.
     """
 
+    def passes(self, x):
+        return 0, self.engine.layer_values(x[None], self.layer).shape[1] + 1
+
     def layer_map(self, xs, target):
         feats = self.engine.layer_values(xs, self.layer)
         return channel_weighted_map(feats, self.weights(xs, target, feats))
@@ -59,7 +62,7 @@ class ScoreCAM(GradCAM):
         n, c = feats.shape[:2]
         targets = np.broadcast_to(target, n)
         scores = np.empty(n * c, dtype=np.float64)
-        for chunk in self.engine.batches(n * c, xs.shape):
+        for chunk in self.engine.batches(n * c, xs.shape, 'masked images'):
             image, channel = np.divmod(np.arange(chunk.start, chunk.stop), c)
             masks = unit_range(upsample(feats[image, channel], xs.shape[-2:]))
             scores[chunk] = self.engine.objective_values(xs[image] * masks[:, None], targets[image])

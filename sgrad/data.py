@@ -93,6 +93,8 @@ def load_image_file(path, size=32):
     Returns the array and the original (width, height).
     """
     from PIL import Image, UnidentifiedImageError
+    if os.path.isdir(path):
+        raise InputError('%s is a folder, not an image file (--folder takes a folder of images)' % path)
     if not os.path.isfile(path):
         raise InputError('image file not found: %s' % path)
     try:

@@ -13,4 +13,6 @@ WEIGHTS_ERRORS = (KeyError, ValueError, OSError, zipfile.BadZipFile)
 def weights_error(path, what, error):
     """The InputError for a weights file that could not be read as ``what`` (one of WEIGHTS_ERRORS)."""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if 'pickled data' in reason:  # what np.load says of a file that is not an .npz (nor an .npy)
+        reason = 'not an .npz file'
     return InputError('%s does not hold %s (%s)' % (path, what, reason))

@@ -87,14 +87,14 @@ class LinkOutput(chainer.LinkHook):
             raise InputError('the model has no link named %r; it has: %s'
                              % (layer, ', '.join(sorted(self.names.values()))))
         self.layer = None if layer is None else layer.lstrip('/')
-        self.output = None
+        self.output = self.captured = None
 
     def forward_postprocess(self, args):
         name = self.names.get(args.link)
         if name is None or not isinstance(args.out, chainer.Variable):
             return
         if name == self.layer or (self.layer is None and args.out.ndim == 4):
-            self.output = args.out
+            self.output, self.captured = args.out, name
 
     def check(self):
         """An InputError unless a 4-D (N, C, h, w) output was captured."""

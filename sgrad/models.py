@@ -2,14 +2,16 @@
 
     --model models/cifarnet.npz                  CifarNet (sgrad/cifarnet.py) with these weights (the default)
     --model efficientnet-lite0                   EfficientNet-Lite0 with its ImageNet weights
-    --arch mynet.py:Net [--model weights.npz]    a user's chainer.Chain, built with no arguments
+    --arch mynet.py:Net --model weights.npz      a user's chainer.Chain, built with no arguments
+    --arch mynet.py:Net --random-weights         ... randomly initialised, when that is what is wanted
 
 A user's class may set ``CLASS_NAMES`` (names of its outputs) and ``IMAGE_SIZE`` (the side
-that images are resized and centre-cropped to); without them classes are numbered and
-images are used at their own size.
+that images are resized and centre-cropped to; --size overrides it); without them classes are
+numbered and images are used at their own size.
 """
 import collections
 import importlib.util
+import inspect
 import os
 
 import chainer
@@ -45,23 +47,51 @@ def load_arch(spec):
     return cls
 
 
-def load_explained(model, arch=None):
-    """The model that --model (and --arch) name, as an Explained."""
+def build_arch(cls):
+    """An instance of a user's class, built with no arguments, or an InputError if it needs some."""
+    needed = [p.name for p in inspect.signature(cls).parameters.values()
+              if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if needed:
+        raise InputError('--arch: %s needs constructor arguments (%s); the tool builds it as %s(): give them '
+                         'defaults, or name a subclass that passes them' % (cls.__name__, ', '.join(needed),
+                                                                             cls.__name__))
+    return cls()
+
+
+def load_explained(model, arch=None, random_weights=False, size=None):
+    """The model that --model (and --arch, --random-weights, --size) name, as an Explained."""
     if arch:
         cls = load_arch(arch)
-        link = cls()
+        if not model and not random_weights:
+            raise InputError('--arch %s: no weights given (--model FILE.npz); to explain the randomly initialised '
+                             'network, pass --random-weights' % cls.__name__)
+        link = build_arch(cls)
         if model:
             try:
                 chainer.serializers.load_npz(model, link)
             except WEIGHTS_ERRORS as e:
                 raise weights_error(model, '%s weights' % cls.__name__, e)
-        return Explained(link, getattr(cls, 'CLASS_NAMES', None), getattr(cls, 'IMAGE_SIZE', None),
-                         '%s%s' % (cls.__name__, ' from ' + os.path.basename(model) if model else ''))
+        return Explained(link, getattr(cls, 'CLASS_NAMES', None), size or getattr(cls, 'IMAGE_SIZE', None),
+                         '%s%s' % (cls.__name__, ' from ' + os.path.basename(model) if model else
+                                   ' (random weights)'))
     if model == EFFICIENTNET:
         from sgrad.efficientnet import IMAGE_SIZE, load_efficientnet_lite0
         return Explained(load_efficientnet_lite0(), imagenet_class_names(), IMAGE_SIZE, 'EfficientNet-Lite0')
     from sgrad.cifarnet import CLASS_NAMES, DEFAULT_MODEL_PATH, load_model
     return Explained(load_model(model or DEFAULT_MODEL_PATH), CLASS_NAMES, 32, 'CifarNet')
+
+
+def probe(explained, engine, xs):
+    """The class probabilities of images xs (N, C, H, W): the first pass through the model, where a model
+    that cannot take images of this size fails somewhere inside Chainer; that failure becomes one line
+    (the size as width x height)."""
+    try:
+        return engine.probabilities(xs)
+    except (chainer.utils.type_check.InvalidType, ValueError, TypeError, IndexError) as e:
+        reason = ' '.join(str(e).split())
+        raise InputError('%s cannot take a %dx%d image (%s%s); set IMAGE_SIZE on the class, or pass --size N'
+                         % (explained.description, xs.shape[3], xs.shape[2], type(e).__name__,
+                            ': ' + reason[:200] if reason else ''))
 
 
 def class_name(explained, c):

@@ -48,12 +48,15 @@ class RISE(Method):
             raise InputError('the probability p of a cell being on must be in (0, 1], got %g' % p)
         self.masks, self.cells, self.p, self.seed, self.fill = masks, cells, p, seed, fill
 
+    def passes(self, x):
+        return 0, self.masks
+
     def attribute(self, xs, target):
         targets = np.broadcast_to(target, len(xs))
         sums = np.zeros((len(xs),) + xs.shape[-2:], dtype=np.float64)
         rng = np.random.RandomState(self.seed)
         fill = np.zeros(xs.shape[1], xs.dtype) if self.fill is None else np.asarray(self.fill, xs.dtype)
-        for chunk in self.engine.batches(self.masks, xs.shape):
+        for chunk in self.engine.batches(self.masks, xs.shape, 'masks'):
             masks = self.draw_masks(rng, chunk.stop - chunk.start, xs.shape[-2:])[:, None]
             for x, t, total in zip(xs, targets, sums):
                 masked = x * masks + fill[:, None, None] * (1 - masks)

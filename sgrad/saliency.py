@@ -36,7 +36,8 @@ class GradientEngine:
     inference mode, so the images of a batch do not interact).
     batchsize: at most this many images per forward/backward (bounded memory);
       'auto' (the default) about BATCH_PIXELS pixels' worth; None runs the whole batch at once.
-    progress: called as progress(done, total) by the outermost loop over batches.
+    progress: called as progress(done, total, unit) by the outermost loop over batches; unit names
+      what is counted ('noisy samples', 'path points', ...).
     A model that offers ``inference_copy()`` (CifarNet: BatchNorm folded into
     the convolutions) is used through that copy; one whose links return
     channel-major activations says so with ``ACTIVATION_LAYOUT = 'CHWN'``.
@@ -59,10 +60,10 @@ class GradientEngine:
             return F.select_item(logits, target)
         return F.softmax_cross_entropy(logits, target, reduce='no')
 
-    def batches(self, n, image_shape):
+    def batches(self, n, image_shape, unit='images'):
         """Slices of range(n), each at most a batch of images of ``image_shape`` (..., H, W) long. Only
-        the outermost loop reports progress: SmoothGrad's loop over sample batches, not the engine's
-        loops inside it."""
+        the outermost loop reports progress, in its ``unit``: SmoothGrad's loop over noisy samples, not the
+        engine's loops inside it."""
         outermost, self._looping = not self._looping, True
         try:
             step = self.batch_step(n, image_shape)
@@ -70,7 +71,7 @@ class GradientEngine:
                 chunk = slice(start, min(n, start + step))
                 yield chunk
                 if outermost and self.progress:
-                    self.progress(chunk.stop, n)
+                    self.progress(chunk.stop, n, unit)
         finally:
             if outermost:
                 self._looping = False
@@ -128,14 +129,22 @@ class GradientEngine:
 
     def layer_values(self, x, layer=None):
         """The output of the link named ``layer`` (as layer_gradients), forward only, (N, C, h, w)."""
-        feats = []
+        return np.concatenate([self._layer_array(capture.output.array) for capture in self._captures(x, layer)])
+
+    def layer_name(self, x, layer=None):
+        """The name of the link whose output layer_values and layer_gradients read for images like x
+        (C, H, W): ``layer``, or the one that None picks."""
+        capture, = self._captures(x[None], layer)
+        return capture.captured
+
+    def _captures(self, x, layer):
+        """The LinkOutput of each chunk of x, after a forward pass."""
         with chainer.using_config('train', False), chainer.no_backprop_mode():
             for _, xs, _ in self._chunks(x, 0):
                 with LinkOutput(self.model, layer) as capture:
                     self.model(xs)
                 capture.check()
-                feats.append(self._layer_array(capture.output.array))
-        return np.concatenate(feats)
+                yield capture
 
     def objective_values(self, x, target):
         """The objective of every image of x, forward only, shape (N,)."""
@@ -144,6 +153,18 @@ class GradientEngine:
             for chunk, xs, ts in self._chunks(x, target):
                 values[chunk] = chainer.backend.CpuDevice().send(self._objective(self.model(xs), ts).array)
         return values
+
+    def seconds_per_image(self, x):
+        """(gradient, forward pass): seconds per image of the shape of x (C, H, W), timed on one batch."""
+        import time
+        copies = np.repeat(x[None], min(self.batch_step(1, x.shape), 8), axis=0)
+        self.objective_values(copies[:1], 0)  # the first call builds caches (folded kernels)
+        seconds = []
+        for work in (self.gradients, self.objective_values):
+            start = time.perf_counter()
+            work(copies, 0)
+            seconds.append((time.perf_counter() - start) / len(copies))
+        return tuple(seconds)
 
     def probabilities(self, x):
         """Softmax class probabilities for a batch (N, C, H, W), (N, classes)."""
@@ -167,6 +188,10 @@ class Method:
 
     def attribute(self, xs, target):
         raise NotImplementedError
+
+    def passes(self, x):
+        """(gradients, forward passes) of the model that attributing one image like x (C, H, W) takes."""
+        return 1, 0
 
     def __call__(self, x, target):
         """The attribution of one image x (C, H, W)."""
@@ -203,7 +228,7 @@ def path_sums(engine, xs, target, steps, points):
     n = len(xs)
     targets = np.broadcast_to(np.asarray(target), (n,))
     total = np.zeros(xs.shape, np.float64)
-    for chunk in engine.batches(steps * n, xs.shape):
+    for chunk in engine.batches(steps * n, xs.shape, 'path points'):
         steps_of, images_of = np.divmod(np.arange(chunk.start, chunk.stop), n)
         groups = [(k, images_of[steps_of == k]) for k in np.unique(steps_of)]
         inputs, weights = zip(*(points(k, images) for k, images in groups))
@@ -224,6 +249,9 @@ class PathMethod(Method):
 
     def reference(self, xs):
         return np.broadcast_to(0 if self.baseline is None else self.baseline, xs.shape).astype(xs.dtype)
+
+    def passes(self, x):
+        return self.steps, 0
 
     def completeness(self, x, target, attribution):
         """(sum of attributions, S_c(x) - S_c(reference)): equal for an exact integral."""
@@ -322,6 +350,9 @@ class GuidedGradCAM(GradCAM):
     def attribute(self, xs, target):
         return GuidedBackprop(self.engine).attribute(xs, target) * super().attribute(xs, target)
 
+    def passes(self, x):
+        return 2, 0
+
 
 class Occlusion(Method):
     """Occlusion (Zeiler & Fergus 2014): the drop of the objective when a
@@ -337,11 +368,18 @@ class Occlusion(Method):
             raise InputError('occlusion patch and stride must be positive')
         self.patch, self.stride, self.fill = patch, stride, fill
 
-    def attribute(self, xs, target):
-        n, _, h, w = xs.shape
+    def corners(self, h, w):
+        """The patch side and the top-left corners of the patches on an h x w image."""
         patch = min(self.patch or max(1, min(h, w) // 8), h, w)
         stride = self.stride or max(1, patch // 2)
-        corners = [(i, j) for i in range(0, h - patch + 1, stride) for j in range(0, w - patch + 1, stride)]
+        return patch, [(i, j) for i in range(0, h - patch + 1, stride) for j in range(0, w - patch + 1, stride)]
+
+    def passes(self, x):
+        return 0, len(self.corners(*x.shape[-2:])[1]) + 1
+
+    def attribute(self, xs, target):
+        n, _, h, w = xs.shape
+        patch, corners = self.corners(h, w)
         occluded = np.repeat(xs[:, None], len(corners), axis=1)       # (N, P, C, H, W)
         cover = np.zeros((len(corners), h, w), dtype=np.float32)
         for p, (i, j) in enumerate(corners):
@@ -405,6 +443,9 @@ class SmoothGrad(Method):
         self.signed = base.signed and aggregate == 'mean'
         self.rng = np.random.RandomState() if rng is None else rng
 
+    def passes(self, x):
+        return tuple(self.samples * count for count in self.base.passes(x))
+
     def attribute(self, xs, target):
         maps = np.stack([self._aggregate(x, t) for x, t in zip(xs, np.broadcast_to(target, len(xs)))])
         if self.aggregate == 'sum_abs' and self.engine.objective == 'loss':
@@ -414,7 +455,7 @@ class SmoothGrad(Method):
     def _aggregate(self, x, target):
         summands, finish = AGGREGATIONS[self.aggregate]
         sums = dict.fromkeys(summands, 0.)
-        for chunk in self.engine.batches(self.samples, x.shape):
+        for chunk in self.engine.batches(self.samples, x.shape, 'noisy samples'):
             attributions = self.base.attribute(noisy_copies(x, self.noise, chunk.stop - chunk.start, self.rng),
                                                target).astype(np.float64)
             for name in summands:

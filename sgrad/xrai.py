@@ -32,6 +32,9 @@ class XRAI(Method):
             raise InputError('--steps must be positive, got %d' % steps)
         self.steps, self.min_pixel_diff, self.area_threshold = steps, min_pixel_diff, area_threshold
 
+    def passes(self, x):
+        return 2 * self.steps, 0
+
     def integrated_gradients(self, xs, target):
         """IG of each image from its darkest and from its brightest flat image, averaged, its channels' maximum:
         (N, H, W)."""

@@ -144,3 +144,23 @@ def test_every_method_runs_at_any_image_size(net, crop, name):
     attribution = method.attribute(np.stack([crop, crop[:, ::-1]]), TARGET)
     assert attribution.shape[0] == 2 and attribution.shape[-2:] == (12, 18)
     assert np.isfinite(attribution).all() and np.abs(attribution).max() > 0
+
+
+@pytest.mark.parametrize('name', sorted(METHODS) + ['smoothgrad'])
+def test_passes_counts_the_model_calls_a_map_takes(net, crop, name, monkeypatch):
+    """Method.passes (which the CLI's time estimate multiplies by measured seconds) against the images
+    that actually go through the model, with and without a backward pass."""
+    engine = GradientEngine(net, batchsize=16)
+    method = (SmoothGrad(Gradient(engine), 0.1, 5, rng=np.random.RandomState(0)) if name == 'smoothgrad'
+              else make_method(name, engine, steps=4, masks=20))
+    counted = {True: 0, False: 0}
+    forward = net.forward
+
+    def counting_forward(x):
+        counted[chainer.config.enable_backprop] += len(x)
+        return forward(x)
+    monkeypatch.setattr(net, 'forward', counting_forward)
+    expected = method.passes(crop)
+    counted.update({True: 0, False: 0})  # passes() may itself look at the model (Score-CAM's channels)
+    method.attribute(crop[None], TARGET)
+    assert (counted[True], counted[False]) == expected

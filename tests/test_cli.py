@@ -61,7 +61,8 @@ def test_cli_image_file_is_resized_and_label_by_name(tmp_path, model_file, capsy
 @pytest.mark.parametrize('case', [
     'missing model', 'missing image', 'not an image', 'negative noise', 'nan noise', 'infinite noise', 'zero samples',
     'index out of range', 'other architecture', 'bad label', 'missing output folder', 'no such layer',
-    'zero patch', 'zero masks', 'a CAM on a dense layer', 'smoothed XRAI', 'a GPU without CuPy'])
+    'zero patch', 'zero masks', 'a CAM on a dense layer', 'smoothed XRAI', 'a GPU without CuPy', 'a folder as image',
+    'weights not an npz'])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, capsys, case):
     out_png = str(tmp_path / 'out.png')
     other = str(tmp_path / 'other.npz')
@@ -87,6 +88,8 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, cap
         'a CAM on a dense layer': ['--method', 'score_cam', '--layer', 'fc'],
         'smoothed XRAI': ['--method', 'xrai', '--smooth', '--steps', '2'],
         'a GPU without CuPy': ['--gpu', '0'],
+        'a folder as image': ['--image', str(tmp_path)],
+        'weights not an npz': ['--model', not_image],
     }[case]
     if case == 'a GPU without CuPy' and importlib.util.find_spec('cupy') is not None:
         pytest.skip('CuPy is installed here')
@@ -100,6 +103,9 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, cap
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('smoothgrad.py: error: '), err
     assert set(os.listdir(str(tmp_path))) == before  # nothing written, not even a temporary file
+    expected = {'a folder as image': 'is a folder, not an image file', 'weights not an npz': '(not an .npz file)',
+                'a GPU without CuPy': 'not installed (Chainer'}
+    assert expected.get(case, '') in lines[0]
 
 
 def test_cli_as_a_process_reports_missing_model(tmp_path):
@@ -200,3 +206,57 @@ def test_cli_explains_a_users_own_model(tmp_path, capsys):
     code, _, err = run_cli(['--arch', '%s:Net' % source, '--model', other, '--out', str(tmp_path / 'g.png')], capsys)
     assert code == 2 and err.count('\n') == 1 and 'does not hold Net weights' in err, err
     assert not os.path.exists(str(tmp_path / 'g.png'))
+
+
+def write_user_model(tmp_path, source):
+    """mynet.py holding ``source`` and Net's weights (made at 16x16) beside it: (module path, weights path)."""
+    path = tmp_path / 'mynet.py'
+    path.write_text(source)
+    namespace = {}
+    exec(USER_MODEL, namespace)
+    net = namespace['Net']()
+    net(np.zeros((1, 3, 16, 16), np.float32))  # L.Linear(None, ...) takes its size from the first call
+    weights = str(tmp_path / 'net.npz')
+    chainer.serializers.save_npz(weights, net)
+    return str(path), weights
+
+
+def test_cli_a_users_model_without_image_size_constructor_defaults_or_weights(tmp_path, capsys):
+    source, weights = write_user_model(tmp_path, USER_MODEL.replace('    IMAGE_SIZE = 16\n', '') + """
+class NeedsWidth(Net):
+    def __init__(self, width, *args, scale=1, **kwargs):
+        super().__init__()
+""")
+    photo, out = os.path.join(ROOT, 'data', 'photos', 'rocket.jpg'), str(tmp_path / 'f.png')
+    common = ['--image', photo, '--samples', '2', '--out', out]
+    code, _, err = run_cli(['--arch', source + ':Net', '--model', weights] + common, capsys)
+    assert code == 2 and err.count('\n') == 1, err
+    assert 'Net from net.npz cannot take a 640x427 image' in err and 'set IMAGE_SIZE on the class, or pass --size N' in err
+    code, _, err = run_cli(['--arch', source + ':NeedsWidth', '--model', weights] + common, capsys)
+    assert code == 2 and err.count('\n') == 1 and 'NeedsWidth needs constructor arguments (width)' in err, err
+    code, _, err = run_cli(['--arch', source + ':Net'] + common, capsys)
+    assert code == 2 and err.count('\n') == 1 and 'no weights given' in err and '--random-weights' in err, err
+    assert not os.path.exists(out)  # the refused runs wrote nothing
+    code, out_text, err = run_cli(['--arch', source + ':Net', '--model', weights, '--size', '16'] + common, capsys)
+    assert code == 0 and os.path.exists(out), err
+    code, out_text, err = run_cli(['--arch', source + ':Net', '--random-weights', '--size', '24'] + common, capsys)
+    assert code == 0 and 'Net (random weights)' in out_text, err
+    code, _, err = run_cli(['--random-weights'] + common, capsys)
+    assert code == 2 and 'for --arch models' in err
+
+
+def test_cli_gallery_of_a_photograph_lowers_what_is_not_given_and_says_so(tmp_path, capsys, monkeypatch):
+    source, _ = write_user_model(tmp_path, USER_MODEL)
+    drawn = {}
+    monkeypatch.setattr(smoothgrad, 'draw_grid', lambda f, rows, title: drawn.update(rows=rows, title=title))
+    argv = ['--arch', source + ':Net', '--random-weights', '--size', '64', '--method', 'all', '--out',
+            str(tmp_path / 'g.png'), '--image', os.path.join(ROOT, 'data', 'photos', 'coffee.png')]
+    code, _, err = run_cli(argv + ['--samples', '3'], capsys)
+    assert code == 0, err
+    assert 'N=3' in drawn['title'] and 'lowered for a 64x64 gallery: steps 8, masks 500' in drawn['title']
+    assert 'occlusion, score_cam, rise unsmoothed' in drawn['title']
+    headings = {row[1][0]: [panel[0] for panel in row if panel] for row in drawn['rows']}
+    assert headings['rise'] == ['input', 'rise'] and headings['occlusion'] == ['input', 'occlusion', 'signed']
+    assert headings['gradcam at conv2'] == ['input', 'gradcam at conv2', 'smoothed, noise 10%']
+    code, _, err = run_cli(argv[:3] + ['--size', '16'] + argv[5:], capsys)  # a 16x16 gallery: nothing lowered
+    assert code == 0 and 'lowered' not in drawn['title'] and 'N=100' in drawn['title'], err

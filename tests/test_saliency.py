@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sgrad.errors import InputError
-from sgrad.saliency import (Gradient, GradientEngine, SmoothGrad, channel_sum_abs, noise_stdev,
+from sgrad.saliency import (Gradient, GradientEngine, IntegratedGradients, SmoothGrad, channel_sum_abs, noise_stdev,
                             noisy_copies, smoothgrad)
 
 
@@ -52,9 +52,13 @@ def test_smoothgrad_memory_is_bounded_by_the_batchsize_not_the_samples(model, im
 
 def test_progress_is_reported_over_the_samples(model, image):
     reports = []
-    engine = GradientEngine(model, batchsize=8, progress=lambda done, total: reports.append((done, total)))
+    engine = GradientEngine(model, batchsize=8, progress=lambda *report: reports.append(report))
     SmoothGrad(Gradient(engine), 0.1, 20)(image, 3)
-    assert reports == [(8, 20), (16, 20), (20, 20)]  # the engine's inner loops report nothing
+    assert reports == [(8, 20, 'noisy samples'), (16, 20, 'noisy samples'),
+                       (20, 20, 'noisy samples')]  # the engine's inner loops report nothing
+    reports.clear()
+    IntegratedGradients(engine, steps=6)(image, 3)
+    assert reports == [(6, 6, 'path points')]
 
 
 def test_zero_noise_is_n_times_the_vanilla_gradient(model, image):
