@@ -42,7 +42,7 @@ import sys
 import time
 
 from sgrad import parallel
-from sgrad.cli import OneLineErrorParser, finite_float, keep_freed_memory, progress_bar, write_atomic
+from sgrad.cli import OneLineErrorParser, finite_float, keep_freed_memory, machine_name, progress_bar, write_atomic
 from sgrad.errors import InputError
 parallel.share_cores()  # under mpiexec: BLAS threads per rank, before NumPy loads
 
@@ -656,6 +656,8 @@ def main(argv=None):
                    help='CifarNet weights (default: the shipped model), efficientnet-lite0, or with --arch '
                    'the weights of that class')
     p.add_argument('--arch', metavar='FILE.py:Class', help='your own chainer.Chain, as in smoothgrad.py')
+    p.add_argument('--random-weights', action='store_true',
+                   help='with --arch and no --model: the randomly initialised network (a test of the tool)')
     p.add_argument('--photos', default=None, metavar='DIR',
                    help='the images for a model that is not 32x32 (default: data/photos)')
     p.add_argument('--out-dir', '-o', default=os.path.join('results', 'saliency'))
@@ -671,7 +673,7 @@ def main(argv=None):
         if getattr(args, name) <= 0:
             p.error('--%s must be positive' % name.replace('_', '-'))
 
-    from sgrad.models import load_explained
+    from sgrad.models import load_explained, probe
     from sgrad.saliency import GradientEngine
     for name in ('road_noise', 'sensitivity_radius', 'infidelity_noise', 'infidelity_baseline_noise', 'shard_size'):
         if getattr(args, name) < 0:
@@ -681,8 +683,12 @@ def main(argv=None):
     try:
         comm = parallel.create_communicator(args.communicator)
         ranks = 1 if comm is None else comm.size
-        explained = load_explained(args.model, args.arch)
+        if args.random_weights and not args.arch:
+            raise InputError('--random-weights is for --arch models')
+        explained = load_explained(args.model, args.arch, args.random_weights)
         images = load_images(explained, args.photos, n_max)
+        targets = probe(explained, GradientEngine(explained.link, batchsize=args.batchsize), images).argmax(
+            axis=1).astype(np.int32)
         if 0 < args.shard_size < ranks:
             raise InputError('shards of %d images cannot be split over %d ranks' % (args.shard_size, ranks))
         fewest = min(min(sections[name][1], len(images)) for name in args.only)
@@ -693,7 +699,6 @@ def main(argv=None):
             print('evaluate_saliency.py: error: %s' % e, file=sys.stderr)
         return 2
     model = explained.link
-    targets = GradientEngine(model, batchsize=args.batchsize).probabilities(images).argmax(axis=1).astype(np.int32)
 
     report = None  # rank 0 alone writes the tables and plots
     if parallel.is_root(comm):
@@ -705,8 +710,8 @@ def main(argv=None):
         share = Share(images[:n], targets[:n], comm)
         section(args, model, share, report)
         if report is not None:
-            line = '%d images, %.0f s on this machine%s' % (min(n, len(images)), time.time() - start,
-                                                           ', %d ranks' % ranks if comm else '')
+            line = '%d images, %.0f s on %s%s' % (min(n, len(images)), time.time() - start, machine_name(),
+                                                 ', %d ranks' % ranks if comm else '')
             if share.shards_loaded and share.shards_loaded[0]:
                 line += ' (%d of its %d shards done by earlier runs)' % share.shards_loaded
             print('%s: %s\n' % (name, line))

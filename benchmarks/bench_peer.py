@@ -31,7 +31,7 @@ import numpy as np
 from model import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_MODEL_PATH, CifarNet, load_model
 from sgrad import native
 from sgrad.blas import blas_kernels
-from sgrad.cli import keep_freed_memory
+from sgrad.cli import keep_freed_memory, machine_name
 from sgrad.data import load_test_image
 from sgrad.convolution import winograd_tiles
 from sgrad.reference import plain_chainer_forward
@@ -170,9 +170,9 @@ def main():
     peer = torch_peer(model)
     gflops = gemm_gflops()
     flops = forward_flops(model)
-    print('CifarNet width %d, %.1f MFLOP forward per image (%s); float32 GEMM %.0f GFLOP/s on this machine '
+    print('CifarNet width %d, %.1f MFLOP forward per image (%s); float32 GEMM %.0f GFLOP/s on %s '
           '(OpenBLAS kernels: %s)' % (model.prep.conv.W.shape[0], flops / 1e6, 'trained' if trained else
-                                      'random weights', gflops, blas_kernels()))
+                                      'random weights', gflops, machine_name(), blas_kernels()))
 
     rows = [('naive Chainer (NCHW layers, .backward())',
              lambda: naive_chainer_smoothgrad(model, x, target, noise, n, np.random.RandomState(0))),

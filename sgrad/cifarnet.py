@@ -24,7 +24,7 @@ from sgrad.pooling import max_pooling_2x2
 #: The shipped weights that smoothgrad.py explains by default (their record: cifarnet.json beside them).
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shipped', 'cifarnet.npz')
 
-#: CIFAR-10 training-set channel statistics (shared/data/README-data.txt).
+#: CIFAR-10 training-set channel statistics (a test checks them on every fifth training image).
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
 CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
 

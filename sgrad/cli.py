@@ -67,6 +67,17 @@ def progress_bar(done, total, unit='images'):
             sys.stderr.write('\n')
 
 
+def machine_name(cpuinfo='/proc/cpuinfo'):
+    """'N cores of <CPU model>' (Linux), or 'N cores' where the model is not known: what timings name."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    try:
+        with open(cpuinfo) as f:
+            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+    except OSError:
+        model = None
+    return '%d cores%s' % (cores, ' of ' + model if model else '')
+
+
 def keep_freed_memory():
     """Ask glibc's malloc to keep large freed blocks for reuse rather than hand them back to the OS.
 

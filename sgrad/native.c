@@ -1,8 +1,8 @@
 /* The 3x3 convolution (pad 1, stride 1) of (C, H, W, N) activations and its gradients, computed
  * directly: no im2col, no GEMM; and the 2x2 max pooling after it, which keeps each window's first
  * maximum for its gradient. Built by `python -m sgrad.native` (setup.sh) into _native.so beside this
- * file; sgrad/native.py calls it, and sgrad/ops.py falls back to its NumPy + OpenBLAS path where it is
- * absent.
+ * file; sgrad/native.py calls it, and the nodes of sgrad/convolution.py, pooling.py, batchnorm.py and
+ * depthwise.py fall back to their NumPy + OpenBLAS path where it is absent.
  *
  * With the batch innermost, one image row of one channel is a contiguous run of W*N numbers, and in the
  * input padded by one pixel all round, (C, H+2, (W+2)*N), the tap (ky, kx) of output row h is the run

@@ -2,6 +2,7 @@
 folder outside the clone against a non-editable install of the package, computes the map the clone computes (to rounding)."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -17,9 +18,13 @@ def readme_python_example():
 
 
 def test_the_readme_example_runs_from_any_folder_on_an_installed_package(tmp_path):
-    site = tmp_path / 'site'
+    source, site = tmp_path / 'source', tmp_path / 'site'
+    source.mkdir()  # a copy of the clone's package: the build writes build/ and .egg-info beside its source
+    for name in ('pyproject.toml', 'README.md', 'requirements.txt'):
+        shutil.copy(os.path.join(ROOT, name), str(source))
+    shutil.copytree(os.path.join(ROOT, 'sgrad'), str(source / 'sgrad'), ignore=shutil.ignore_patterns('__pycache__'))
     subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
-                    '--target', str(site), ROOT], check=True, cwd=str(tmp_path))
+                    '--target', str(site), str(source)], check=True, cwd=str(tmp_path))
     assert not (site / 'model.py').exists()  # no module with a generic name on the user's path
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()

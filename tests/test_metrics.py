@@ -161,7 +161,8 @@ def test_evaluate_saliency_on_photographs_with_a_users_model(tmp_path):
     source = tmp_path / 'net.py'
     source.write_text(USER_MODEL)
     out = str(tmp_path / 'eval')
-    run = lambda *args: evaluate_saliency.main(['--arch', '%s:Net' % source, '--images', '2', '--deletion-images', '3',
+    run = lambda *args: evaluate_saliency.main(['--arch', '%s:Net' % source, '--random-weights', '--images', '2',
+                                                '--deletion-images', '3',
                                                 '--samples', '2', '--steps', '2', '-o', out] + list(args))
     assert run('--only', 'deletion', '--perturbation-steps', '2') == 0
     assert run('--only', 'sanity') == 0
