@@ -159,7 +159,7 @@ class Share:
 
 
 #: The flags, beyond the maps' (--samples, --steps, --seed), that a section's per-image results depend on.
-SHARD_SETTINGS = {'deletion': ('perturbation_steps',), 'road': ('road_noise',),
+SHARD_SETTINGS = {'sanity': (), 'deletion': ('perturbation_steps',), 'road': ('road_noise',),
                   'robustness': ('sensitivity_radius', 'sensitivity_samples', 'infidelity_noise',
                                  'infidelity_baseline_noise', 'infidelity_samples')}
 
@@ -244,43 +244,71 @@ def sharded(args, model, section, share, compute, **settings):
     return {key: np.concatenate([rows[key] for rows in done]) for key in done[0]}
 
 
-def sanity_check(args, model, share, report):
+def randomized_maps(args, model, cascade, part):
+    """{('abs' or 'signed', stage, method): maps of the images of the Share ``part``} under the trained
+    model and after each step of the cascade; signed maps of signed methods only."""
     import itertools
-    import matplotlib.pyplot as plt
-    from sgrad.metrics import cascading_randomization, randomization_stages, spearman, ssim
+    from sgrad.metrics import cascading_randomization
     from sgrad.saliency import GradientEngine
-    cascade = randomization_stages(model, share.images[:1])
-    stages = ('trained',) + tuple(label for label, _ in cascade)
-    progress = share.progress(len(stages), 'models mapped (trained, then randomized)')
+    progress = part.progress(len(cascade) + 1, 'models mapped (trained, then randomized)')
     models = itertools.chain([('trained', model)], cascading_randomization(model, cascade, args.seed))
-    abs_maps, signed_maps = {}, {}  # (stage, method) -> maps of this share's images
+    maps = {}
     for done, (stage, staged_model) in enumerate(models):
         progress(done)
         engine = GradientEngine(staged_model, batchsize=args.batchsize)
-        methods = make_methods(engine, args.samples, args.steps, args.masks)
-        for name, method in methods.items():
-            abs_maps[stage, name], signed_maps[stage, name] = maps_of(
-                method, share.images, share.targets, share.indices, args.seed)
-    progress(len(stages))
-    abs_maps, signed_maps = share.gather(abs_maps), share.gather(signed_maps)
+        for name, method in make_methods(engine, args.samples, args.steps, args.masks).items():
+            absolute, signed = maps_of(method, part.images, part.targets, part.indices, args.seed)
+            maps['abs', stage, name] = absolute
+            if signed is not None:
+                maps['signed', stage, name] = signed
+    progress(len(cascade) + 1)
+    return maps
+
+
+def similarity_rows(maps, stages):
+    """Per image, the trained model's map against each stage's map of the same image: {(method, stage,
+    measure): values}, measure 'abs' and 'signed' (Spearman of |map| and of the signed map) and 'ssim' (of
+    |map|); and the control, stage 'control': the fully randomized model's map of the image before it."""
+    from sgrad.metrics import spearman, ssim
+    measures = {'abs': ('abs', spearman), 'signed': ('signed', spearman), 'ssim': ('abs', ssim)}
+    rows = {}
+    for kind, stage, name in maps:
+        if stage != 'trained':
+            continue
+        for stage_name, shift in [(stage_name, 0) for stage_name in stages] + [('control', 1)]:
+            compared = stages[-1] if stage_name == 'control' else stage_name
+            for measure, (of, similarity) in measures.items():
+                if of == kind:
+                    pairs = zip(maps[kind, 'trained', name], np.roll(maps[kind, compared, name], shift, axis=0))
+                    rows[name, stage_name, measure] = np.array([similarity(a, b) for a, b in pairs])
+    return rows
+
+
+def sanity_check(args, model, share, report):
+    import matplotlib.pyplot as plt
+    from sgrad.metrics import randomization_stages
+    cascade = randomization_stages(model, share.study_images[:1])
+    stages = ('trained',) + tuple(label for label, _ in cascade)
+
+    def similarities(part):
+        maps = part.gather(randomized_maps(args, model, cascade, part))
+        return None if maps is None else similarity_rows(maps, stages)
+    # the control pairs each image with the one before it in its shard (with --shard-size), or in the study
+    rows = sharded(args, model, 'sanity', share, similarities)
     if report is None:
         return
 
-    def similarity(stage, name, shift=0):
-        """Mean over images of Spearman(|map|), Spearman(signed map) (None if unsigned), SSIM(|map|):
-        the trained model's map of each image against the ``stage`` model's map of the image
-        ``shift`` places before it."""
-        pairs = [(maps['trained', name], maps[stage, name]) for maps in (abs_maps, signed_maps)]
-        (a, b), (signed_a, signed_b) = [(x, None if y is None else np.roll(y, shift, axis=0)) for x, y in pairs]
-        return (np.mean([spearman(x, y) for x, y in zip(a, b)]),
-                np.mean([spearman(x, y) for x, y in zip(signed_a, signed_b)]) if signed_a is not None else None,
-                np.mean([ssim(x, y) for x, y in zip(a, b)]))
+    def similarity(stage, name):
+        """Means over images: Spearman(|map|), Spearman(signed map) (None if unsigned), SSIM(|map|)."""
+        signed = rows.get((name, stage, 'signed'))
+        return (np.mean(rows[name, stage, 'abs']), None if signed is None else np.mean(signed),
+                np.mean(rows[name, stage, 'ssim']))
 
-    names = list(methods)
-    curves = {name: [similarity(stage, name) for stage in stages] for name in names}
-    # Control: the fully randomized model's map of the *next* image. The same-image correlation
+    methods = method_names(model)
+    curves = {name: [similarity(stage, name) for stage in stages] for name in methods}
+    # Control: the fully randomized model's map of another image. The same-image correlation
     # beyond this level comes from the image; up to it, from a pattern the method draws everywhere.
-    other_image = {name: similarity(stages[-1], name, shift=1) for name in names}
+    other_image = {name: similarity('control', name) for name in methods}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, values in curves.items():
         axes[0].plot(stages, [v[0] for v in values], marker='o', label=name)
@@ -662,8 +690,9 @@ def main(argv=None):
                    help='the images for a model that is not 32x32 (default: data/photos)')
     p.add_argument('--out-dir', '-o', default=os.path.join('results', 'saliency'))
     p.add_argument('--shard-size', type=int, default=0, metavar='K',
-                   help='deletion, ROAD and robustness: save results every K images in OUT_DIR/shards/, and on a rerun '
-                   'with the same settings load the shards already done (default: no shards)')
+                   help='save results every K images in OUT_DIR/shards/, and on a rerun with the same settings load '
+                   'the shards already done (default: no shards; the knobs are never sharded, and the randomization '
+                   'check\'s control pairs each image with the one before it in its shard)')
     p.add_argument('--communicator', metavar='NAME',
                    help='ChainerMN communicator under mpiexec, the images split over the ranks (default: naive '
                    'when mpiexec starts more than one process)')

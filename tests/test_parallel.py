@@ -143,7 +143,7 @@ def test_evaluation_tables_are_the_same_on_two_ranks(tmp_path, model_file):
     # road's last shard of one image cannot split over two ranks: it joins the first there
     assert sorted(os.listdir(str(tmp_path / 'two' / 'shards'))) == [
         'deletion-000000-000002.npz', 'deletion-000002-000004.npz', 'road-000000-000003.npz',
-        'robustness-000000-000002.npz']
+        'robustness-000000-000002.npz', 'sanity-000000-000002.npz']
     assert sorted(os.listdir(str(tmp_path / 'two'))) == sorted(os.listdir(str(tmp_path / 'one')))
 
 
