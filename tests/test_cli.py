@@ -260,3 +260,21 @@ def test_cli_gallery_of_a_photograph_lowers_what_is_not_given_and_says_so(tmp_pa
     assert headings['gradcam at conv2'] == ['input', 'gradcam at conv2', 'smoothed, noise 10%']
     code, _, err = run_cli(argv[:3] + ['--size', '16'] + argv[5:], capsys)  # a 16x16 gallery: nothing lowered
     assert code == 0 and 'lowered' not in drawn['title'] and 'N=100' in drawn['title'], err
+
+
+def test_the_readme_s_own_model_example_runs(tmp_path, capsys):
+    """The README's mynet.py, as written there, with weights saved as it says, explained on a photograph."""
+    import re
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        source = next(block for block in re.findall(r'```python\n(.*?)```', f.read(), re.S) if '# mynet.py' in block)
+    (tmp_path / 'mynet.py').write_text(source)
+    namespace = {}
+    exec(source, namespace)
+    net = namespace['Net']()
+    net(np.zeros((1, 3, net.IMAGE_SIZE, net.IMAGE_SIZE), np.float32))  # L.Linear(None, ...) sizes itself
+    chainer.serializers.save_npz(str(tmp_path / 'mynet.npz'), net)
+    code, out, err = run_cli(['--arch', str(tmp_path / 'mynet.py') + ':Net', '--model', str(tmp_path / 'mynet.npz'),
+                              '--image', os.path.join(ROOT, 'data', 'photos', 'coffee.png'), '--method', 'gradcam',
+                              '--out', str(tmp_path / 'f.png')], capsys)
+    assert code == 0, err
+    assert 'Net from mynet.npz, coffee.png' in out and ('cat' in out or 'dog' in out)
