@@ -1,8 +1,8 @@
 """ReLU and clipped ReLU (ReLU6) as Chainer FunctionNodes that work block by block (sgrad.blocks.for_blocks)
 on arrays of any layout, and the ReLU gradient node that they and the nodes with a fused ReLU (sgrad.convolution,
-sgrad.depthwise) share, compiled (sgrad.native) where it is built. The ReLU nodes have a ``guided`` switch that
-sgrad.hooks.GuidedReLU turns on for Guided Backprop; ``ClipsOutput`` gives a node min(max(., 0), cap) applied in
-place on its own output.
+sgrad.depthwise) share, compiled (sgrad.native) where it is built. The ReLU nodes have a backward ``rule`` (RULES)
+that sgrad.hooks.ReLURule sets for Guided Backprop and Deconvnet; ``ClipsOutput`` gives a node min(max(., 0), cap)
+applied in place on its own output.
 """
 import chainer
 import numpy
@@ -12,10 +12,22 @@ from sgrad import native
 from sgrad.blocks import _ranges, for_blocks, plane_blocks
 
 
-def _relu_mask(y, cap=None, guide=None):
-    """Where a ReLU passes the gradient, read off its output y: y > 0 (and y < cap for the clipped
-    min(max(x, 0), cap)), and also guide > 0 under Guided Backprop (guide: the incoming gradient)."""
-    mask = y > 0
+#: The backward rules of a ReLU y = max(x, 0), or of y = min(max(x, 0), cap), by name (a ReLU node's ``rule``):
+#: where each passes the incoming gradient gy, as (whether gy must be positive too, the y it must exceed).
+#:   None, the gradient: 0 < y (< cap).
+#:   'guided', Guided Backprop (Springenberg et al. 2015): 0 < y (< cap) and gy > 0.
+#:   'deconvnet', Deconvnet (Zeiler & Fergus 2014): gy > 0 whatever the sign of x, i.e. ReLU(gy). With a cap,
+#:     ReLU(gy) where y < cap: min(max(x, 0), cap) is min(., cap) after a ReLU, and the rule replaces the ReLU's
+#:     backward only; the cap is no rectifier and keeps its gradient, 0 where it clips. (Captum's Deconvolution
+#:     changes nn.ReLU modules only, so its ReLU6, an nn.Hardtanh, keeps the plain gradient 0 < x < 6.)
+#: With or without a cap, Guided Backprop's mask is Deconvnet's and the gradient's together.
+RULES = {None: (False, 0.), 'guided': (True, 0.), 'deconvnet': (True, -numpy.inf)}
+
+
+def _relu_mask(y, cap=None, guide=None, floor=0.):
+    """Where a ReLU passes the gradient, read off its output y: y > floor (and y < cap for the clipped
+    min(max(x, 0), cap)), and also guide > 0 under a rule that rectifies (guide: the incoming gradient)."""
+    mask = y > floor
     if cap is not None:
         mask &= y < cap
     if guide is not None:
@@ -32,12 +44,12 @@ def _clip_in_place(y, cap):
 
 class ClipsOutput:
     """For a FunctionNode that may apply min(max(., 0), cap) to its own output (``cap`` None: it does
-    not), so that the activation needs no arrays of its own; ``guided`` as for ReLU."""
+    not), so that the activation needs no arrays of its own; ``rule`` as for ReLU."""
 
     def set_cap(self, cap):
         self.cap = cap
         if cap is not None:
-            self.guided = False
+            self.rule = None
 
     def clip_block(self, y):
         """The activation in place on a block of the output (to call in forward, which retains the
@@ -50,50 +62,52 @@ class ClipsOutput:
         if self.cap is None:
             return gy
         y, = self.get_retained_outputs()
-        return relu_gradient(y, gy, self.guided, self.cap)
+        return relu_gradient(y, gy, self.rule, self.cap)
 
 
 class ReLUGradient(chainer.function_node.FunctionNode):
     """gy where max(., 0) passed the gradient, or min(max(., 0), cap) given a cap, read off its output y
-    (0 < y, and y < cap), and, given a ``guide`` (Guided Backprop: the incoming gradient), where the
-    guide is positive; else 0: compiled (sgrad.native) where it can, else block by block (for_blocks)
-    in NumPy. Linear in gy with the mask fixed, so its backward is itself."""
+    (floor < y, floor 0 but for Deconvnet's -inf, and y < cap), and, given a ``guide`` (the incoming
+    gradient, under a rule that rectifies it), where the guide is positive; else 0: compiled
+    (sgrad.native) where it can, else block by block (for_blocks) in NumPy. Linear in gy with the mask
+    fixed, so its backward is itself."""
 
-    def __init__(self, y, cap, guide=None):
-        self.y, self.cap, self.guide = y, cap, guide
+    def __init__(self, y, cap, guide=None, floor=0.):
+        self.y, self.cap, self.guide, self.floor = y, cap, guide, floor
 
     def forward(self, inputs):
         gy, = inputs
         arrays = (gy, self.y) + (() if self.guide is None else (self.guide,))
         if native.supports(*arrays):
             g = numpy.empty_like(gy)
-            for_blocks(lambda numbers: native.relu_gradient(gy, self.y, self.guide, self.cap, g, numbers),
-                       _ranges(g.size, g.itemsize))
+            for_blocks(lambda numbers: native.relu_gradient(gy, self.y, self.guide, self.cap, self.floor, g,
+                                                            numbers), _ranges(g.size, g.itemsize))
             return g,
         g = get_array_module(gy).empty_like(gy)
 
         def block(index):
-            mask = _relu_mask(self.y[index], self.cap, None if self.guide is None else self.guide[index])
+            mask = _relu_mask(self.y[index], self.cap, None if self.guide is None else self.guide[index],
+                              self.floor)
             get_array_module(gy).multiply(gy[index], mask, out=g[index])
         for_blocks(block, plane_blocks(g))
         return g,
 
     def backward(self, indexes, grad_outputs):
-        return ReLUGradient(self.y, self.cap, self.guide).apply(grad_outputs)
+        return ReLUGradient(self.y, self.cap, self.guide, self.floor).apply(grad_outputs)
 
 
-def relu_gradient(y, gy, guided, cap=None):
+def relu_gradient(y, gy, rule=None, cap=None):
     """The gradient gy carried back through a ReLU (or, with a cap, min(max(., 0), cap)) whose output is
-    the variable y; with ``guided``, the Guided Backprop rule."""
-    return ReLUGradient(y.array, cap, gy.array if guided else None).apply((gy,))[0]
+    the variable y, by the backward ``rule`` (RULES)."""
+    rectified, floor = RULES[rule]
+    return ReLUGradient(y.array, cap, gy.array if rectified else None, floor).apply((gy,))[0]
 
 
 class ReLU(chainer.function_node.FunctionNode):
-    """ReLU; with ``guided`` (set by sgrad.hooks.GuidedReLU) its backward passes a gradient
-    only where both the forward input and the incoming gradient are positive
-    (Springenberg et al. 2015)."""
+    """ReLU; its backward follows its ``rule`` (RULES), which sgrad.hooks.ReLURule sets: the gradient by
+    default, Guided Backprop's or Deconvnet's."""
 
-    guided = False
+    rule = None
 
     def forward(self, inputs):
         x, = inputs
@@ -108,7 +122,7 @@ class ReLU(chainer.function_node.FunctionNode):
     def backward(self, indexes, grad_outputs):
         y, = self.get_retained_outputs()
         gy, = grad_outputs
-        return relu_gradient(y, gy, self.guided),
+        return relu_gradient(y, gy, self.rule),
 
 
 def relu(x):
@@ -117,7 +131,7 @@ def relu(x):
 
 
 class ClippedReLU(ClipsOutput, chainer.function_node.FunctionNode):
-    """min(max(x, 0), cap), F.clipped_relu computed block by block (for_blocks); ``guided`` as for ReLU."""
+    """min(max(x, 0), cap), F.clipped_relu computed block by block (for_blocks); ``rule`` as for ReLU."""
 
     def __init__(self, cap):
         self.set_cap(cap)

@@ -1,6 +1,6 @@
 """Chainer FunctionNodes of the 3x3 convolution (pad 1, stride 1) on channel-major, batch-minor
 (C, H, W, N) activations, CifarNet's, and of its input and weight gradients. With ``relu=True`` the ReLU is
-fused in, and the node has a ``guided`` switch that sgrad.hooks.GuidedReLU turns on for Guided Backprop.
+fused in, and the node has the backward ``rule`` of a ReLU (sgrad.activations.RULES) that sgrad.hooks.ReLURule sets.
 
 Why this layout: with activations laid out (C, H, W, N), one image row of all
 channels is a contiguous run of W*N values (the batch is innermost). A 3x3
@@ -187,7 +187,7 @@ class Convolution3x3(chainer.function_node.FunctionNode):
     def __init__(self, relu=False, cache=None):
         self.relu, self.cache = relu, cache
         if relu:
-            self.guided = False
+            self.rule = None
 
     def _cache(self, direction):
         """The part of the cache for 'forward' or 'input' (gradient), or None without a cache."""
@@ -227,9 +227,9 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         gy, = grad_outputs
         if self.relu:
             y, = self.get_retained_outputs()
-            if indexes == (0,) and not self.guided:  # saliency: the ReLU's mask applied inside the input gradient
+            if indexes == (0,) and self.rule is None:  # saliency: the ReLU's mask applied inside the input gradient
                 return Convolution3x3InputGrad(self.x_shape, y.array, self._cache('input')).apply((W, gy))
-            gy = relu_gradient(y, gy, self.guided)
+            gy = relu_gradient(y, gy, self.rule)
         ret = []
         if 0 in indexes:
             ret.append(Convolution3x3InputGrad(self.x_shape, cache=self._cache('input')).apply((W, gy))[0])

@@ -240,7 +240,7 @@ class DepthwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
     stride=s, groups=C) computes, without the padded copy, im2col buffer and batched matrix products
     of one row: by sgrad.native's compiled kernel where it is built, else in NumPy (band matrices or
     windows, below); with ``cap`` (6 for ReLU6) followed by F.clipped_relu(., cap), done in place on the
-    output (``guided`` as for ReLU). ``cache``: a dict kept with a fixed W (a folded model's) for its
+    output (``rule`` as for ReLU). ``cache``: a dict kept with a fixed W (a folded model's) for its
     band matrices. Its backward is built from the two nodes below, and theirs from these three, so
     every order of derivative exists."""
 
@@ -323,7 +323,7 @@ def depthwise_convolution(x, W, stride=1, b=None, cap=None, pads=NO_PADDING, cac
 class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
     """1x1 convolution of (N, C, H, W) images with W (O, C, 1, 1) (and a bias b (O,)): for each image
     one matrix product W (O, C) @ x (C, H*W), with none of the im2col copy and transposes of Chainer's
-    convolution_2d; with ``cap``, then F.clipped_relu(., cap) in place (``guided`` as for ReLU). The
+    convolution_2d; with ``cap``, then F.clipped_relu(., cap) in place (``rule`` as for ReLU). The
     input gradient is the 1x1 convolution of gy with W transposed, so every order of derivative exists."""
 
     def __init__(self, cap=None):

@@ -1,7 +1,7 @@
 """Chainer hooks that let the saliency methods work on any Chainer model.
 
-:class:`GuidedReLU` (a ``FunctionHook``) makes the ReLUs of a forward pass backpropagate
-the Guided Backprop way; :class:`LinkOutput` (a ``LinkHook``) captures the output of a
+:class:`ReLURule` (a ``FunctionHook``) makes the ReLUs of a forward pass backpropagate by a rule,
+Guided Backprop's or Deconvnet's; :class:`LinkOutput` (a ``LinkHook``) captures the output of a
 named link, for Grad-CAM; :class:`CallOrder` (a ``LinkHook``) lists the layers a forward
 pass runs, for the model randomization check. All act only inside their ``with`` block
 and change no model, function or class.
@@ -10,64 +10,56 @@ import chainer
 from chainer.functions.activation.clipped_relu import ClippedReLU
 from chainer.functions.activation.relu import ReLU as ChainerReLU
 
+from sgrad.activations import relu_gradient
 from sgrad.errors import InputError
 
+#: The methods that each rule of sgrad.activations.RULES makes of the gradient, for messages.
+RULE_METHODS = {'guided': 'Guided Backprop', 'deconvnet': 'Deconvnet'}
 
-def _guided_relu_backward(node):
-    """F.relu's backward, passing only where the output and the incoming gradient are positive."""
+
+def _chainer_relu_backward(node, rule):
+    """The backward of F.relu's or F.clipped_relu's node by ``rule``. F.relu retains its output and
+    F.clipped_relu its input, which give the same mask: 0 < x < cap exactly where 0 < y < cap."""
     def backward(indexes, grad_outputs):
-        y, = node.get_retained_outputs()
-        gy, = grad_outputs
-        return gy * ((y.array > 0) & (gy.array > 0)).astype(gy.dtype),
+        kept, = node.get_retained_outputs() if isinstance(node, ChainerReLU) else node.get_retained_inputs()
+        return relu_gradient(kept, grad_outputs[0], rule, getattr(node, 'cap', None)),
     return backward
 
 
-def _guided_clipped_relu_backward(node):
-    """F.clipped_relu's (ReLU6's) backward, passing where 0 < x < cap and the gradient is positive."""
-    def backward(indexes, grad_outputs):
-        x, = node.get_retained_inputs()
-        gy, = grad_outputs
-        return gy * ((x.array > 0) & (x.array < node.cap) & (gy.array > 0)).astype(gy.dtype),
-    return backward
+class ReLURule(chainer.FunctionHook):
+    """A backward rule for every ReLU of the forward passes run inside ``with ReLURule(rule):``, ``rule``
+    one of sgrad.activations.RULES: 'guided' (Guided Backprop, Springenberg et al. 2015), 'deconvnet'
+    (Zeiler & Fergus 2014).
 
-
-#: Chainer's own ReLU nodes and the guided backward each gets.
-GUIDED_BACKWARDS = {ChainerReLU: _guided_relu_backward, ClippedReLU: _guided_clipped_relu_backward}
-
-
-class GuidedReLU(chainer.FunctionHook):
-    """Guided Backprop (Springenberg et al. 2015) for the forward passes run inside ``with GuidedReLU():``.
-
-    Every ReLU node created in the block backpropagates only positive gradients of
-    positive inputs: F.relu, F.clipped_relu (ReLU6: where 0 < x < cap) and this
-    project's own ReLU nodes (``guided`` attribute: sgrad/activations.py, and the
-    convolutions with a ReLU fused in). The rule belongs to
-    the node, which lives only as long as its graph; the model, F.relu and every
-    class stay as they are. A Chainer FunctionHook sees gradients only as arrays,
-    which a skip connection shares between branches (Add's backward hands the same
-    array to both inputs), so the rule is given to the node instead of being
-    written into its gradient. ``relus`` counts the nodes that got it.
+    The ReLU nodes are F.relu, F.clipped_relu (ReLU6) and this project's own (sgrad/activations.py, and
+    the convolutions with a ReLU fused in), which carry a ``rule`` attribute; Chainer's get the rule as
+    their backward. The rule belongs to the node, which lives only as long as its graph; the model, F.relu
+    and every class stay as they are. A Chainer FunctionHook sees gradients only as arrays, which a skip
+    connection shares between branches (Add's backward hands the same array to both inputs), so the rule
+    is given to the node instead of being written into its gradient. ``relus`` counts the nodes that got it.
     """
 
-    name = 'GuidedReLU'
+    name = 'ReLURule'
 
-    def __init__(self):
-        self.relus = 0
+    def __init__(self, rule):
+        if rule not in RULE_METHODS:
+            raise ValueError('no ReLU rule %r; the rules are %s' % (rule, ', '.join(RULE_METHODS)))
+        self.rule, self.relus = rule, 0
 
     def forward_postprocess(self, function, in_data):
-        if hasattr(function, 'guided'):
-            function.guided = True
-        elif type(function) in GUIDED_BACKWARDS:
-            function.backward = GUIDED_BACKWARDS[type(function)](function)
+        if hasattr(function, 'rule'):
+            function.rule = self.rule
+        elif type(function) in (ChainerReLU, ClippedReLU):
+            function.backward = _chainer_relu_backward(function, self.rule)
         else:
             return
         self.relus += 1
 
     def check(self):
-        """An InputError if the forward pass had no ReLU: Guided Backprop would be the plain gradient."""
+        """An InputError if the forward pass had no ReLU: the rule's method would be the plain gradient."""
         if not self.relus:
-            raise InputError('Guided Backprop needs ReLUs (F.relu, F.clipped_relu or sgrad.activations.relu); '
-                             'this model has none')
+            raise InputError('%s needs ReLUs (F.relu, F.clipped_relu or sgrad.activations.relu); this model has '
+                             'none' % RULE_METHODS[self.rule])
 
 
 def link_names(model):

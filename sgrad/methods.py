@@ -5,14 +5,15 @@ import inspect
 from sgrad.cam import GradCAMPlusPlus, ScoreCAM
 from sgrad.paths import BlurIG, GuidedIG
 from sgrad.rise import RISE
-from sgrad.saliency import (GradCAM, Gradient, GradientXInput, GuidedBackprop, GuidedGradCAM, IntegratedGradients,
-                            Occlusion)
+from sgrad.saliency import (Deconvnet, GradCAM, Gradient, GradientXInput, GuidedBackprop, GuidedGradCAM,
+                            IntegratedGradients, Occlusion)
 from sgrad.xrai import XRAI
 
 METHODS = {
     'gradient': Gradient,
     'grad_x_input': GradientXInput,
     'guided_backprop': GuidedBackprop,
+    'deconvnet': Deconvnet,
     'integrated_gradients': IntegratedGradients,
     'blur_ig': BlurIG,
     'guided_ig': GuidedIG,

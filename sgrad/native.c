@@ -838,18 +838,19 @@ int NAME(depthwise_adjoint)(const REAL *gy, int C, int oH, int oW, const REAL *w
     return 0;
 }
 
-/* g = gy where a ReLU passed the gradient, read off its output y: 0 < y (and y < cap if cap > 0), and
- * guide > 0 where a guide is given (Guided Backprop); else 0. For the numbers [begin, end). */
-void NAME(relu_gradient)(const REAL *gy, const REAL *y, const REAL *guide, double cap, REAL *g, long begin,
-                         long end)
+/* g = gy where a ReLU passed the gradient, read off its output y: floor < y (floor 0, or -inf under
+ * Deconvnet's rule) and y < cap if cap > 0, and guide > 0 where a guide is given (a rule that rectifies the
+ * gradient: Guided Backprop, Deconvnet); else 0. For the numbers [begin, end). */
+void NAME(relu_gradient)(const REAL *gy, const REAL *y, const REAL *guide, double cap, double floor, REAL *g,
+                         long begin, long end)
 {
-    REAL top = cap > 0 ? (REAL)cap : (REAL)INFINITY;
+    REAL top = cap > 0 ? (REAL)cap : (REAL)INFINITY, bottom = (REAL)floor;
     if (guide)
         for (long i = begin; i < end; i++)
-            g[i] = y[i] > 0 && y[i] < top && guide[i] > 0 ? gy[i] : 0;
+            g[i] = y[i] > bottom && y[i] < top && guide[i] > 0 ? gy[i] : 0;
     else
         for (long i = begin; i < end; i++)
-            g[i] = y[i] > 0 && y[i] < top ? gy[i] : 0;
+            g[i] = y[i] > bottom && y[i] < top ? gy[i] : 0;
 }
 #undef vec
 #undef VL

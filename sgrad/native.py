@@ -77,7 +77,7 @@ def library():
         getattr(lib, 'max_pooling_2x2_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] * 2 + [integer] * 2
         getattr(lib, 'max_pooling_2x2_grad_' + kind).argtypes = [pointer] * 2 + [integer] * 3 + [pointer] + [
             integer] * 2
-        getattr(lib, 'relu_gradient_' + kind).argtypes = [pointer] * 3 + [ctypes.c_double, pointer] + [
+        getattr(lib, 'relu_gradient_' + kind).argtypes = [pointer] * 3 + [ctypes.c_double] * 2 + [pointer] + [
             ctypes.c_long] * 2
         getattr(lib, 'depthwise_' + kind).restype = ctypes.c_int
         getattr(lib, 'depthwise_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] + [integer] * 4 + [
@@ -179,12 +179,12 @@ def max_pooling_2x2_grad(gy, first, gx, channels):
         gy.ctypes.data, first.ctypes.data, h, w, n, gx.ctypes.data, channels.start, min(channels.stop, c))
 
 
-def relu_gradient(gy, y, guide, cap, g, numbers):
-    """g[numbers] (a slice of the flat arrays) = gy where 0 < y (< cap unless cap is None) and guide > 0
+def relu_gradient(gy, y, guide, cap, floor, g, numbers):
+    """g[numbers] (a slice of the flat arrays) = gy where floor < y (< cap unless cap is None) and guide > 0
     (unless guide is None), else 0."""
     _kernel('relu_gradient', gy.dtype)(
-        gy.ctypes.data, y.ctypes.data, None if guide is None else guide.ctypes.data, cap or 0., g.ctypes.data,
-        numbers.start, min(numbers.stop, g.size))
+        gy.ctypes.data, y.ctypes.data, None if guide is None else guide.ctypes.data, cap or 0., floor,
+        g.ctypes.data, numbers.start, min(numbers.stop, g.size))
 
 
 def depthwise(x, W, stride, pads, bias, cap, y, planes):

@@ -14,7 +14,7 @@ import chainer.functions as F
 import numpy as np
 
 from sgrad.errors import InputError
-from sgrad.hooks import GuidedReLU, LinkOutput
+from sgrad.hooks import LinkOutput, ReLURule
 
 OBJECTIVES = ('score', 'loss')
 
@@ -89,19 +89,20 @@ class GradientEngine:
         for chunk in self.batches(len(x), x.shape):
             yield chunk, device.send(np.ascontiguousarray(x[chunk])), device.send(target[chunk])
 
-    def gradients(self, x, target, guided=False):
+    def gradients(self, x, target, rule=None):
         """d objective / d x for every image of x (N, C, H, W); target: one class or one per image.
 
-        guided: backpropagate through the ReLUs the Guided Backprop way (sgrad.hooks.GuidedReLU).
+        rule: backpropagate through every ReLU by this rule (sgrad.hooks.ReLURule: 'guided' for Guided
+        Backprop, 'deconvnet' for Deconvnet) instead of its gradient.
         """
         grads = np.empty(x.shape, dtype=x.dtype)
         with chainer.using_config('train', False):
             for chunk, xs, ts in self._chunks(x, target):
                 xv = chainer.Variable(xs)
-                with GuidedReLU() if guided else contextlib.nullcontext() as guide:
+                with ReLURule(rule) if rule else contextlib.nullcontext() as relus:
                     logits = self.model(xv)
-                if guided:
-                    guide.check()
+                if rule:
+                    relus.check()
                 gx, = chainer.grad([F.sum(self._objective(logits, ts))], [xv])
                 grads[chunk] = chainer.backend.CpuDevice().send(gx.array)
         return grads
@@ -212,11 +213,36 @@ class GradientXInput(Method):
         return xs * self.engine(xs, target)
 
 
-class GuidedBackprop(Method):
-    """Gradient with ReLUs passing only positive gradients of positive inputs (Springenberg et al. 2015)."""
+class ReLURuleGradient(Method):
+    """The gradient with every ReLU y = max(z, 0) backpropagating by the class's ``rule`` (sgrad.activations.RULES)
+    in place of dS_c/dz = dS_c/dy [z > 0]; every other layer backpropagates its gradient."""
+
+    rule = None
 
     def attribute(self, xs, target):
-        return self.engine(xs, target, guided=True)
+        return self.engine(xs, target, rule=self.rule)
+
+
+class GuidedBackprop(ReLURuleGradient):
+    """Guided Backprop (Springenberg et al. 2015): ReLUs pass only positive gradients of positive inputs,
+
+        R_z = R_y [z > 0] [R_y > 0]
+    """
+
+    rule = 'guided'
+
+
+class Deconvnet(ReLURuleGradient):
+    """Deconvnet (Zeiler & Fergus 2014, arXiv:1311.2901) as a backward pass, as in Captum's Deconvolution: ReLUs
+    pass the rectified gradient whatever the sign of their input,
+
+        R_z = max(R_y, 0)
+
+    and max pooling its gradient (the deconvnet's switches), convolutions and linear layers theirs (the
+    transposed filters). A ReLU6 keeps its cap's gradient: R_z = max(R_y, 0) [z < 6] (sgrad.activations.RULES).
+    """
+
+    rule = 'deconvnet'
 
 
 def path_sums(engine, xs, target, steps, points):

@@ -1,5 +1,8 @@
-"""Shared fixtures: small CifarNets with random but non-trivial weights."""
+"""Shared fixtures: small CifarNets with random but non-trivial weights; the optional peer checks' PyTorch port
+of CifarNet and their measure of difference."""
 import sgrad  # noqa: F401  (before NumPy: picks OpenBLAS's kernels, as the scripts do)
+
+import os
 
 import chainer
 import numpy as np
@@ -12,6 +15,26 @@ needs_cifar10 = pytest.mark.skipif(
     not have_local_cifar10(),
     reason='no local CIFAR-10 copy (set CHAINER_DATASET_ROOT to a folder with '
            'pfnet/chainer/cifar/cifar-10.npz); not downloading 170 MB in a test')
+
+
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+
+
+def relative_difference(ours, reference):
+    """max |ours - reference| / max |reference|, printed for the record (pytest -s shows it)."""
+    difference = float(np.abs(ours - reference).max() / np.abs(reference).max())
+    print('relative difference %.1e' % difference)
+    return difference
+
+
+def torch_cifarnet(model, monkeypatch):
+    """torch and the PyTorch port of CifarNet ``model`` with its weights (benchmarks/bench_peer.py's, which
+    imports Captum too); skips the calling test, with its reason, without torch or Captum."""
+    pytest.importorskip('torch', reason='optional peer check: pip install torch==2.13.0')
+    pytest.importorskip('captum', reason='optional peer check: pip install captum')
+    monkeypatch.syspath_prepend(BENCHMARKS_DIR)
+    from bench_peer import torch_peer
+    return torch_peer(model)
 
 
 def random_cifarnet(width=4, seed=0, dtype=np.float32):

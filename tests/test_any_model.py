@@ -4,7 +4,7 @@ SmallResNet uses Chainer's standard links and functions only (L.Convolution2D, F
 F.clipped_relu, a skip connection, F.max_pooling_2d, L.Linear) and runs on a
 non-square crop of a real CIFAR-10 image. The reference backward pass takes each
 linear operation's vector-Jacobian product from Chainer on that operation alone
-and writes the activations' rules (plain and guided) out by hand.
+and writes the activations' rules (plain, Guided Backprop's, Deconvnet's) out by hand.
 """
 import chainer
 import chainer.functions as F
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from sgrad.errors import InputError
+from sgrad.hooks import ReLURule
 from sgrad.methods import METHODS, make_method
-from sgrad.saliency import GradCAM, Gradient, GradientEngine, GuidedBackprop, SmoothGrad, upsample
+from sgrad.saliency import Deconvnet, GradCAM, Gradient, GradientEngine, GuidedBackprop, SmoothGrad, upsample
 
 TARGET = 1
 
@@ -67,7 +68,13 @@ def vjp(f, x, gy):
     return gx.array
 
 
-def hand_backward(net, x, guided):
+def relu_passes(z, g, rule, cap=np.inf):
+    """Where a ReLU of input z (with a cap: min(max(z, 0), cap), ReLU6) passes its gradient g, by ``rule``:
+    the gradient (None), Guided Backprop's or Deconvnet's (which keeps the cap's own gradient)."""
+    return {None: (z > 0) & (z < cap), 'guided': (z > 0) & (z < cap) & (g > 0), 'deconvnet': (z < cap) & (g > 0)}[rule]
+
+
+def hand_backward(net, x, rule=None):
     """d logit_TARGET / dx for one image, the activations' backward rules written out; also the
     ReLU6 layer's input z2 and gradient (Grad-CAM on conv2) and the gradient at the skip's sum."""
     x = x[None]
@@ -79,23 +86,24 @@ def hand_backward(net, x, guided):
         p = F.max_pooling_2d(r, 2).array
     one_hot = np.eye(3)[[TARGET]]
     g_r = vjp(lambda r: F.max_pooling_2d(r, 2), r, vjp(net.fc, p, one_hot))
-    sign = (lambda g: g > 0) if guided else (lambda g: True)
-    g_z2 = g_r * ((z2 > 0) & (z2 < 6) & sign(g_r))     # ReLU6 on the residual branch
+    g_z2 = g_r * relu_passes(z2, g_r, rule, 6.)        # ReLU6 on the residual branch
     g_h1 = g_r + vjp(net.conv2, h1, g_z2)              # the skip hands g_r to both branches
-    g_z1 = g_h1 * ((z1 > 0) & sign(g_h1))
+    g_z1 = g_h1 * relu_passes(z1, g_h1, rule)
     return vjp(net.conv1, x, g_z1)[0], z2[0], g_z2[0], g_r
 
 
 def test_the_case_is_there(net, crop):
-    _, z2, _, g_r = hand_backward(net, crop, guided=True)
+    _, z2, _, g_r = hand_backward(net, crop, 'guided')
     assert (z2 > 6).any() and (z2 < 0).any()   # ReLU6 clips on both sides
     assert (g_r < 0).any() and (g_r > 0).any()  # the shared skip gradient has both signs
+    # positive gradients meet ReLU6 inputs on both sides of its range: Deconvnet's rule at 0 and at the cap
+    assert ((z2 < 0) & (g_r[0] > 0)).any() and ((z2 > 6) & (g_r[0] > 0)).any()
 
 
 def test_gradient_equals_the_hand_backward_and_finite_differences(net, crop):
     engine = GradientEngine(net)
     grad = engine(crop[None], TARGET)[0]
-    np.testing.assert_allclose(grad, hand_backward(net, crop, guided=False)[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad, hand_backward(net, crop)[0], rtol=1e-10, atol=1e-12)
     rng, eps = np.random.RandomState(0), 1e-6
     for _ in range(5):
         c, i, j = rng.randint(3), rng.randint(12), rng.randint(18)
@@ -106,20 +114,31 @@ def test_gradient_equals_the_hand_backward_and_finite_differences(net, crop):
         assert grad[c, i, j] == pytest.approx((values[0] - values[1]) / (2 * eps), rel=1e-5, abs=1e-9)
 
 
-def test_guided_backprop_on_relu_relu6_and_a_skip_connection(net, crop):
-    guided = GuidedBackprop(GradientEngine(net))(crop, TARGET)
-    expected = hand_backward(net, crop, guided=True)[0]
-    np.testing.assert_allclose(guided, expected, rtol=1e-10, atol=1e-12)
-    assert not np.allclose(guided, hand_backward(net, crop, guided=False)[0])
+@pytest.mark.parametrize('method, rule', [(GuidedBackprop, 'guided'), (Deconvnet, 'deconvnet')])
+def test_relu_rules_on_relu_relu6_and_a_skip_connection(net, crop, method, rule):
+    ruled = method(GradientEngine(net))(crop, TARGET)
+    np.testing.assert_allclose(ruled, hand_backward(net, crop, rule)[0], rtol=1e-10, atol=1e-12)
+    for other in {None, 'guided', 'deconvnet'} - {rule}:
+        assert not np.allclose(ruled, hand_backward(net, crop, other)[0])
 
 
-def test_guided_backprop_without_relus_is_an_error(crop):
-    with pytest.raises(InputError, match='Guided Backprop needs ReLUs'):
-        GuidedBackprop(GradientEngine(NoReLU()))(crop.astype(np.float32), 0)
+def test_deconvnet_keeps_the_relu6_cap():
+    """At a ReLU6 input above the cap Deconvnet passes nothing, below 0 the positive gradient."""
+    x = chainer.Variable(np.array([[-2., 3., 7., -1., 8.]]))
+    with chainer.using_config('train', False), ReLURule('deconvnet'):
+        y = F.clipped_relu(x, 6.)
+    gx, = chainer.grad([y], [x], grad_outputs=[chainer.Variable(np.array([[1., 1., 1., -1., -1.]]))])
+    np.testing.assert_array_equal(gx.array, [[1., 1., 0., 0., 0.]])
+
+
+@pytest.mark.parametrize('method, name', [(GuidedBackprop, 'Guided Backprop'), (Deconvnet, 'Deconvnet')])
+def test_relu_rules_without_relus_are_an_error(crop, method, name):
+    with pytest.raises(InputError, match='%s needs ReLUs' % name):
+        method(GradientEngine(NoReLU()))(crop.astype(np.float32), 0)
 
 
 def test_gradcam_on_a_named_link_and_by_default_the_last_convolution(net, crop):
-    _, z2, g_z2, _ = hand_backward(net, crop, guided=False)
+    _, z2, g_z2, _ = hand_backward(net, crop)
     # dS/dz2 is the gradient at conv2's output, i.e. before the ReLU6
     cam = np.maximum((g_z2.mean(axis=(1, 2), keepdims=True) * z2).sum(axis=0), 0)
     expected = upsample(cam[None], (12, 18))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from skimage.transform import resize
 
+from conftest import relative_difference, torch_cifarnet
 from model import load_model
 from sgrad.errors import InputError
 from sgrad.cam import GradCAMPlusPlus, ScoreCAM, unit_range
@@ -19,15 +20,7 @@ from sgrad.efficientnet import IMAGE_SIZE, load_efficientnet_lite0
 from sgrad.rise import RISE
 from sgrad.saliency import GradientEngine, upsample
 
-BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
 EGYPTIAN_CAT = 285  # the photograph chelsea.png's top-1 ImageNet class
-
-
-def relative_difference(ours, reference):
-    """max |ours - reference| / max |reference|, printed for the record (pytest -s shows it)."""
-    difference = float(np.abs(ours - reference).max() / np.abs(reference).max())
-    print('relative difference %.1e' % difference)
-    return difference
 
 
 @pytest.fixture(scope='module')
@@ -237,15 +230,12 @@ def torchvision_stand_in():
 @pytest.fixture
 def grad_cam_peer(cifarnet, monkeypatch):
     """pytorch_grad_cam, torch and CifarNet's PyTorch port with the same weights (benchmarks/bench_peer.py)."""
-    pytest.importorskip('torch', reason='optional peer check: pip install torch==2.13.0')
+    torch, net = torch_cifarnet(cifarnet, monkeypatch)
     if importlib.util.find_spec('torchvision') is None:
         for name, module in torchvision_stand_in().items():
             monkeypatch.setitem(sys.modules, name, module)
     cams = pytest.importorskip('pytorch_grad_cam', reason='optional peer check: pip install --no-deps '
                                                           'grad-cam==1.5.7 ttach')
-    monkeypatch.syspath_prepend(BENCHMARKS_DIR)
-    from bench_peer import torch_peer
-    torch, net = torch_peer(cifarnet)
     return cams, torch, net
 
 

@@ -134,7 +134,8 @@ def test_cli_methods_and_gallery(tmp_path, model_file, capsys):
     assert code == 0, err
     assert np.load(npy).shape == (1, 32, 32)
     for method, extra in (('blur_ig', ['--steps', '8']), ('guided_ig', ['--steps', '8']), ('xrai', ['--steps', '4']),
-                          ('gradcam_plus_plus', []), ('score_cam', ['--layer', 'conv3']), ('rise', ['--masks', '64'])):
+                          ('gradcam_plus_plus', []), ('score_cam', ['--layer', 'conv3']), ('rise', ['--masks', '64']),
+                          ('deconvnet', [])):
         code, out, err = run_cli(['--model', model_file, '--method', method, '--out', png, '--save-map', npy] + extra,
                                  capsys)
         assert code == 0, err
@@ -146,7 +147,7 @@ def test_cli_methods_and_gallery(tmp_path, model_file, capsys):
     assert code == 0, err
     from PIL import Image
     with Image.open(gallery) as img:
-        assert img.size[1] > 3 * img.size[0]  # a row for each of the 13 methods, four columns
+        assert img.size[1] > 3 * img.size[0]  # a row for each of the 14 methods, four columns
 
 
 def test_cli_rejects_zero_steps(tmp_path, model_file, capsys):

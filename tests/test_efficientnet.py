@@ -21,7 +21,7 @@ from sgrad.depthwise import depthwise_convolution
 from sgrad.efficientnet import (IMAGE_SIZE, ConvBNReLU6, default_weights_path, load_efficientnet_lite0, same_padding,
                                same_pads)
 from sgrad.models import imagenet_class_names
-from sgrad.saliency import GradCAM, GradientEngine, GuidedBackprop
+from sgrad.saliency import Deconvnet, GradCAM, GradientEngine, GuidedBackprop
 from sgrad.torch_weights import LEGACY_MAGIC, load_state_dict
 
 #: photograph -> classes of which the top-1 prediction must be one
@@ -291,29 +291,31 @@ class Unfolded(chainer.Chain):
         return self.model(x)
 
 
-def test_the_fused_nodes_give_chainers_gradients_plain_and_guided(photos):
-    """The folded model (fused depthwise/1x1 + bias + ReLU6 nodes, their guided switch) against the
-    unfolded one (Chainer's own functions, the hook's guided rule for ClippedReLU), in float64 on a
+def test_the_fused_nodes_give_chainers_gradients_plain_guided_and_deconvnet(photos):
+    """The folded model (fused depthwise/1x1 + bias + ReLU6 nodes, their backward rule) against the
+    unfolded one (Chainer's own functions, the hook's rules for ClippedReLU), in float64 on a
     real photograph cut to 64x64."""
     with chainer.using_config('dtype', np.float64):
         net64 = load_efficientnet_lite0()
     x = photos[:1, :, 80:144, 80:144].astype(np.float64)
-    for method in (lambda engine: engine(x, 285), lambda engine: GuidedBackprop(engine).attribute(x, 285)):
+    for method in (lambda engine: engine(x, 285), lambda engine: GuidedBackprop(engine).attribute(x, 285),
+                   lambda engine: Deconvnet(engine).attribute(x, 285)):
         fused, plain = method(GradientEngine(net64)), method(GradientEngine(Unfolded(net64)))
         assert np.abs(fused - plain).max() < 1e-9 * np.abs(plain).max()
 
 
-@pytest.mark.parametrize('guided', [False, True], ids=['plain', 'guided'])
-def test_the_compiled_relu6_gradient_equals_numpys_on_a_photographs_activations(net, photos, guided, monkeypatch):
+@pytest.mark.parametrize('rule', [None, 'guided', 'deconvnet'], ids=['plain', 'guided', 'deconvnet'])
+def test_the_compiled_relu6_gradient_equals_numpys_on_a_photographs_activations(net, photos, rule, monkeypatch):
     """ReLUGradient (the backward of every ReLU6 in the folded model) by sgrad.native against NumPy's
-    masks, on the stem's ReLU6 output for a photograph, whose exact 0s and 6s are the kinks."""
+    masks, by each rule, on the stem's ReLU6 output for a photograph, whose exact 0s and 6s are the kinks."""
     skip_without_native()
     with chainer.using_config('train', False), chainer.no_backprop_mode():
         y = net.stem(photos[:1] * (255. / 128.) - 127. / 128.).array
     assert (y == 0).any() and (y == 6).any() and ((y > 0) & (y < 6)).any()
     rng = np.random.RandomState(7)
     gy, guide = rng.randn(*y.shape).astype(y.dtype), rng.randn(*y.shape).astype(y.dtype)
-    run = lambda: activations.ReLUGradient(y, 6., guide if guided else None).apply((gy,))[0].array
+    rectified, floor = activations.RULES[rule]
+    run = lambda: activations.ReLUGradient(y, 6., guide if rectified else None, floor).apply((gy,))[0].array
     compiled = run()
     monkeypatch.setattr(native, 'library', lambda: None)
     np.testing.assert_array_equal(compiled, run())

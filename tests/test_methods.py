@@ -1,4 +1,4 @@
-"""Integrated Gradients, Guided Backprop, Grad-CAM, Occlusion and SmoothGrad's
+"""Integrated Gradients, Guided Backprop, Deconvnet, Grad-CAM, Occlusion and SmoothGrad's
 aggregations, checked against hand-written NumPy references."""
 import chainer
 import chainer.functions as F
@@ -6,11 +6,12 @@ import chainer.links as L
 import numpy as np
 import pytest
 
+from conftest import random_cifarnet
 from sgrad.activations import relu
-from sgrad.hooks import GuidedReLU
+from sgrad.hooks import ReLURule
 from sgrad.methods import METHODS, make_method
-from sgrad.saliency import (AGGREGATIONS, GradCAM, Gradient, GradientEngine, GuidedBackprop, IntegratedGradients,
-                            Method, Occlusion, SmoothGrad, noisy_copies, upsample)
+from sgrad.saliency import (AGGREGATIONS, Deconvnet, GradCAM, Gradient, GradientEngine, GuidedBackprop,
+                            IntegratedGradients, Method, Occlusion, SmoothGrad, noisy_copies, upsample)
 
 
 class TinyMLP(chainer.Chain):
@@ -29,45 +30,62 @@ class TinyMLP(chainer.Chain):
         return self.l3(self.activation(self.l2(self.activation(self.l1(x)))))
 
 
-def numpy_backprop(mlp, x, c, guided):
-    """Hand-written backward pass of TinyMLP for one input vector."""
+#: The backward of y = max(h, 0) by each rule of sgrad.activations.RULES, written out: g the gradient at y.
+RELU_BACKWARDS = {None: lambda g, h: g * (h > 0),
+                  'guided': lambda g, h: g * (h > 0) * (g > 0),
+                  'deconvnet': lambda g, h: np.maximum(g, 0)}
+
+
+def numpy_backprop(mlp, x, c, rule=None):
+    """Hand-written backward pass of TinyMLP for one input vector, its ReLUs by ``rule``."""
     W1, b1, W2, b2, W3 = (a.array for a in (mlp.l1.W, mlp.l1.b, mlp.l2.W, mlp.l2.b, mlp.l3.W))
     h1 = W1 @ x + b1
     h2 = W2 @ np.maximum(h1, 0) + b2
-    g = W3[c]
-    g = g * (h2 > 0) * ((g > 0) if guided else 1)
-    g = W2.T @ g
-    g = g * (h1 > 0) * ((g > 0) if guided else 1)
+    g = RELU_BACKWARDS[rule](W3[c], h2)
+    g = RELU_BACKWARDS[rule](W2.T @ g, h1)
     return W1.T @ g
 
 
+@pytest.mark.parametrize('method, rule', [(GuidedBackprop, 'guided'), (Deconvnet, 'deconvnet')])
 @pytest.mark.parametrize('activation', [relu, F.relu], ids=['sgrad.activations.relu', 'F.relu'])
-def test_guided_backprop_equals_numpy_reference_and_leaves_nothing_changed(activation):
+def test_relu_rules_equal_numpy_reference_and_leave_nothing_changed(activation, method, rule):
     mlp = TinyMLP(activation=activation)
     xs = np.random.RandomState(1).randn(5, 12).astype(np.float32)
     engine = GradientEngine(mlp)
     relu_before, backward_before = F.relu, chainer.functions.activation.relu.ReLU.backward
-    guided = GuidedBackprop(engine).attribute(xs, 2)
-    for x, g in zip(xs, guided):
-        np.testing.assert_allclose(g, numpy_backprop(mlp, x, 2, guided=True), rtol=1e-5, atol=1e-7)
+    ruled = method(engine).attribute(xs, 2)
+    references = {name: np.stack([numpy_backprop(mlp, x, 2, name) for x in xs]) for name in RELU_BACKWARDS}
+    np.testing.assert_allclose(ruled, references[rule], rtol=1e-5, atol=1e-7)
+    assert all(not np.allclose(ruled, reference) for name, reference in references.items() if name != rule)
     # afterwards everything is plain again: no hook left, F.relu and its class as they were
     assert not chainer.get_function_hooks() and F.relu is relu_before
     assert chainer.functions.activation.relu.ReLU.backward is backward_before
-    vanilla = Gradient(engine).attribute(xs, 2)
-    for x, g in zip(xs, vanilla):
-        np.testing.assert_allclose(g, numpy_backprop(mlp, x, 2, guided=False), rtol=1e-5, atol=1e-7)
-    assert not np.allclose(guided, vanilla)
+    np.testing.assert_allclose(Gradient(engine).attribute(xs, 2), references[None], rtol=1e-5, atol=1e-7)
 
 
-def test_guided_relu_hook_is_scoped():
+@pytest.mark.parametrize('method', [Gradient, GuidedBackprop, Deconvnet])
+def test_relu_rules_through_cifarnets_fused_convolutions(image, method, kernel_path):
+    """CifarNet folded (3x3 convolutions with the ReLU fused in, the rule applied inside the node, by the
+    compiled kernels or NumPy) against unfolded (this project's ReLU nodes after BatchNorm), in float64 on a
+    real CIFAR-10 image."""
+    net = random_cifarnet(dtype=np.float64)
+    folded, unfolded = GradientEngine(net), GradientEngine(net)
+    unfolded.model = net  # the model as it is, not its inference_copy()
+    x = image[None].astype(np.float64)
+    fused, plain = method(folded).attribute(x, 3), method(unfolded).attribute(x, 3)
+    assert np.abs(fused - plain).max() < 1e-9 * np.abs(plain).max()
+
+
+@pytest.mark.parametrize('rule', ['guided', 'deconvnet'])
+def test_relu_rule_hook_is_scoped(rule):
     mlp = TinyMLP()
     x = chainer.Variable(np.random.RandomState(2).randn(1, 12).astype(np.float32))
-    with GuidedReLU() as guide:
-        gx_guided, = chainer.grad([mlp(x)[0, 1]], [x])
-    assert guide.relus == 2
+    with ReLURule(rule) as relus:
+        gx_ruled, = chainer.grad([mlp(x)[0, 1]], [x])
+    assert relus.relus == 2
     gx_plain, = chainer.grad([mlp(x)[0, 1]], [x])
-    np.testing.assert_allclose(gx_guided.array[0], numpy_backprop(mlp, x.array[0], 1, True), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(gx_plain.array[0], numpy_backprop(mlp, x.array[0], 1, False), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gx_ruled.array[0], numpy_backprop(mlp, x.array[0], 1, rule), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gx_plain.array[0], numpy_backprop(mlp, x.array[0], 1), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize('name', sorted(METHODS))
