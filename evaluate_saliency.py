@@ -60,11 +60,12 @@ AREA_HEADERS = ['%s AUC (%s is better)' % item for item in BETTER_AREA.items()]
 
 
 def make_methods(engine, samples=1, steps=1, masks=1):
-    """name -> method: every method of the project, SmoothGrad being SmoothGrad of the gradient; ``steps``
-    for every path method (IG, Blur IG, Guided IG, XRAI's IG), ``masks`` for RISE."""
+    """name -> method: every method of the project, SmoothGrad being SmoothGrad of the gradient; ``samples`` for
+    SmoothGrad and Gradient SHAP's draws, ``steps`` for every path method (IG, Blur IG, Guided IG, XRAI's IG),
+    ``masks`` for RISE."""
     from sgrad.methods import METHODS, make_method
     from sgrad.saliency import Gradient, SmoothGrad
-    methods = {name: make_method(name, engine, steps=steps, masks=masks) for name in METHODS}
+    methods = {name: make_method(name, engine, samples=samples, steps=steps, masks=masks) for name in METHODS}
     methods['smoothgrad'] = SmoothGrad(Gradient(engine), STUDY_NOISE, samples, 'sum_abs')
     return methods
 
@@ -662,7 +663,8 @@ def main(argv=None):
     p.add_argument('--robustness-images', type=int, default=50,
                    help='test images for max-sensitivity, infidelity and sparseness')
     p.add_argument('--only', nargs='+', choices=tuple(SECTIONS), default=list(SECTIONS))
-    p.add_argument('--samples', type=int, default=25, help='SmoothGrad samples (default: %(default)s)')
+    p.add_argument('--samples', type=int, default=25,
+                   help='SmoothGrad samples and Gradient SHAP draws (default: %(default)s)')
     p.add_argument('--steps', type=int, default=16,
                    help='steps of the path methods: Integrated Gradients, Blur IG, Guided IG and XRAI\'s IG '
                    '(default: %(default)s)')

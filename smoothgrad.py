@@ -83,13 +83,15 @@ def parse_args(argv=None):
     p.add_argument('--noise', '-n', type=finite_float, nargs='+', default=[0.1], metavar='LEVEL',
                    help='noise level(s) sigma / (max(x) - min(x)); several give one map each (default: 0.1)')
     p.add_argument('--samples', '-s', type=int,
-                   help='noisy samples per map (default: %d; %d in a photograph\'s --method all gallery)'
-                   % (DEFAULT_SAMPLES, PHOTO_GALLERY['samples']))
+                   help='noisy samples per map, and gradient_shap\'s draws (default: %d; %d in a photograph\'s '
+                   '--method all gallery)' % (DEFAULT_SAMPLES, PHOTO_GALLERY['samples']))
     p.add_argument('--steps', type=int,
                    help='path methods\' steps: integrated_gradients (default 50), blur_ig (100), guided_ig (200), '
                    'xrai (100 per baseline); %d each in a photograph\'s --method all gallery' % PHOTO_GALLERY['steps'])
-    p.add_argument('--baseline', default='black', metavar='black|PATH',
-                   help='integrated_gradients, guided_ig: baseline image (default: black)')
+    p.add_argument('--baseline', default='black', metavar='black|blurred|PATH|DIR',
+                   help='integrated_gradients, guided_ig: baseline image (default: black); gradient_shap: what its '
+                   'baselines are drawn from, black, blurred copies of the image, an image or a folder of images '
+                   '(training images, say)')
     p.add_argument('--layer', metavar='NAME',
                    help='gradcam, guided_gradcam, gradcam_plus_plus, score_cam: the link whose output is weighed, '
                    'a name from model.namedlinks() (default: the last link with a 4-D output; res3 for CifarNet)')
@@ -131,6 +133,8 @@ def parse_args(argv=None):
     args.many = args.indices is not None or args.folder is not None
     if any(n < 0 for n in args.noise):
         p.error('--noise must be >= 0')
+    if (args.baseline == 'blurred' or os.path.isdir(args.baseline)) and args.method != 'gradient_shap':
+        p.error('--baseline %s draws baselines from a distribution: for --method gradient_shap' % args.baseline)
     if (args.size or args.random_weights) and not args.arch:
         p.error('--size and --random-weights are for --arch models (CifarNet takes 32x32 images, '
                 'EfficientNet-Lite0 224x224, both with trained weights)')
@@ -219,14 +223,19 @@ def load_input(args, explained):
 
 
 def load_baseline(args, explained):
-    from sgrad.data import load_image_file
-    return None if args.baseline == 'black' else load_image_file(args.baseline, explained.image_size)[0]
+    """--baseline: None for black, 'blurred', the image of a file (C, H, W) or those of a folder (M, C, H, W)."""
+    from sgrad.data import load_image_file, load_image_folder
+    if args.baseline in ('black', 'blurred'):
+        return None if args.baseline == 'black' else 'blurred'
+    if os.path.isdir(args.baseline):
+        return load_image_folder(args.baseline, explained.image_size)[0]
+    return load_image_file(args.baseline, explained.image_size)[0]
 
 
 def method_options(args, baseline):
     """The command line's options of the methods, by their constructors' names (None: the method's default)."""
-    return dict(steps=args.steps, baseline=baseline, layer=args.layer, patch=args.patch, stride=args.stride,
-                masks=args.masks)
+    return dict(steps=args.steps, samples=args.samples, baseline=baseline, layer=args.layer, patch=args.patch,
+                stride=args.stride, masks=args.masks)
 
 
 def top_regions(x, attribution, share):

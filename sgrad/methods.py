@@ -3,7 +3,7 @@ options it takes. 'smoothgrad' (SmoothGrad over the gradient) is not here: Smoot
 import inspect
 
 from sgrad.cam import GradCAMPlusPlus, ScoreCAM
-from sgrad.paths import BlurIG, GuidedIG
+from sgrad.paths import BlurIG, GradientSHAP, GuidedIG
 from sgrad.rise import RISE
 from sgrad.saliency import (Deconvnet, GradCAM, Gradient, GradientXInput, GuidedBackprop, GuidedGradCAM,
                             IntegratedGradients, Occlusion)
@@ -15,6 +15,7 @@ METHODS = {
     'guided_backprop': GuidedBackprop,
     'deconvnet': Deconvnet,
     'integrated_gradients': IntegratedGradients,
+    'gradient_shap': GradientSHAP,
     'blur_ig': BlurIG,
     'guided_ig': GuidedIG,
     'xrai': XRAI,
@@ -29,7 +30,7 @@ METHODS = {
 
 def make_method(name, engine, **options):
     """The method ``name`` on ``engine``, given those of ``options`` that its constructor takes (steps,
-    baseline, layer, patch, stride, masks, ...); an option that is None keeps the method's default."""
+    samples, baseline, layer, patch, stride, masks, ...); an option that is None keeps the method's default."""
     cls = METHODS[name]
     takes = inspect.signature(cls).parameters
     return cls(engine, **{key: value for key, value in options.items() if key in takes and value is not None})

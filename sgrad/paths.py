@@ -1,7 +1,8 @@
 """Integrated gradients along other paths than the straight line: Blur IG's path of ever blurrier copies
-of the image, and Guided IG's path that moves the features with the smallest gradients first. Both are
-batched over images on the one GradientEngine: Blur IG's (step, image) pairs in chunks (path_sums),
-Guided IG's images stepping together, one engine call per step for all of them."""
+of the image, and Guided IG's path that moves the features with the smallest gradients first; and Gradient
+SHAP's straight lines from baselines drawn at random. All are batched over images on the one GradientEngine:
+Blur IG's and Gradient SHAP's (step, image) pairs in chunks (path_sums), Guided IG's images stepping
+together, one engine call per step for all of them."""
 import math
 
 import numpy as np
@@ -11,10 +12,20 @@ from sgrad.errors import InputError
 from sgrad.saliency import PathMethod, path_sums
 
 
+#: PAIR's largest blur in Blur IG, for a 224-pixel image.
+MAX_SIGMA_AT_224 = 50.
+
+
 def gaussian_blur(xs, sigma):
     """(N, C, H, W) images blurred plane by plane by a Gaussian of ``sigma`` pixels, zero outside the
     image (scipy.ndimage.gaussian_filter, as PAIR's Blur IG); sigma 0 is the image itself."""
     return xs if sigma == 0 else ndimage.gaussian_filter(xs, sigma=(0, 0, sigma, sigma), mode='constant')
+
+
+def largest_blur(xs):
+    """PAIR's largest blur, 50 pixels at 224x224, scaled with the shorter side of the images xs (..., H, W):
+    7.1 pixels at 32x32, where a 32-pixel image is a flat blur long before sigma 50."""
+    return MAX_SIGMA_AT_224 * min(xs.shape[-2:]) / 224
 
 
 class BlurIG(PathMethod):
@@ -25,12 +36,9 @@ class BlurIG(PathMethod):
 
     with sigma_k = k max_sigma / m (or sqrt(k max_sigma / m) with ``sqrt``) and dx/dsigma by a forward
     difference of ``grad_step``: PAIR saliency's BlurIG, whose defaults these are, except that ``max_sigma``
-    None scales PAIR's 50 pixels at 224x224 with the image's shorter side (7.1 at 32x32: a 32-pixel image is
-    a flat blur long before sigma 50). The attributions add up to S_c(x) - S_c(x(max_sigma)).
+    None scales PAIR's 50 pixels at 224x224 with the image's shorter side (largest_blur). The attributions
+    add up to S_c(x) - S_c(x(max_sigma)).
     """
-
-    #: PAIR's largest blur, for a 224-pixel image.
-    MAX_SIGMA_AT_224 = 50.
 
     def __init__(self, engine, steps=100, max_sigma=None, grad_step=0.01, sqrt=False):
         super().__init__(engine)
@@ -40,7 +48,7 @@ class BlurIG(PathMethod):
 
     def sigmas(self, xs):
         """sigma_0 .. sigma_m for images of the shape of xs."""
-        largest = self.max_sigma or self.MAX_SIGMA_AT_224 * min(xs.shape[-2:]) / 224
+        largest = self.max_sigma or largest_blur(xs)
         fractions = np.arange(self.steps + 1) * largest / self.steps
         return np.sqrt(fractions) if self.sqrt else fractions
 
@@ -55,6 +63,71 @@ class BlurIG(PathMethod):
             slope = (gaussian_blur(xs[images], sigmas[k] + self.grad_step) - point) / dtype(self.grad_step)
             return point, -(sigmas[k + 1] - sigmas[k]) * slope
         return path_sums(self.engine, xs, target, self.steps, points).astype(xs.dtype)
+
+
+class GradientSHAP(PathMethod):
+    """Gradient SHAP (Lundberg & Lee 2017, arXiv:1705.07874), Expected Gradients (Erion et al. 2019,
+    arXiv:1906.10670) when ``stdev`` is 0: the mean over n = ``samples`` draws of
+
+        (x + eps_k - x'_k) * dS_c/dx (x'_k + alpha_k (x + eps_k - x'_k)),   alpha_k ~ U(0, 1),   eps_k ~ N(0, stdev^2)
+
+    with the baselines x'_k drawn from a distribution, ``baseline``: 'black'; 'blurred', the image blurred by
+    a Gaussian of sigma_k ~ U(0, largest_blur) (Blur IG's largest blur); or images drawn uniformly, one
+    (C, H, W) or a set (M, C, H, W) such as training images. In expectation over alpha it is Integrated
+    Gradients averaged over the baselines, adding up to the mean of S_c(x + eps_k) - S_c(x'_k), which
+    ``completeness`` compares with the same draws. The noise eps_k moves the image, not the path point,
+    as Captum's GradientShap (its NoiseTunnel over InputBaselineXGradient) and shap's GradientExplainer
+    add it: with noise Gradient SHAP is SmoothGrad's mean over noisy copies of Expected Gradients, which is
+    why SmoothGrad does not wrap it. ``stdev`` is in the image's units, as Captum's ``stdevs`` (default 0).
+
+    Draw k (baseline, alpha_k, eps_k, the same for every image) comes from RandomState([seed, k]) alone, so
+    every call draws the same (an image's map does not depend on the images beside it), any draw can be made
+    again where it is needed, and the (draw, image) pairs go through the engine in chunks (path_sums).
+    """
+
+    not_smoothable = 'with noise (stdev) it is the mean over noisy copies already'
+
+    def __init__(self, engine, samples=50, baseline='black', stdev=0., seed=0):
+        super().__init__(engine)
+        if samples <= 0:
+            raise InputError('--samples must be positive, got %d' % samples)
+        if stdev < 0:
+            raise InputError('the noise stdev must be >= 0, got %g' % stdev)
+        if baseline is None or isinstance(baseline, str):
+            if baseline not in (None, 'black', 'blurred'):
+                raise InputError("Gradient SHAP's baselines are 'black', 'blurred' or images, got %r" % baseline)
+            self.baselines = 'blurred' if baseline == 'blurred' else np.zeros((1, 1, 1, 1), np.float32)
+        else:
+            images = np.asarray(baseline)
+            self.baselines = images[None] if images.ndim == 3 else images
+        self.samples, self.stdev, self.seed = samples, stdev, seed
+
+    def passes(self, x):
+        return self.samples, 0
+
+    def draw(self, k, xs):
+        """Draw k for the images xs (N, C, H, W): their baselines x'_k (N, C, H, W), alpha_k and eps_k
+        (C, H, W; 0 without noise)."""
+        rng = np.random.RandomState([self.seed, k])
+        if isinstance(self.baselines, str):
+            baselines = gaussian_blur(xs, rng.uniform(0, largest_blur(xs)))
+        else:
+            baselines = np.broadcast_to(self.baselines[rng.randint(len(self.baselines))], xs.shape)
+        alpha = rng.uniform()
+        noise = rng.normal(0, self.stdev, xs.shape[1:]).astype(xs.dtype) if self.stdev else 0
+        return baselines.astype(xs.dtype), xs.dtype.type(alpha), noise
+
+    def attribute(self, xs, target):
+        def points(k, images):
+            baselines, alpha, noise = self.draw(k, xs[images])
+            difference = xs[images] + noise - baselines
+            return baselines + alpha * difference, difference / self.samples
+        return path_sums(self.engine, xs, target, self.samples, points).astype(xs.dtype)
+
+    def path_ends(self, x):
+        draws = [self.draw(k, x[None]) for k in range(self.samples)]
+        return (np.concatenate([baselines for baselines, _, _ in draws]),
+                np.stack([x + noise for _, _, noise in draws]))
 
 
 class GuidedIG(PathMethod):

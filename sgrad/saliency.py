@@ -269,7 +269,8 @@ def path_sums(engine, xs, target, steps, points):
 class PathMethod(Method):
     """An attribution integrated along a path from a reference image (``reference(xs)``) to the image,
     so that it adds up to S_c(x) - S_c(reference) (completeness). The reference is ``baseline`` (black
-    if None; one image, or one per image (N, C, H, W)) unless a method's path defines its own."""
+    if None; one image, or one per image (N, C, H, W)) unless a method's path defines its own; a method
+    that averages over several paths (Gradient SHAP) names their ends (``path_ends``)."""
 
     baseline = None
 
@@ -279,10 +280,17 @@ class PathMethod(Method):
     def passes(self, x):
         return self.steps, 0
 
+    def path_ends(self, x):
+        """The starts and the ends of the paths that the attribution of x (C, H, W) averages over, (P, C, H, W)
+        each: here the one path from the reference to x."""
+        return self.reference(x[None]), x[None]
+
     def completeness(self, x, target, attribution):
-        """(sum of attributions, S_c(x) - S_c(reference)): equal for an exact integral."""
-        values = self.engine.objective_values(np.stack([x, self.reference(x[None])[0]]), target)
-        return float(attribution.sum()), float(values[0] - values[1])
+        """(sum of attributions, S_c(x) - S_c(reference), or its mean over the paths): equal for an exact
+        integral."""
+        starts, ends = self.path_ends(x)
+        values = self.engine.objective_values(np.concatenate([ends, starts]), target)
+        return float(attribution.sum()), float(np.mean(values[:len(ends)] - values[len(ends):]))
 
 
 #: Integrated Gradients' path points alpha_k, k = 0..m-1, by rule: 'midpoint' (k + 1/2) / m, this

@@ -62,7 +62,7 @@ def test_cli_image_file_is_resized_and_label_by_name(tmp_path, model_file, capsy
     'missing model', 'missing image', 'not an image', 'negative noise', 'nan noise', 'infinite noise', 'zero samples',
     'index out of range', 'other architecture', 'bad label', 'missing output folder', 'no such layer',
     'zero patch', 'zero masks', 'a CAM on a dense layer', 'smoothed XRAI', 'a GPU without CuPy', 'a folder as image',
-    'weights not an npz'])
+    'weights not an npz', 'blurred baselines for IG', 'smoothed Gradient SHAP'])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, capsys, case):
     out_png = str(tmp_path / 'out.png')
     other = str(tmp_path / 'other.npz')
@@ -90,6 +90,8 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, cap
         'a GPU without CuPy': ['--gpu', '0'],
         'a folder as image': ['--image', str(tmp_path)],
         'weights not an npz': ['--model', not_image],
+        'blurred baselines for IG': ['--method', 'integrated_gradients', '--baseline', 'blurred'],
+        'smoothed Gradient SHAP': ['--method', 'gradient_shap', '--smooth'],
     }[case]
     if case == 'a GPU without CuPy' and importlib.util.find_spec('cupy') is not None:
         pytest.skip('CuPy is installed here')
@@ -104,7 +106,9 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, cap
     assert len(lines) == 1 and lines[0].startswith('smoothgrad.py: error: '), err
     assert set(os.listdir(str(tmp_path))) == before  # nothing written, not even a temporary file
     expected = {'a folder as image': 'is a folder, not an image file', 'weights not an npz': '(not an .npz file)',
-                'a GPU without CuPy': 'not installed (Chainer'}
+                'a GPU without CuPy': 'not installed (Chainer',
+                'blurred baselines for IG': '--baseline blurred draws baselines from a distribution',
+                'smoothed Gradient SHAP': 'SmoothGrad does not apply to GradientSHAP'}
     assert expected.get(case, '') in lines[0]
 
 
@@ -135,19 +139,37 @@ def test_cli_methods_and_gallery(tmp_path, model_file, capsys):
     assert np.load(npy).shape == (1, 32, 32)
     for method, extra in (('blur_ig', ['--steps', '8']), ('guided_ig', ['--steps', '8']), ('xrai', ['--steps', '4']),
                           ('gradcam_plus_plus', []), ('score_cam', ['--layer', 'conv3']), ('rise', ['--masks', '64']),
-                          ('deconvnet', [])):
+                          ('deconvnet', []), ('gradient_shap', ['--samples', '8'])):
         code, out, err = run_cli(['--model', model_file, '--method', method, '--out', png, '--save-map', npy] + extra,
                                  capsys)
         assert code == 0, err
         assert np.load(npy).shape == (1, 32, 32) and np.abs(np.load(npy)).max() > 0
-        assert ('%s completeness' % method in out) == (method in ('blur_ig', 'guided_ig'))
+        assert ('%s completeness' % method in out) == (method in ('blur_ig', 'guided_ig', 'gradient_shap'))
     gallery = str(tmp_path / 'all.png')
     code, _, err = run_cli(['--model', model_file, '--method', 'all', '--samples', '2', '--steps', '4',
                             '--out', gallery], capsys)
     assert code == 0, err
     from PIL import Image
     with Image.open(gallery) as img:
-        assert img.size[1] > 3 * img.size[0]  # a row for each of the 14 methods, four columns
+        assert img.size[1] > 3.5 * img.size[0]  # a row for each of the 15 methods, four columns
+
+
+def test_cli_gradient_shap_draws_its_baselines_from_the_given_distribution(tmp_path, model_file, capsys):
+    """--baseline black, blurred, an image or a folder of images: each a different map, --samples draws."""
+    from PIL import Image
+    from sgrad.data import load_test_images
+    folder = tmp_path / 'baselines'
+    folder.mkdir()
+    for k, image in enumerate(load_test_images(50, 53)[0]):
+        Image.fromarray((255 * image.transpose(1, 2, 0)).round().astype(np.uint8)).save(str(folder / ('%d.png' % k)))
+    maps = []
+    for baseline in ('black', 'blurred', str(folder / '0.png'), str(folder)):
+        npy = str(tmp_path / 'm.npy')
+        code, out, err = run_cli(['--model', model_file, '--method', 'gradient_shap', '--baseline', baseline,
+                                  '--samples', '6', '--out', str(tmp_path / 'f.png'), '--save-map', npy], capsys)
+        assert code == 0 and 'gradient_shap completeness' in out, err
+        maps.append(np.load(npy))
+    assert all(not np.allclose(a, b) for k, a in enumerate(maps) for b in maps[k + 1:])
 
 
 def test_cli_rejects_zero_steps(tmp_path, model_file, capsys):

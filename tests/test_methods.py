@@ -1,15 +1,20 @@
-"""Integrated Gradients, Guided Backprop, Deconvnet, Grad-CAM, Occlusion and SmoothGrad's
+"""Integrated Gradients, Gradient SHAP, Guided Backprop, Deconvnet, Grad-CAM, Occlusion and SmoothGrad's
 aggregations, checked against hand-written NumPy references."""
 import chainer
 import chainer.functions as F
 import chainer.links as L
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from conftest import random_cifarnet
+from model import load_model
 from sgrad.activations import relu
+from sgrad.data import load_test_images
+from sgrad.errors import InputError
 from sgrad.hooks import ReLURule
 from sgrad.methods import METHODS, make_method
+from sgrad.paths import GradientSHAP
 from sgrad.saliency import (AGGREGATIONS, Deconvnet, GradCAM, Gradient, GradientEngine, GuidedBackprop,
                             IntegratedGradients, Method, Occlusion, SmoothGrad, noisy_copies, upsample)
 
@@ -105,6 +110,63 @@ def test_integrated_gradients_completeness_on_a_random_network(model, image):
     total, difference = ig.completeness(image, 3, attribution)
     assert abs(difference) > 1e-3
     assert total == pytest.approx(difference, rel=0.01)
+
+
+def gradient_shap_reference(engine, x, target, samples, baselines, stdev, seed):
+    """Gradient SHAP of one image written out: draw k from RandomState([seed, k]) (a blur sigma up to 50 pixels
+    at 224, or the index of a baseline; alpha; the noise), one engine call per draw, the mean in float64."""
+    total = np.zeros(x.shape)
+    for k in range(samples):
+        rng = np.random.RandomState([seed, k])
+        if isinstance(baselines, str):
+            sigma = rng.uniform(0, 50 * 32 / 224)
+            baseline = ndimage.gaussian_filter(x, (0, sigma, sigma), mode='constant')
+        else:
+            baseline = baselines[rng.randint(len(baselines))]
+        alpha = rng.uniform()
+        noisy = x + rng.normal(0, stdev, x.shape)
+        point = (baseline + alpha * (noisy - baseline)).astype(np.float32)
+        total += (noisy - baseline) * engine(point[None], target)[0]
+    return total / samples
+
+
+@pytest.mark.parametrize('baselines', ['black', 'blurred', 'images'])
+def test_gradient_shap_equals_a_loop_over_its_draws(model, baselines):
+    """Gradient SHAP of three real CIFAR-10 test images, their draws split over batches of 7 points, against
+    the loop above; baselines black, blurred copies of each image, or ten other test images."""
+    xs, _ = load_test_images(0, 3)
+    images = {'black': np.zeros((1,) + xs.shape[1:], np.float32), 'blurred': 'blurred',
+              'images': load_test_images(50, 60)[0]}[baselines]
+    engine = GradientEngine(model, batchsize=7)
+    ours = GradientSHAP(engine, 10, baselines if baselines != 'images' else images, 0.05, seed=4).attribute(xs, 3)
+    for x, attribution in zip(xs, ours):
+        expected = gradient_shap_reference(engine, x, 3, 10, images, 0.05, 4)
+        assert np.abs(attribution - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+def test_gradient_shap_adds_up_to_the_mean_score_difference_in_expectation():
+    """On the shipped CifarNet and real test images, against ten other test images as baselines: 400 draws
+    of alpha bring the sum of the attributions within 6% of the mean of S_c(x) - S_c(x'_k) over the same
+    draws, and that mean is the average over the baselines drawn (each S_c(x) - S_c(x'_k) by its own pass)."""
+    xs, _ = load_test_images(0, 2)
+    baselines = load_test_images(50, 60)[0]
+    engine = GradientEngine(load_model())
+    targets = engine.probabilities(xs).argmax(axis=1)
+    shap = GradientSHAP(engine, 400, baselines, seed=1)
+    for x, target, attribution in zip(xs, targets, shap.attribute(xs, targets)):
+        total, difference = shap.completeness(x, target, attribution)
+        picks = [np.random.RandomState([1, k]).randint(len(baselines)) for k in range(400)]
+        drops = engine.objective_values(x[None], target)[0] - engine.objective_values(baselines, target)
+        assert difference == pytest.approx(drops[picks].mean(), rel=1e-5)
+        assert abs(difference) > 0.5 and total == pytest.approx(difference, rel=0.06)
+
+
+@pytest.mark.parametrize('options, message', [(dict(baseline='grey'), "baselines are 'black', 'blurred' or images"),
+                                              (dict(samples=0), '--samples must be positive'),
+                                              (dict(stdev=-1), 'stdev must be >= 0')])
+def test_gradient_shap_refuses_bad_options(model, options, message):
+    with pytest.raises(InputError, match=message):
+        GradientSHAP(GradientEngine(model), **options)
 
 
 def test_integrated_gradients_of_a_linear_model_is_exact():

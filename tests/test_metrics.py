@@ -130,6 +130,16 @@ def test_cascading_randomization_is_cumulative_and_decorrelates_gradients(image)
     assert spearman(gradient_map(model), gradient_map(last)) < 0.5
 
 
+def test_evaluate_saliency_makes_every_method_with_the_studys_options(model):
+    """The study's methods are the registry's, plus SmoothGrad: --samples are SmoothGrad's and Gradient SHAP's
+    draws, --steps the path methods', --masks RISE's."""
+    from sgrad.methods import METHODS
+    methods = evaluate_saliency.make_methods(GradientEngine(model), samples=7, steps=5, masks=9)
+    assert list(methods) == list(METHODS) + ['smoothgrad']
+    assert methods['gradient_shap'].samples == methods['smoothgrad'].samples == 7
+    assert methods['integrated_gradients'].steps == methods['blur_ig'].steps == 5 and methods['rise'].masks == 9
+
+
 def test_evaluate_saliency_rejects_bad_arguments():
     for bad in (['--images', '0'], ['--road-images', '0'], ['--sensitivity-radius', '-1'],
                 ['--infidelity-noise', 'nan'], ['--only', 'nothing']):

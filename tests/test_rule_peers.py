@@ -1,13 +1,15 @@
-"""Guided Backprop and Deconvnet against Captum's GuidedBackprop and Deconvolution (optional peer checks, skipped
-with their reason without torch and Captum), on the PyTorch port of the shipped CifarNet (benchmarks/bench_peer.py)
-and real CIFAR-10 test images: ours run through the folded model's fused convolution + ReLU nodes, theirs through
-nn.ReLU modules."""
+"""Guided Backprop, Deconvnet and Gradient SHAP against Captum's GuidedBackprop, Deconvolution and GradientShap
+(optional peer checks, skipped with their reason without torch and Captum), on the PyTorch port of the shipped
+CifarNet (benchmarks/bench_peer.py) and real CIFAR-10 test images: ours run through the folded model's fused
+convolution + ReLU nodes, theirs through nn.ReLU modules."""
 import numpy as np
 import pytest
+from chainer.dataset import concat_examples
 
-from conftest import relative_difference, torch_cifarnet
+from conftest import needs_cifar10, relative_difference, torch_cifarnet
 from model import load_model
-from sgrad.data import load_test_images
+from sgrad.data import load_cifar10, load_test_images
+from sgrad.paths import GradientSHAP
 from sgrad.saliency import Deconvnet, GradientEngine, GuidedBackprop
 
 
@@ -39,3 +41,44 @@ def test_relu_rules_equal_captums(shipped, captum, ours, theirs):
                                                      target=torch.from_numpy(targets.astype(np.int64)))
     assert relative_difference(mine, reference.numpy()) < 1e-4
     assert relative_difference(engine(xs, targets), reference.numpy()) > 0.1
+
+
+@pytest.mark.parametrize('distribution', ['blurred', pytest.param('training images', marks=needs_cifar10)])
+def test_gradient_shap_equals_captums_given_our_draws(shipped, captum, monkeypatch, distribution):
+    """Captum's GradientShap with the same baselines, alphas and noise as ours. Captum draws them itself, the
+    baselines' indices by np.random.choice and the alphas by np.random.uniform (NumPy's global generator),
+    the noise by torch.normal; the test patches those three samplers to return our draws (GradientSHAP.draw),
+    in Captum's order: row i * n + k is image i's draw k. Training images: the first 100 as the baselines'
+    set, Captum given the index of the one we drew; blurred copies, which depend on the image: the set of
+    every image's n copies, Captum given each in turn."""
+    attr, torch, net = captum
+    _, engine, xs, targets = shipped
+    xs, targets, n = xs[:4], targets[:4], 16
+    images = 'blurred' if distribution == 'blurred' else concat_examples(load_cifar10()[0][:100])[0]
+    shap = GradientSHAP(engine, n, images, stdev=0.03, seed=5)
+    mine = shap.attribute(xs, targets)
+    baselines, alphas, noise = zip(*(shap.draw(k, xs) for k in range(n)))
+    rows = lambda draws: np.tile(np.asarray(draws), (len(xs),) + (1,) * (np.ndim(draws) - 1))  # image by image
+    if distribution == 'blurred':
+        pool, picks = np.stack(baselines, axis=1).reshape((-1,) + xs.shape[1:]), np.arange(len(xs) * n)
+    else:
+        pool = images
+        picks = rows([np.flatnonzero((images == drawn[0]).all(axis=(1, 2, 3)))[0] for drawn in baselines])
+
+    def choice(count, size):
+        assert (count, size) == (len(pool), len(xs) * n)
+        return picks
+
+    def uniform(low, high, size):
+        assert (low, high, size) == (0., 1., len(xs) * n)
+        return rows(alphas)
+
+    def normal(mean, std):
+        assert mean == 0 and tuple(std.shape) == (len(xs) * n,) + xs.shape[1:]
+        return torch.from_numpy(rows(noise))
+    monkeypatch.setattr(np.random, 'choice', choice)
+    monkeypatch.setattr(np.random, 'uniform', uniform)
+    monkeypatch.setattr(torch, 'normal', normal)
+    reference = attr.GradientShap(net).attribute(torch.from_numpy(xs), torch.from_numpy(pool), n_samples=n,
+                                                 stdevs=0.03, target=torch.from_numpy(targets.astype(np.int64)))
+    assert relative_difference(mine, reference.detach().numpy()) < 1e-4
