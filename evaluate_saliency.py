@@ -59,21 +59,21 @@ BETTER_AREA = {'deletion': 'lower', 'mean-colour deletion': 'lower', 'blurred de
 AREA_HEADERS = ['%s AUC (%s is better)' % item for item in BETTER_AREA.items()]
 
 
-def make_methods(engine, samples=1, steps=1, masks=1):
-    """name -> method: every method of the project, SmoothGrad being SmoothGrad of the gradient; ``samples`` for
-    SmoothGrad and Gradient SHAP's draws, ``steps`` for every path method (IG, Blur IG, Guided IG, XRAI's IG),
-    ``masks`` for RISE."""
+def make_methods(engine, samples=1, steps=1, masks=1, names=None):
+    """name -> method: every method of the project (or those ``names``, --methods), SmoothGrad being SmoothGrad of
+    the gradient; ``samples`` for SmoothGrad and Gradient SHAP's draws, ``steps`` for every path method (IG, Blur
+    IG, Guided IG, XRAI's IG), ``masks`` for RISE."""
     from sgrad.methods import METHODS, make_method
     from sgrad.saliency import Gradient, SmoothGrad
     methods = {name: make_method(name, engine, samples=samples, steps=steps, masks=masks) for name in METHODS}
     methods['smoothgrad'] = SmoothGrad(Gradient(engine), STUDY_NOISE, samples, 'sum_abs')
-    return methods
+    return {name: method for name, method in methods.items() if names is None or name in names}
 
 
-def method_names(model):
-    """The names of make_methods' methods, in their order."""
-    from sgrad.saliency import GradientEngine
-    return list(make_methods(GradientEngine(model)))
+def method_names(names=None):
+    """The names of make_methods' methods (every method, or those of ``names``), in their order."""
+    from sgrad.methods import METHODS
+    return [name for name in list(METHODS) + ['smoothgrad'] if names is None or name in names]
 
 
 def maps_of(method, images, targets, indices, seed):
@@ -181,7 +181,7 @@ def section_settings(args, model, section, **more):
     for name, param in sorted(model.namedparams()):
         weights.update(name.encode() + np.ascontiguousarray(param.array).tobytes())
     flags = ('samples', 'steps', 'masks', 'seed') + SHARD_SETTINGS[section]
-    return dict({flag: getattr(args, flag) for flag in flags}, section=section, methods=method_names(model),
+    return dict({flag: getattr(args, flag) for flag in flags}, section=section, methods=method_names(args.methods),
                 weights=weights.hexdigest(), **more)
 
 
@@ -257,7 +257,7 @@ def randomized_maps(args, model, cascade, part):
     for done, (stage, staged_model) in enumerate(models):
         progress(done)
         engine = GradientEngine(staged_model, batchsize=args.batchsize)
-        for name, method in make_methods(engine, args.samples, args.steps, args.masks).items():
+        for name, method in make_methods(engine, args.samples, args.steps, args.masks, args.methods).items():
             absolute, signed = maps_of(method, part.images, part.targets, part.indices, args.seed)
             maps['abs', stage, name] = absolute
             if signed is not None:
@@ -305,7 +305,7 @@ def sanity_check(args, model, share, report):
         return (np.mean(rows[name, stage, 'abs']), None if signed is None else np.mean(signed),
                 np.mean(rows[name, stage, 'ssim']))
 
-    methods = method_names(model)
+    methods = method_names(args.methods)
     curves = {name: [similarity(stage, name) for stage in stages] for name in methods}
     # Control: the fully randomized model's map of another image. The same-image correlation
     # beyond this level comes from the image; up to it, from a pattern the method draws everywhere.
@@ -348,13 +348,13 @@ def auc_cells(curves):
     return [mean_cell(area_under_curve(curves[kind])) for kind in BETTER_AREA]
 
 
-def pixel_orders(model):
-    """[(label, line style)] of every pixel order a faithfulness section measures: each method's |map|,
-    the signed map of signed methods (evidence for the class first, evidence against it last) and a
-    random order as baseline."""
+def pixel_orders(model, names=None):
+    """[(label, line style)] of every pixel order a faithfulness section measures: each method's |map| (of every
+    method, or those ``names``), the signed map of signed methods (evidence for the class first, evidence against
+    it last) and a random order as baseline."""
     from sgrad.saliency import GradientEngine
     orders = []
-    for k, (name, method) in enumerate(make_methods(GradientEngine(model)).items()):
+    for k, (name, method) in enumerate(make_methods(GradientEngine(model), names=names).items()):
         orders.append((name, dict(color='C%d' % k)))
         if method.signed:
             orders.append((name + ' (signed)', dict(color='C%d' % k, linestyle='--')))
@@ -366,8 +366,8 @@ def pixel_order_curves(args, model, share, curves_of, unit):
     {kind: curves of the images}. Returns {(label, kind): curves of all images} on rank 0, else None."""
     from sgrad.saliency import GradientEngine
     engine = GradientEngine(model, batchsize=args.batchsize)
-    methods = make_methods(engine, args.samples, args.steps, args.masks)
-    orders = [label for label, _ in pixel_orders(model)]
+    methods = make_methods(engine, args.samples, args.steps, args.masks, args.methods)
+    orders = [label for label, _ in pixel_orders(model, args.methods)]
     steps = len(methods) + len(orders)
     progress = share.progress(steps, 'steps (maps, then %s)' % unit)
     maps = []  # in the order of pixel_orders
@@ -418,7 +418,7 @@ def deletion_insertion(args, model, share, report):
         ends = curve_ends(GradientEngine(model, batchsize=args.batchsize), part.images, part.targets, colour)
         return pixel_order_curves(args, model, part, lambda engine, maps: perturbation_curves(
             engine, part.images, maps, part.targets, args.perturbation_steps, ends, colour), 'curves')
-    orderings = pixel_orders(model)
+    orderings = pixel_orders(model, args.methods)
     curves = sharded(args, model, 'deletion', share, curves_of, mean_colour=colour.tolist())
     if report is None:
         return
@@ -438,7 +438,7 @@ def road(args, model, share, report):
         rngs = lambda: [np.random.RandomState([args.seed, index, 2]) for index in part.indices]
         return pixel_order_curves(args, model, part, lambda engine, maps: road_curves(
             engine.probabilities, part.images, maps, part.targets, noise=args.road_noise, rngs=rngs()), 'ROAD curves')
-    orderings = pixel_orders(model)
+    orderings = pixel_orders(model, args.methods)
     curves = sharded(args, model, 'road', share, curves_of)
     if report is None:
         return
@@ -482,11 +482,12 @@ def robustness(args, model, share, report):
     import matplotlib.pyplot as plt
     from sgrad.metrics import gini, infidelity_score, infidelity_terms, max_sensitivity
     from sgrad.saliency import Gradient, GradientEngine, SmoothGrad, attribute_each, channel_sum_abs
-    noise_levels = NOISE_LEVELS[1:]
+    # SmoothGrad's max-sensitivity against its noise level, where SmoothGrad is among the methods
+    noise_levels = NOISE_LEVELS[1:] if 'smoothgrad' in method_names(args.methods) else []
 
     def compute(part):
         engine = GradientEngine(model, batchsize=args.batchsize)
-        methods = make_methods(engine, args.samples, args.steps, args.masks)
+        methods = make_methods(engine, args.samples, args.steps, args.masks, args.methods)
         streams = lambda stream: [np.random.RandomState([args.seed, index, stream]) for index in part.indices]
 
         def sensitivity(method, convention='same', maps=None):
@@ -531,7 +532,7 @@ def robustness(args, model, share, report):
                     else sensitivity(smoothgrad, convention))
         progress(len(methods) + len(noise_levels))
         return part.gather(results)
-    methods = method_names(model)
+    methods = method_names(args.methods)
     results = sharded(args, model, 'robustness', share, compute)
     if report is None:
         return
@@ -543,7 +544,7 @@ def robustness(args, model, share, report):
                  [[label(name), mean_cell(results['sensitivity', name]), mean_cell(results['gini', name])]
                   for name in methods])
 
-    signed = dict(zip(methods, (method.signed for method in make_methods(GradientEngine(model)).values())))
+    signed = {name: method.signed for name, method in make_methods(GradientEngine(model), names=methods).items()}
 
     def cell(perturbation, normalize, name):
         """The infidelity over the zero map's, image by image (the zero map: its own, in parentheses); as it
@@ -562,6 +563,8 @@ def robustness(args, model, share, report):
                                for perturbation in INFIDELITY_RUNS for scaling in ('optimally scaled', 'as it is')],
                  [[name] + [cell(perturbation, normalize, name) for perturbation in INFIDELITY_RUNS
                             for normalize in (True, False)] for name in methods + list(INFIDELITY_CONTROLS)])
+    if not noise_levels:
+        return
     report.table('SmoothGrad (N=%d): max-sensitivity against the noise level, %d images, by how SmoothGrad\'s noise '
                  'is drawn at x and x + d' % (args.samples, share.total),
                  ['noise'] + list(SENSITIVITY_CONVENTIONS.values()),
@@ -571,7 +574,9 @@ def robustness(args, model, share, report):
     for convention, description in SENSITIVITY_CONVENTIONS.items():
         means, errors = zip(*[mean_and_error(results['sensitivity', noise, convention]) for noise in noise_levels])
         plt.errorbar([100 * noise for noise in noise_levels], means, yerr=errors, marker='o', label=description)
-    plt.axhline(np.mean(results['sensitivity', 'gradient']), color='gray', linestyle=':', label='gradient (no noise)')
+    if 'gradient' in methods:
+        plt.axhline(np.mean(results['sensitivity', 'gradient']), color='gray', linestyle=':',
+                    label='gradient (no noise)')
     plt.xlabel('SmoothGrad noise level (%)')
     plt.ylabel('max-sensitivity of the map (relative)')
     plt.grid(True, alpha=0.3)
@@ -663,6 +668,9 @@ def main(argv=None):
     p.add_argument('--robustness-images', type=int, default=50,
                    help='test images for max-sensitivity, infidelity and sparseness')
     p.add_argument('--only', nargs='+', choices=tuple(SECTIONS), default=list(SECTIONS))
+    p.add_argument('--methods', nargs='+', choices=method_names(), metavar='NAME',
+                   help='study these methods only (default: all of them: %s); a run of other methods into the '
+                   'same --out-dir recomputes its shards' % ', '.join(method_names()))
     p.add_argument('--samples', type=int, default=25,
                    help='SmoothGrad samples and Gradient SHAP draws (default: %(default)s)')
     p.add_argument('--steps', type=int, default=16,

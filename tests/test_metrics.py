@@ -1,4 +1,5 @@
 """The saliency metrics on cases whose answer is known."""
+import json
 import os
 import re
 
@@ -164,6 +165,24 @@ def test_evaluate_saliency_end_to_end(tmp_path, model_file):
                      'zero map (control)', 'random map (control)', 'noisy baseline sd 0.2, as it is',
                      'fresh noise, radius 0 (Monte Carlo floor)'):
         assert expected in text
+
+
+@needs_cifar10
+def test_evaluate_saliency_of_some_methods(tmp_path, model_file):
+    """--methods: the tables hold those methods' rows (and the controls) alone; without SmoothGrad, no table of its
+    noise levels; the shards record the methods, so that a rerun with the same --methods loads them."""
+    out = str(tmp_path / 'eval')
+    argv = ['--model', model_file, '--methods', 'deconvnet', 'gradcam', '--only', 'sanity', 'road', 'robustness',
+            '--images', '2', '--road-images', '2', '--robustness-images', '2', '--steps', '2',
+            '--sensitivity-samples', '1', '--infidelity-samples', '2', '--shard-size', '2', '-o', out]
+    assert evaluate_saliency.main(argv) == 0
+    text = open(os.path.join(out, 'results.md')).read()
+    rows = {line.split(' | ')[0].lstrip('| ') for line in text.splitlines() if line.startswith('| ')}
+    assert rows - {'method', 'pixel order', '---'} == {'deconvnet', 'deconvnet (signed)', 'gradcam',
+                                                       'random (baseline)'} | set(evaluate_saliency.INFIDELITY_CONTROLS)
+    assert 'SmoothGrad (N=' not in text and not os.path.exists(os.path.join(out, 'sensitivity_noise.png'))
+    with np.load(os.path.join(out, 'shards', 'road-000000-000002.npz')) as shard:
+        assert json.loads(str(shard['settings']))['methods'] == ['deconvnet', 'gradcam']
 
 
 def test_evaluate_saliency_on_photographs_with_a_users_model(tmp_path):
