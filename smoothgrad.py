@@ -108,7 +108,7 @@ def parse_args(argv=None):
                    'cross-entropy, against the true label when --label is not given')
     p.add_argument('--seed', type=int, default=0, help='noise seed (default: %(default)s)')
     p.add_argument('--model', '-m', metavar='PATH|%s' % EFFICIENTNET,
-                   help='CifarNet weights saved by train.py (default: the shipped models/cifarnet.npz), '
+                   help='CifarNet weights saved by train.py (default: the shipped sgrad/shipped/cifarnet.npz), '
                    '%s (ImageNet), or with --arch the weights of that class' % EFFICIENTNET)
     p.add_argument('--arch', metavar='FILE.py:Class',
                    help='explain your own chainer.Chain: the class, built with no arguments; it may set '

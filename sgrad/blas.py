@@ -16,9 +16,9 @@ def select_blas_kernels(cpuinfo='/proc/cpuinfo'):
     """Name the kernels NumPy's OpenBLAS should run, from the CPU's features, in OPENBLAS_CORETYPE.
 
     OpenBLAS 0.3.23 (in NumPy 1.26's wheels) picks its kernels by CPU model, and on a model it does
-    not know, such as this machine's Xeon (AVX-512), it falls back to Prescott's SSE3 kernels:
+    not know, such as the AVX-512 Xeon of an earlier session, it falls back to Prescott's SSE3 kernels:
     benchmarks/bench_peer.py printed sgemm at 51 GFLOP/s there against 240 with the AVX-512
-    (SkylakeX) ones (README, "Speed"). OpenBLAS reads the variable when it loads, so this acts
+    (SkylakeX) ones (docs/speed.md). OpenBLAS reads the variable when it loads, so this acts
     only before NumPy is imported; a value the user set is left alone. Returns the kernel set
     named, or None (nothing changed; Windows and macOS have no /proc/cpuinfo).
     """

@@ -1,6 +1,7 @@
 """The models the scripts explain: CifarNet weights, EfficientNet-Lite0 by name, or a user's own class.
 
-    --model models/cifarnet.npz                  CifarNet (sgrad/cifarnet.py) with these weights (the default)
+    --model result/model.npz                     CifarNet (sgrad/cifarnet.py) with these weights (default: the
+                                                 shipped sgrad/shipped/cifarnet.npz)
     --model efficientnet-lite0                   EfficientNet-Lite0 with its ImageNet weights
     --arch mynet.py:Net --model weights.npz      a user's chainer.Chain, built with no arguments
     --arch mynet.py:Net --random-weights         ... randomly initialised, when that is what is wanted

@@ -1,4 +1,4 @@
-"""The shipped weights (models/cifarnet.npz) on the real CIFAR-10 test set."""
+"""The shipped weights (sgrad/shipped/cifarnet.npz) on the real CIFAR-10 test set."""
 import json
 import os
 
