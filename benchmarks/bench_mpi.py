@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One process against `mpiexec -n 2` (ChainerMN, naive communicator), each script as a user runs it.
 
-    CHAINER_DATASET_ROOT=../shared/data python benchmarks/bench_mpi.py
+    python benchmarks/bench_mpi.py          # with CHAINER_DATASET_ROOT set (docs/setup.md)
 
 1. Training: `train.py` on the first --train-images images at the recipe's global batch 128
    (64 per rank on 2 ranks), images/s of its steady epochs (epochs 2..--epochs, from the
