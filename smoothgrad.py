@@ -191,6 +191,7 @@ def draw_grid(f, rows, title):
     title = fit_title(fig, title)
     title_height = title.get_window_extent(fig.canvas.get_renderer()).height / fig.dpi + 0.15
     fig.set_figheight(2.3 * len(rows) + title_height)
+    title.set_y(1 - 0.05 / fig.get_figheight())  # its top 0.05 inch below the figure's, however tall the figure
     fig.tight_layout(rect=(0, 0, 1, 1 - title_height / fig.get_figheight()))
     fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
