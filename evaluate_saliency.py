@@ -271,17 +271,16 @@ def similarity_rows(maps, stages):
     measure): values}, measure 'abs' and 'signed' (Spearman of |map| and of the signed map) and 'ssim' (of
     |map|); and the control, stage 'control': the fully randomized model's map of the image before it."""
     from sgrad.metrics import spearman, ssim
-    measures = {'abs': ('abs', spearman), 'signed': ('signed', spearman), 'ssim': ('abs', ssim)}
+    measures = (('abs', 'abs', spearman), ('signed', 'signed', spearman), ('ssim', 'abs', ssim))
+    compared = [(stage, stage, 0) for stage in stages] + [('control', stages[-1], 1)]  # (row, stage, image shift)
     rows = {}
-    for kind, stage, name in maps:
-        if stage != 'trained':
-            continue
-        for stage_name, shift in [(stage_name, 0) for stage_name in stages] + [('control', 1)]:
-            compared = stages[-1] if stage_name == 'control' else stage_name
-            for measure, (of, similarity) in measures.items():
-                if of == kind:
-                    pairs = zip(maps[kind, 'trained', name], np.roll(maps[kind, compared, name], shift, axis=0))
-                    rows[name, stage_name, measure] = np.array([similarity(a, b) for a, b in pairs])
+    for name in {name for _, _, name in maps}:
+        for measure, kind, similarity in measures:
+            if (kind, 'trained', name) not in maps:  # an unsigned method: no signed maps
+                continue
+            for row, stage, shift in compared:
+                pairs = zip(maps[kind, 'trained', name], np.roll(maps[kind, stage, name], shift, axis=0))
+                rows[name, row, measure] = np.array([similarity(a, b) for a, b in pairs])
     return rows
 
 

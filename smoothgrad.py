@@ -142,6 +142,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error('--%s must be positive' % name)
+    if args.method != 'all' and args.samples is None:  # the gallery picks its own (gallery)
+        args.samples = DEFAULT_SAMPLES
     if args.method == 'all' and (args.save_map or args.many):
         p.error('--method all draws a gallery of one image; --save-map, --indices and --folder take one method')
     for path in (args.out, args.save_map, args.save_maps if args.many else None):
@@ -308,8 +310,9 @@ def announce_time(engine, x, methods):
 
 def gallery(args, engine, x, baseline):
     """(plain, smoothed) variants of every method, smoothed at the highest noise level ([] where it is
-    not smoothed), and the title's note on the settings. On a photograph the settings not given are lowered (PHOTO_GALLERY) and the forward-only
-    methods left unsmoothed, so that it takes about a minute; the note says so."""
+    not smoothed), and the title's note on the settings. On a photograph the settings not given are lowered
+    (PHOTO_GALLERY) and the forward-only methods left unsmoothed, so that it takes about a minute; the note
+    says so."""
     from sgrad.methods import METHODS
     noise = max(args.noise)
     args.noise = [noise if noise > 0 else 0.1]
@@ -363,7 +366,6 @@ def run(args, comm=None):
         rows, note = gallery(args, engine, x, baseline)
         title += note
     else:
-        args.samples = args.samples or DEFAULT_SAMPLES
         smooth = args.smooth or args.method == 'smoothgrad'
         # one row: the method, plain or smoothed at each noise level
         rows = [(variants(args, engine, x, 'gradient' if args.method == 'smoothgrad' else args.method, smooth,
@@ -411,7 +413,6 @@ def run_many(args, explained, comm):
     mine = parallel.split(np.arange(len(images)), comm)
     engine = GradientEngine(explained.link, args.objective, args.batchsize or AUTO_BATCHSIZE)
     probs = probe(explained, engine, images[mine])
-    args.samples = args.samples or DEFAULT_SAMPLES
     if args.label is not None:
         targets = np.full(len(mine), parse_label(explained, args.label, probs.shape[1]), np.int32)
     elif args.objective == 'loss' and labels is not None:

@@ -208,12 +208,7 @@ class Net(chainer.Chain):
 
 
 def test_cli_explains_a_users_own_model(tmp_path, capsys):
-    source = tmp_path / 'mynet.py'
-    source.write_text(USER_MODEL)
-    weights = str(tmp_path / 'net.npz')
-    namespace = {}
-    exec(USER_MODEL, namespace)
-    chainer.serializers.save_npz(weights, namespace['Net']())
+    source, weights = write_user_model(tmp_path, USER_MODEL)
     npy = str(tmp_path / 'm.npy')
     for method in ('smoothgrad', 'guided_backprop', 'gradcam'):
         code, out, err = run_cli(['--arch', '%s:Net' % source, '--model', weights, '--image',
