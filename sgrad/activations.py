@@ -24,6 +24,13 @@ from sgrad.blocks import _ranges, for_blocks, plane_blocks
 RULES = {None: (False, 0.), 'guided': (True, 0.), 'deconvnet': (True, -numpy.inf)}
 
 
+def fusing_activations():
+    """Whether the folded models fuse an activation into its convolution's node (the default: one pass and
+    no pre-activation array kept). The rule-based methods (sgrad.rules) run with
+    ``chainer.using_config('fuse_activations', False)``: their rules need each activation's own node."""
+    return getattr(chainer.config, 'fuse_activations', True)
+
+
 def _relu_mask(y, cap=None, guide=None, floor=0.):
     """Where a ReLU passes the gradient, read off its output y: y > floor (and y < cap for the clipped
     min(max(x, 0), cap)), and also guide > 0 under a rule that rectifies (guide: the incoming gradient)."""

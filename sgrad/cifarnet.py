@@ -15,7 +15,7 @@ import chainer.functions as F
 import chainer.links as L
 import numpy as np
 
-from sgrad.activations import relu
+from sgrad.activations import fusing_activations, relu
 from sgrad.batchnorm import FoldsBatchNorm, batch_normalization_relu, folded_copy
 from sgrad.convolution import convolution_3x3
 from sgrad.errors import WEIGHTS_ERRORS, InputError, weights_error
@@ -67,7 +67,9 @@ class ConvBN(FoldsBatchNorm, chainer.Chain):
     def forward(self, x):
         folded = self.folded_parameters()
         if folded is not None:
-            return convolution_3x3(x, *folded, relu=True, cache=self.kernels_cache)
+            fuse = fusing_activations()
+            h = convolution_3x3(x, *folded, relu=fuse, cache=self.kernels_cache)
+            return h if fuse else relu(h)
         h = convolution_3x3(x, self.conv.W)
         if chainer.config.train and not chainer.config.in_recomputing:
             return batch_normalization_relu(h, self.bn)

@@ -21,7 +21,7 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 
-from sgrad.activations import clipped_relu
+from sgrad.activations import clipped_relu, fusing_activations
 from sgrad.batchnorm import FoldsBatchNorm, folded_copy
 from sgrad.depthwise import depthwise_convolution, pointwise_convolution
 from sgrad.errors import InputError
@@ -92,14 +92,18 @@ class ConvBNReLU6(FoldsBatchNorm, chainer.Chain):
         # folded (saliency): sgrad.depthwise nodes with the bias and ReLU6 inside, block by block on all cores
         W, b = folded
         cap = RELU6_CAP if self.activation else None
+        fused = cap if fusing_activations() else None
         if self.depthwise:
-            return depthwise_convolution(x, W, self.stride, b, cap, pads, self.bands_cache)
-        if self.conv.groups == 1:  # a 1x1 convolution; the stem, that of its k x k patches of 3 channels
+            h = depthwise_convolution(x, W, self.stride, b, fused, pads, self.bands_cache)
+        elif self.conv.groups == 1:  # a 1x1 convolution; the stem, that of its k x k patches of 3 channels
             patches = x if self.ksize == 1 else F.im2col(same_padding(x, self.ksize, self.stride), self.ksize,
                                                          self.stride)
-            return pointwise_convolution(patches, W.reshape(W.shape[0], -1, 1, 1), b, cap)
-        h = F.convolution_2d(same_padding(x, self.ksize, self.stride), W, b, self.stride, groups=self.conv.groups)
-        return h if cap is None else clipped_relu(h, cap)
+            h = pointwise_convolution(patches, W.reshape(W.shape[0], -1, 1, 1), b, fused)
+        else:
+            h = F.convolution_2d(same_padding(x, self.ksize, self.stride), W, b, self.stride,
+                                 groups=self.conv.groups)
+            fused = None
+        return h if cap is None or fused is not None else clipped_relu(h, cap)
 
 
 class MBConv(chainer.Chain):
