@@ -19,7 +19,7 @@ from sgrad.activations import fusing_activations, relu
 from sgrad.batchnorm import FoldsBatchNorm, batch_normalization_relu, folded_copy
 from sgrad.convolution import convolution_3x3
 from sgrad.errors import WEIGHTS_ERRORS, InputError, weights_error
-from sgrad.pooling import max_pooling_2x2
+from sgrad.pooling import global_max_pooling, max_pooling_2x2
 
 #: The shipped weights that smoothgrad.py explains by default (their record: cifarnet.json beside them).
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shipped', 'cifarnet.npz')
@@ -40,17 +40,9 @@ def normalize(x):
     return (x - mean) / std
 
 
-def global_max_pool(h):
-    """(N, C, H, W) -> (N, C), the maximum of each feature map. Its gradient goes to one
-    position, the first maximum (F.max would give it to every tied position: on flat
-    images whole feature maps tie). Picked by argmax, then F.get_item at those flat positions:
-    F.max_pooling_2d did the same through an im2col (a fiftieth of a CifarNet map's time), and
-    F.select_item indexes with a Python range (6 ms of a map, forward and backward)."""
-    n, c = h.shape[:2]
-    maps = F.reshape(h, (n * c, -1))
-    xp = chainer.backend.get_array_module(maps)
-    first = maps.array.argmax(axis=1) + maps.shape[1] * xp.arange(n * c)
-    return F.reshape(F.get_item(F.reshape(maps, (-1,)), first), (n, c))
+#: The name that model.py and earlier code import: sgrad.pooling's GlobalMaxPooling node now (its gradient
+#: goes to each map's first maximum only, never split among ties).
+global_max_pool = global_max_pooling
 
 
 class ConvBN(FoldsBatchNorm, chainer.Chain):
@@ -135,7 +127,7 @@ class CifarNet(chainer.Chain):
 
     def head(self, features):
         """Class scores (logits) from the last block's activations."""
-        return self.fc(global_max_pool(features)) * self.LOGIT_SCALE
+        return self.fc(global_max_pooling(features)) * self.LOGIT_SCALE
 
     def forward(self, x):
         """Class scores (logits) for a [0, 1] image batch of shape (N, 3, 32, 32)."""

@@ -8,11 +8,14 @@ import pytest
 from chainer import gradient_check
 
 from conftest import random_cifarnet
-from model import global_max_pool, load_model, normalize
+import model as model_module
+import sgrad.cifarnet
+from model import load_model, normalize
 from sgrad.reference import plain_chainer_forward
 from sgrad.errors import InputError
 from sgrad.convolution import convolution_3x3
-from sgrad.pooling import max_pooling_2x2
+from sgrad.data import load_test_images
+from sgrad.pooling import GlobalMaxPooling, global_max_pooling, max_pooling_2x2
 from sgrad.saliency import GradientEngine, noisy_copies
 
 
@@ -129,15 +132,74 @@ def test_max_pooling_2x2_on_batches_that_end_in_a_partial_vector(kernel_path, ba
     assert np.isnan(chwn_to_nchw(ours[0])[-1, 1, 1, 0])
 
 
-def test_global_max_pool_gives_a_tie_to_one_position():
-    h = np.zeros((1, 2, 4, 4))
-    h[0, 0, 1, 2] = h[0, 0, 3, 0] = 5.   # a tie
-    h[0, 1] = 1.                           # a flat map: sixteen-way tie
-    hv = chainer.Variable(h)
-    F.sum(global_max_pool(hv) * np.array([[1., 2.]])).backward()
-    expected = np.zeros_like(h)
-    expected[0, 0, 1, 2], expected[0, 1, 0, 0] = 1., 2.
-    np.testing.assert_array_equal(hv.grad, expected)
+def argmax_get_item_global_max_pool(h):
+    """The global max pool before the GlobalMaxPooling node: argmax, then F.get_item at the flat positions."""
+    n, c = h.shape[:2]
+    maps = F.reshape(h, (n * c, -1))
+    first = maps.array.argmax(axis=1) + maps.shape[1] * np.arange(n * c)
+    return F.reshape(F.get_item(F.reshape(maps, (-1,)), first), (n, c))
+
+
+@pytest.mark.parametrize('layout', ['NCHW', 'CHWN'])
+def test_global_max_pooling_passes_gradient_checks(layout):
+    rng = np.random.RandomState(0)
+    x = rng.randn(3, 4, 5, 6)   # no ties
+    if layout == 'CHWN':        # CifarNet's maps: (C, H, W, N) arrays seen as (N, C, H, W)
+        x = np.ascontiguousarray(nchw_to_chwn(x)).transpose(3, 0, 1, 2)
+    gy, ggx = rng.randn(3, 4), rng.randn(3, 4, 5, 6)
+    np.testing.assert_array_equal(global_max_pooling(x).array, x.max(axis=(2, 3)))
+    gradient_check.check_backward(global_max_pooling, x, gy, dtype=np.float64)
+    gradient_check.check_double_backward(global_max_pooling, x, gy, ggx, dtype=np.float64)
+    # the gradient keeps the maps' memory layout (no copy for the convolutions below)
+    xv = chainer.Variable(x)
+    gx, = chainer.grad([global_max_pooling(xv)], [xv], grad_outputs=[chainer.Variable(gy)])
+    assert gx.array.strides == x.strides
+
+
+def test_global_max_pooling_gives_a_tie_to_its_first_maximum_like_argmax_and_get_item():
+    """Ties (several equal maxima, a flat map, an all-zero map, a NaN): forward, gradient and double
+    backward equal the old argmax + F.get_item formulation's, and each map's gradient lands on its first
+    maximum in row-major order only."""
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 3, size=(2, 3, 4, 5)).astype(np.float64)   # most maps hold their maximum several times
+    x[0, 0] = 0.
+    x[0, 0, 1, 2] = x[0, 0, 3, 0] = 5.   # a two-way tie
+    x[0, 1] = 1.                          # a flat map: twenty-way tie
+    x[1, 2] = 0.                          # all zeros
+    x[1, 0, 2, 3] = np.nan
+    gy, ggx = rng.randn(2, 3), rng.randn(*x.shape)
+    ours = first_and_second_backward(global_max_pooling, x, gy, ggx)
+    theirs = first_and_second_backward(argmax_get_item_global_max_pool, x, gy, ggx)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+    gx = ours[1]
+    np.testing.assert_array_equal((gx != 0).reshape(6, -1).sum(axis=1), 1)
+    assert gx[0, 0, 1, 2] == gy[0, 0] and gx[0, 0, 3, 0] == 0.
+    assert gx[0, 1, 0, 0] == gy[0, 1] and gx[1, 2, 0, 0] == gy[1, 2] and gx[1, 0, 2, 3] == gy[1, 0]
+    # the node keeps the positions, and is re-applied at another input with no state carried over
+    node = GlobalMaxPooling()
+    node.apply((x,))
+    np.testing.assert_array_equal(node.indexes[0, :2], [1 * 5 + 2, 0])
+    other = GlobalMaxPooling()
+    other.apply((-x,))
+    assert other.indexes[0, 0] != node.indexes[0, 0]
+    assert model_module.global_max_pool is global_max_pooling   # the name that model.py exports
+
+
+def test_shipped_model_logits_and_gradients_are_those_of_argmax_and_get_item(monkeypatch):
+    x, labels = load_test_images(0, 8)
+    net = load_model()
+
+    def logits_and_gradients():
+        with chainer.using_config('train', False), chainer.no_backprop_mode():
+            logits = net.inference_copy()(x).array
+        return logits, GradientEngine(net)(x, labels), GradientEngine(net, 'loss')(x, labels)
+
+    ours = logits_and_gradients()
+    monkeypatch.setattr(sgrad.cifarnet, 'global_max_pooling', argmax_get_item_global_max_pool)
+    theirs = logits_and_gradients()
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_folded_batchnorm_copy_gives_the_same_outputs(model, image):
