@@ -120,9 +120,12 @@ def torch_peer(model):
     class TorchCifarNet(nn.Module):
         def __init__(self):
             super().__init__()
-            pool = nn.MaxPool2d(2)
-            self.body = nn.Sequential(conv_bn(model.prep), conv_bn(model.conv1), pool, Residual(model.res1),
-                                      conv_bn(model.conv2), pool, conv_bn(model.conv3), pool, Residual(model.res3))
+            # a module per use (Captum's DeepLift keeps each module's input on it) and the global max pool as
+            # one (its DeepLift rule is for nn.MaxPool2d modules): CifarNet's last maps are 4x4
+            self.body = nn.Sequential(conv_bn(model.prep), conv_bn(model.conv1), nn.MaxPool2d(2),
+                                      Residual(model.res1), conv_bn(model.conv2), nn.MaxPool2d(2),
+                                      conv_bn(model.conv3), nn.MaxPool2d(2), Residual(model.res3),
+                                      nn.MaxPool2d(4), nn.Flatten())
             self.fc = nn.Linear(*model.fc.W.shape[::-1])
             with torch.no_grad():
                 self.fc.weight.copy_(torch.from_numpy(model.fc.W.array))
@@ -132,7 +135,7 @@ def torch_peer(model):
 
         def forward(self, x):
             h = self.body((x - self.mean) / self.std)
-            return self.fc(h.amax(dim=(2, 3))) * model.LOGIT_SCALE
+            return self.fc(h) * model.LOGIT_SCALE
 
     return torch, TorchCifarNet().eval()
 

@@ -92,22 +92,30 @@ class GradientEngine:
     def gradients(self, x, target, rule=None):
         """d objective / d x for every image of x (N, C, H, W); target: one class or one per image.
 
-        rule: backpropagate through every ReLU by this rule (sgrad.hooks.ReLURule: 'guided' for Guided
-        Backprop, 'deconvnet' for Deconvnet) instead of its gradient.
+        rule: backpropagate by this rule instead of the gradient: through every ReLU (sgrad.hooks.ReLURule:
+        'guided' for Guided Backprop, 'deconvnet' for Deconvnet), or through every node, ``rule(model,
+        chunk)`` giving the hook for the forward pass of the images x[chunk] whose ``check()`` sets the rules
+        once it has run (sgrad.deeplift.DeepLIFTRules).
         """
         grads = np.empty(x.shape, dtype=x.dtype)
         with chainer.using_config('train', False):
             for chunk, xs, ts in self._chunks(x, target):
                 xv = chainer.Variable(xs)
-                with ReLURule(rule) if rule else contextlib.nullcontext() as relus:
+                with self._rule_hook(rule, chunk) as hook:
                     logits = self.model(xv)
                 if rule:
-                    relus.check()
+                    hook.check()
                 gx, = chainer.grad([F.sum(self._objective(logits, ts))], [xv])
                 grads[chunk] = chainer.backend.CpuDevice().send(gx.array)
         return grads
 
     __call__ = gradients
+
+    def _rule_hook(self, rule, chunk):
+        """The hook that gives the forward pass of a chunk its backward ``rule`` (see gradients)."""
+        if rule is None:
+            return contextlib.nullcontext()
+        return ReLURule(rule) if isinstance(rule, str) else rule(self.model, chunk)
 
     def _layer_array(self, array):
         """A layer's output or gradient as a host array (N, C, h, w), whatever the model's activation layout."""
