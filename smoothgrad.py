@@ -33,6 +33,9 @@ DEFAULT_OUT = 'smoothgrad.png'
 DEFAULT_MAPS = 'smoothgrad_maps.npz'
 DEFAULT_SAMPLES = 100
 
+#: The methods whose --baseline may be a set of images (a folder) or 'blurred'.
+SETS_OF_BASELINES = ('gradient_shap', 'deeplift_shap')
+
 #: --method all on an image of this side or more (a photograph): the settings not given on the command line,
 #: lowered so that a 224x224 gallery of every method takes about a minute on 2 cores, and the methods that
 #: are forward passes alone (each noisy copy repeats all of them) left unsmoothed.
@@ -88,10 +91,11 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int,
                    help='path methods\' steps: integrated_gradients (default 50), blur_ig (100), guided_ig (200), '
                    'xrai (100 per baseline); %d each in a photograph\'s --method all gallery' % PHOTO_GALLERY['steps'])
-    p.add_argument('--baseline', default='black', metavar='black|blurred|PATH|DIR',
-                   help='integrated_gradients, guided_ig: baseline image (default: black); gradient_shap: what its '
-                   'baselines are drawn from, black, blurred copies of the image, an image or a folder of images '
-                   '(training images, say)')
+    p.add_argument('--baseline', metavar='black|blurred|PATH|DIR',
+                   help='integrated_gradients, guided_ig, deeplift: baseline image (default: black); gradient_shap: '
+                   'what its baselines are drawn from, black (default), blurred copies of the image, an image or a '
+                   'folder of images (training images, say); deeplift_shap: its baselines, a folder of images or '
+                   'blurred (default: the image blurred at --samples levels)')
     p.add_argument('--layer', metavar='NAME',
                    help='gradcam, guided_gradcam, gradcam_plus_plus, score_cam: the link whose output is weighed, '
                    'a name from model.namedlinks() (default: the last link with a 4-D output; res3 for CifarNet)')
@@ -133,8 +137,9 @@ def parse_args(argv=None):
     args.many = args.indices is not None or args.folder is not None
     if any(n < 0 for n in args.noise):
         p.error('--noise must be >= 0')
-    if (args.baseline == 'blurred' or os.path.isdir(args.baseline)) and args.method != 'gradient_shap':
-        p.error('--baseline %s draws baselines from a distribution: for --method gradient_shap' % args.baseline)
+    if args.baseline and (args.baseline == 'blurred' or os.path.isdir(args.baseline)) and \
+            args.method not in SETS_OF_BASELINES:
+        p.error('--baseline %s is a set of baselines: for --method %s' % (args.baseline, ' or '.join(SETS_OF_BASELINES)))
     if (args.size or args.random_weights) and not args.arch:
         p.error('--size and --random-weights are for --arch models (CifarNet takes 32x32 images, '
                 'EfficientNet-Lite0 224x224, both with trained weights)')
@@ -225,11 +230,14 @@ def load_input(args, explained):
     return x, label, 'CIFAR-10 test #%d' % args.index
 
 
-def load_baseline(args, explained):
-    """--baseline: None for black, 'blurred', the image of a file (C, H, W) or those of a folder (M, C, H, W)."""
+def load_baseline(args, explained, shape):
+    """--baseline: None for the method's default, 'blurred', the image of a file (C, H, W) or those of a folder
+    (M, C, H, W); black, given, is a black image of ``shape`` (C, H, W) (for deeplift_shap, a set of one)."""
     from sgrad.data import load_image_file, load_image_folder
-    if args.baseline in ('black', 'blurred'):
-        return None if args.baseline == 'black' else 'blurred'
+    if args.baseline in (None, 'blurred'):
+        return args.baseline
+    if args.baseline == 'black':
+        return np.zeros(shape, np.float32)
     if os.path.isdir(args.baseline):
         return load_image_folder(args.baseline, explained.image_size)[0]
     return load_image_file(args.baseline, explained.image_size)[0]
@@ -273,8 +281,9 @@ def method_row(x, target, row):
         attribution = method(x, target)
         if isinstance(method, PathMethod):
             total, difference = method.completeness(x, target, attribution)
-            print('%s completeness: sum of attributions %.4f, S_c(x) - S_c(reference) %.4f (%.2f%% off)'
-                  % (heading, total, difference, 100 * abs(total - difference) / max(abs(difference), 1e-12)))
+            print('%s %s: sum of attributions %.4f, S_c(x) - S_c(reference) %.4f (%.2f%% off)'
+                  % (heading, method.sums_to, total, difference,
+                     100 * abs(total - difference) / max(abs(difference), 1e-12)))
         panels.append((heading, 'abs', attribution))
         if method.signed:
             panels.append(('signed', 'signed', attribution))
@@ -345,7 +354,7 @@ def run(args, comm=None):
     if args.many:
         return run_many(args, explained, comm)
     x, true_label, name = load_input(args, explained)
-    baseline = load_baseline(args, explained)
+    baseline = load_baseline(args, explained, x.shape)
     engine = GradientEngine(model, args.objective, args.batchsize or AUTO_BATCHSIZE, progress_bar)
 
     probs = probe(explained, engine, x[None])[0]
@@ -420,7 +429,7 @@ def run_many(args, explained, comm):
     else:
         targets = probs.argmax(axis=1).astype(np.int32)
     base = make_method('gradient' if args.method == 'smoothgrad' else args.method, engine,
-                       **method_options(args, load_baseline(args, explained)))
+                       **method_options(args, load_baseline(args, explained, images.shape[1:])))
     smooth = args.smooth or args.method == 'smoothgrad'
     methods = [SmoothGrad(base, noise, args.samples, args.aggregate) for noise in args.noise] if smooth else [base]
     maps = []

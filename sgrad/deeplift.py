@@ -88,12 +88,14 @@ class DeepLIFT(PathMethod):
     their gradient. One forward pass of the baseline per batch, then one forward and one backward.
     """
 
+    sums_to = 'summation-to-delta'
+
     def __init__(self, engine, baseline=None):
         super().__init__(engine)
         self.baseline = baseline
 
     def passes(self, x):
-        return 1, 1
+        return 2, 0  # the baseline's forward pass builds its graph too (its nodes on the gradient's path)
 
     def baselines(self, xs):
         """The baseline images: (1, C, H, W) if one serves every image of xs, else one per image."""
@@ -132,7 +134,7 @@ class DeepLIFTSHAP(DeepLIFT):
         self.samples = samples
 
     def passes(self, x):
-        return len(self.baseline_set(x[None])), len(self.baseline_set(x[None]))
+        return 2 * len(self.baseline_set(x[None])), 0
 
     def baseline_set(self, xs):
         """The M baselines, each (1 or N, C, H, W)."""

@@ -3,6 +3,7 @@ options it takes. 'smoothgrad' (SmoothGrad over the gradient) is not here: Smoot
 import inspect
 
 from sgrad.cam import GradCAMPlusPlus, ScoreCAM
+from sgrad.deeplift import DeepLIFT, DeepLIFTSHAP
 from sgrad.paths import BlurIG, GradientSHAP, GuidedIG
 from sgrad.rise import RISE
 from sgrad.saliency import (Deconvnet, GradCAM, Gradient, GradientXInput, GuidedBackprop, GuidedGradCAM,
@@ -16,6 +17,8 @@ METHODS = {
     'deconvnet': Deconvnet,
     'integrated_gradients': IntegratedGradients,
     'gradient_shap': GradientSHAP,
+    'deeplift': DeepLIFT,
+    'deeplift_shap': DeepLIFTSHAP,
     'blur_ig': BlurIG,
     'guided_ig': GuidedIG,
     'xrai': XRAI,

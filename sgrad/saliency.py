@@ -281,6 +281,8 @@ class PathMethod(Method):
     that averages over several paths (Gradient SHAP) names their ends (``path_ends``)."""
 
     baseline = None
+    #: what the property that ``completeness`` checks is called, for its printout
+    sums_to = 'completeness'
 
     def reference(self, xs):
         return np.broadcast_to(0 if self.baseline is None else self.baseline, xs.shape).astype(xs.dtype)

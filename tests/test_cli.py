@@ -107,7 +107,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, model_file, cap
     assert set(os.listdir(str(tmp_path))) == before  # nothing written, not even a temporary file
     expected = {'a folder as image': 'is a folder, not an image file', 'weights not an npz': '(not an .npz file)',
                 'a GPU without CuPy': 'not installed (Chainer',
-                'blurred baselines for IG': '--baseline blurred draws baselines from a distribution',
+                'blurred baselines for IG': '--baseline blurred is a set of baselines: for --method gradient_shap',
                 'smoothed Gradient SHAP': 'SmoothGrad does not apply to GradientSHAP'}
     assert expected.get(case, '') in lines[0]
 
@@ -151,11 +151,13 @@ def test_cli_methods_and_gallery(tmp_path, model_file, capsys):
     assert code == 0, err
     from PIL import Image
     with Image.open(gallery) as img:
-        assert img.size[1] > 3.5 * img.size[0]  # a row for each of the 15 methods, four columns
+        assert img.size[1] > 3.5 * img.size[0]  # a row for each of the methods, four columns
 
 
-def test_cli_gradient_shap_draws_its_baselines_from_the_given_distribution(tmp_path, model_file, capsys):
-    """--baseline black, blurred, an image or a folder of images: each a different map, --samples draws."""
+@pytest.mark.parametrize('method, sums_to', [('gradient_shap', 'completeness'), ('deeplift_shap', 'summation-to-delta')])
+def test_cli_shap_methods_take_their_baselines_from_the_given_set(tmp_path, model_file, capsys, method, sums_to):
+    """--baseline black, blurred, an image or a folder of images: each a different map; --samples draws (Gradient
+    SHAP) or blurs (DeepLIFT-SHAP)."""
     from PIL import Image
     from sgrad.data import load_test_images
     folder = tmp_path / 'baselines'
@@ -165,9 +167,9 @@ def test_cli_gradient_shap_draws_its_baselines_from_the_given_distribution(tmp_p
     maps = []
     for baseline in ('black', 'blurred', str(folder / '0.png'), str(folder)):
         npy = str(tmp_path / 'm.npy')
-        code, out, err = run_cli(['--model', model_file, '--method', 'gradient_shap', '--baseline', baseline,
+        code, out, err = run_cli(['--model', model_file, '--method', method, '--baseline', baseline,
                                   '--samples', '6', '--out', str(tmp_path / 'f.png'), '--save-map', npy], capsys)
-        assert code == 0 and 'gradient_shap completeness' in out, err
+        assert code == 0 and '%s %s' % (method, sums_to) in out, err
         maps.append(np.load(npy))
     assert all(not np.allclose(a, b) for k, a in enumerate(maps) for b in maps[k + 1:])
 
