@@ -139,7 +139,8 @@ def parse_args(argv=None):
         p.error('--noise must be >= 0')
     if args.baseline and (args.baseline == 'blurred' or os.path.isdir(args.baseline)) and \
             args.method not in SETS_OF_BASELINES:
-        p.error('--baseline %s is a set of baselines: for --method %s' % (args.baseline, ' or '.join(SETS_OF_BASELINES)))
+        p.error('--baseline %s is a set of baselines: for --method %s'
+                % (args.baseline, ' or '.join(SETS_OF_BASELINES)))
     if (args.size or args.random_weights) and not args.arch:
         p.error('--size and --random-weights are for --arch models (CifarNet takes 32x32 images, '
                 'EfficientNet-Lite0 224x224, both with trained weights)')

@@ -154,7 +154,8 @@ def test_cli_methods_and_gallery(tmp_path, model_file, capsys):
         assert img.size[1] > 3.5 * img.size[0]  # a row for each of the methods, four columns
 
 
-@pytest.mark.parametrize('method, sums_to', [('gradient_shap', 'completeness'), ('deeplift_shap', 'summation-to-delta')])
+@pytest.mark.parametrize('method, sums_to', [('gradient_shap', 'completeness'),
+                                             ('deeplift_shap', 'summation-to-delta')])
 def test_cli_shap_methods_take_their_baselines_from_the_given_set(tmp_path, model_file, capsys, method, sums_to):
     """--baseline black, blurred, an image or a folder of images: each a different map; --samples draws (Gradient
     SHAP) or blurs (DeepLIFT-SHAP)."""
