@@ -2,8 +2,6 @@
 Deconvolution, GradientShap, DeepLift and DeepLiftShap (optional peer checks, skipped with their reason without
 torch and Captum), on the PyTorch port of the shipped CifarNet (benchmarks/bench_peer.py) and real CIFAR-10 test
 images: ours run through the folded model's fused convolution + ReLU nodes, theirs through nn.ReLU modules."""
-import inspect
-
 import numpy as np
 import pytest
 from chainer.dataset import concat_examples
@@ -89,27 +87,14 @@ def test_gradient_shap_equals_captums_given_our_draws(shipped, captum, monkeypat
 
 @pytest.fixture
 def captum_deeplift(captum, monkeypatch):
-    """Captum's DeepLift as it works on CifarNet's port, by two changes (neither touches its rules' arithmetic):
-    - each nn.MaxPool2d behind a copy of its input. Where a ReLU's output is a MaxPool2d's input, the hooks that
-      Captum puts on that one tensor for both modules clash, and its attributions miss the sum they must add up
-      to (its convergence delta is 0.16 on a 3-layer ReLU -> MaxPool2d -> Linear net; with the copy, 1e-7);
-    - the fix of Captum issue #1276 (its PR #1847): the max pooling rule's fallback where input and baseline
-      are equal takes the whole batch's gradient, not the first image's (grad_input[0]) broadcast."""
+    """Captum's DeepLift as it works on CifarNet's port (benchmarks/bench_rules.py), by two changes, neither of
+    its rules' arithmetic: a copy before each nn.MaxPool2d (copy_before_max_pools: Captum's hooks on a ReLU's
+    output that is a MaxPool2d's input clash), and the fix of Captum issue #1276 (fixed_captum_maxpool)."""
     attr, torch, net = captum
     import captum.attr._core.deep_lift as deep_lift
-
-    class Copy(torch.nn.Module):
-        def forward(self, x):
-            return x.clone()
-    for i, module in enumerate(net.body):
-        if isinstance(module, torch.nn.MaxPool2d):
-            net.body[i] = torch.nn.Sequential(Copy(), module)
-    source = inspect.getsource(deep_lift.maxpool)
-    assert source.count('grad_input[0]') == 1, 'Captum changed its max pooling rule: look again at issue #1276'
-    namespace = dict(vars(deep_lift))
-    exec(compile(source.replace('grad_input[0]', 'grad_input'), deep_lift.__file__, 'exec'), namespace)
-    monkeypatch.setattr(deep_lift, 'maxpool', namespace['maxpool'])
-    return attr, torch, net
+    from bench_rules import copy_before_max_pools, fixed_captum_maxpool
+    monkeypatch.setattr(deep_lift, 'maxpool', fixed_captum_maxpool())
+    return attr, torch, copy_before_max_pools(torch, net)
 
 
 @needs_cifar10
