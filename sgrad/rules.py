@@ -118,3 +118,15 @@ def recorded_forward(model, x):
     with NodeRecorder() as recorder:
         model(chainer.Variable(x))
     return recorder.on_path()
+
+
+#: The nodes with weights, each with a new node of the same function (its stride, padding, groups ...; no
+#: activation fused in, no cache of rearranged weights), to apply to other inputs and weights (the LRP rules).
+FRESH_WEIGHTED = {
+    Convolution3x3: lambda node: Convolution3x3(),
+    DepthwiseConvolution: lambda node: DepthwiseConvolution(node.stride, node.pads),
+    PointwiseConvolution: lambda node: PointwiseConvolution(),
+    Convolution2DFunction: lambda node: Convolution2DFunction(
+        (node.sy, node.sx), (node.ph, node.pw), node.cover_all, dilate=(node.dy, node.dx), groups=node.groups),
+    LinearFunction: lambda node: LinearFunction(),
+}
