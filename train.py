@@ -6,6 +6,10 @@
     python smoothgrad.py --model result/model.npz        # explain the model just trained
     python train.py --evaluate sgrad/shipped/cifarnet.npz
     python train.py --ship                  # full run that replaces the shipped model
+    python train.py --random-labels 1 --train-size 5000 --no-augment -o result_random   # memorise noise
+
+--random-labels SEED trains on the training labels permuted by that seed: the model of the data
+randomization check (Adebayo et al. 2018), which can only memorise its training images.
 
 The shipped sgrad/shipped/cifarnet.npz is replaced only with --ship, which also measures
 the new model on the whole test set and records that accuracy in
@@ -61,6 +65,37 @@ def random_crop_flip(rng, pad=4):
             x = x[:, :, ::-1]
         return np.ascontiguousarray(x), t
     return transform
+
+
+def permuted_labels(dataset, seed):
+    """The (image, label) pairs of ``dataset`` with the labels permuted by RandomState(seed): the same
+    images and the same number of each class, no label tied to its image any more."""
+    images, labels = chainer.dataset.concat_examples(dataset)
+    return chainer.datasets.TupleDataset(images, labels[np.random.RandomState(seed).permutation(len(labels))])
+
+
+class RunSettings(training.Extension):
+    """The settings that decide what a run learns (which images, which labels, which augmentation, the
+    network's width), kept in its snapshots: resuming a snapshot under other settings is refused, naming
+    them, not a run that silently learns something else."""
+
+    trigger = (1, 'epoch')
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def __call__(self, trainer):
+        pass
+
+    def serialize(self, serializer):
+        if not isinstance(serializer, chainer.serializer.Deserializer):
+            serializer('settings', np.frombuffer(json.dumps(self.settings, sort_keys=True).encode(), np.uint8))
+            return
+        stored = json.loads(bytes(serializer('settings', None)).decode())
+        changed = sorted(key for key in self.settings if stored.get(key) != self.settings[key])
+        if changed:
+            raise ValueError(', '.join('--%s was %s, now %s' % (key.replace('_', '-'), stored.get(key),
+                                                                self.settings[key]) for key in changed))
 
 
 def label_smoothing_cross_entropy(eps):
@@ -144,8 +179,9 @@ def resume(trainer, f, path, epochs, advice=''):
     try:
         chainer.serializers.load_npz(f, trainer)
     except (KeyError, ValueError, TypeError) as e:  # a missing entry, or an array of another shape
-        raise InputError('%s is of a run with other settings (--train-size, --width or the number of processes) '
-                         'and cannot be resumed (%s)%s' % (path, str(e).strip("'").splitlines()[0], advice))
+        raise InputError('%s is of a run with other settings (--train-size, --random-labels, --no-augment, --width '
+                         'or the number of processes) and cannot be resumed (%s)%s'
+                         % (path, str(e).strip("'").splitlines()[0], advice))
     epoch = trainer.updater.epoch
     if epoch > epochs:
         raise InputError('%s is of a run already past --epoch %d (at epoch %d)%s' % (path, epochs, epoch, advice))
@@ -228,6 +264,10 @@ def parse_args(argv=None):
     p.add_argument('--communicator', metavar='NAME',
                    help='ChainerMN communicator for data-parallel training under mpiexec (naive on CPUs; '
                    'default: naive when mpiexec starts more than one process, else one plain process)')
+    p.add_argument('--random-labels', type=int, metavar='SEED',
+                   help='train on the training labels permuted by this seed (the data randomization check)')
+    p.add_argument('--no-augment', action='store_true',
+                   help='no random crops and flips (memorising random labels is slow with them)')
     p.add_argument('--evaluate', metavar='MODEL', help='only print test accuracy and per-class table of MODEL')
     args = p.parse_args(argv)
     for name in ('batchsize', 'epoch', 'width'):
@@ -277,6 +317,8 @@ def main(argv=None):
 
     if args.train_size:
         train = train[:args.train_size]
+    if args.random_labels is not None:
+        train = permuted_labels(train, args.random_labels)
     first_rank = parallel.is_root(comm)
     batchsize = args.batchsize
     if comm is not None:
@@ -299,7 +341,7 @@ def main(argv=None):
     optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(args.weight_decay))
 
     train_iter = chainer.iterators.SerialIterator(
-        chainer.datasets.TransformDataset(train, random_crop_flip(rng)), batchsize,
+        train if args.no_augment else chainer.datasets.TransformDataset(train, random_crop_flip(rng)), batchsize,
         order_sampler=chainer.iterators.ShuffleOrderSampler(rng))
     test_iter = chainer.iterators.SerialIterator(test if comm is None else shard, 500, repeat=False,
                                                  shuffle=False)
@@ -309,6 +351,8 @@ def main(argv=None):
     total_iterations = args.epoch * -(-len(train) // batchsize)
 
     trainer.extend(one_cycle_lr(args.lr, total_iterations))
+    trainer.extend(RunSettings({key: getattr(args, key) for key in ('train_size', 'random_labels', 'no_augment',
+                                                                      'width')}))
     evaluator = extensions.Evaluator(test_iter, classifier, device=device)
     if comm is not None:
         evaluator = chainermn.create_multi_node_evaluator(evaluator, comm)

@@ -98,13 +98,30 @@ def test_snapshot_of_other_settings_in_out_is_a_one_line_error(tmp_path, capsys)
     assert train.main(TINY + ['-e', '1', '-o', out]) == 0
     capsys.readouterr()
     errs = []
-    for change in (['--train-size', '32'], ['--width', '8']):
+    for change in (['--train-size', '32'], ['--width', '8'], ['--random-labels', '3'], ['--no-augment']):
         assert train.main(TINY + ['-e', '2', '-o', out] + change) == 2
         errs.append(capsys.readouterr().err)
         assert errs[-1].count('\n') == 1 and errs[-1].startswith(
             'train.py: error: %s is of a run with other settings' % os.path.join(out, 'snapshot_epoch_1'))
         assert errs[-1].endswith('to train anew, give another --out or delete %s\n' % out), errs[-1]
     assert '(could not broadcast input array from shape (64,) into shape (32,))' in errs[0]  # the sampler's order
+    assert '(--random-labels was None, now 3)' in errs[2] and '(--no-augment was False, now True)' in errs[3]
+
+
+@needs_cifar10
+def test_random_labels_permute_the_labels_of_the_same_images(tmp_path):
+    """--random-labels: the same images, as many of each class, the labels shuffled among them by the seed."""
+    from sgrad.data import load_cifar10
+    images, labels = chainer.dataset.concat_examples(load_cifar10()[0][:500])
+    permuted = train.permuted_labels(chainer.datasets.TupleDataset(images, labels), 1)
+    images1, labels1 = chainer.dataset.concat_examples(permuted)
+    assert np.array_equal(images1, images) and np.array_equal(np.bincount(labels1), np.bincount(labels))
+    assert (labels1 == labels).mean() < 0.2  # chance is 0.1
+    again = chainer.dataset.concat_examples(train.permuted_labels(chainer.datasets.TupleDataset(images, labels), 1))
+    assert np.array_equal(again[1], labels1)
+    out = str(tmp_path / 'out')
+    assert train.main(TINY + ['-e', '1', '-o', out, '--random-labels', '1', '--no-augment']) == 0
+    assert train.main(TINY + ['-e', '2', '-o', out, '--random-labels', '1', '--no-augment']) == 0  # resumes
 
 
 @needs_cifar10
