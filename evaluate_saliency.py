@@ -26,7 +26,10 @@
    around x and the authors' noisy black baseline, each drawn the same for every method and for a
    zero and a random map (the controls), the Gini index of the map, and SmoothGrad's
    max-sensitivity against its noise level, with its noise drawn the same at x and x + d, or fresh.
-5. SmoothGrad's two knobs: noise level (the deletion/insertion areas) and sample count (stability: the
+5. Data randomization (Adebayo et al. 2018): each method's maps of the model and of the same network
+   trained on randomly permuted labels (--random-labels-model), compared as in 1, over --data-images
+   images; CifarNet only.
+6. SmoothGrad's two knobs: noise level (the deletion/insertion areas) and sample count (stability: the
    rank correlation of two maps from independent noise draws), with picture grids.
 
 Tables go to stdout and OUT_DIR/results.md, plots to OUT_DIR. The target class is the trained
@@ -160,7 +163,7 @@ class Share:
 
 
 #: The flags, beyond the maps' (--samples, --steps, --seed), that a section's per-image results depend on.
-SHARD_SETTINGS = {'sanity': (), 'deletion': ('perturbation_steps',), 'road': ('road_noise',),
+SHARD_SETTINGS = {'sanity': (), 'data': (), 'deletion': ('perturbation_steps',), 'road': ('road_noise',),
                   'robustness': ('sensitivity_radius', 'sensitivity_samples', 'infidelity_noise',
                                  'infidelity_baseline_noise', 'infidelity_samples')}
 
@@ -177,12 +180,17 @@ def shard_bounds(total, size, ranks):
 def section_settings(args, model, section, **more):
     """What every shard of a section depends on: the section, its flags, the methods, the model's
     weights (a digest) and ``more``."""
+    flags = ('samples', 'steps', 'masks', 'seed') + SHARD_SETTINGS[section]
+    return dict({flag: getattr(args, flag) for flag in flags}, section=section, methods=method_names(args.methods),
+                weights=weights_digest(model), **more)
+
+
+def weights_digest(model):
+    """A digest of the model's weights."""
     weights = hashlib.sha1()
     for name, param in sorted(model.namedparams()):
         weights.update(name.encode() + np.ascontiguousarray(param.array).tobytes())
-    flags = ('samples', 'steps', 'masks', 'seed') + SHARD_SETTINGS[section]
-    return dict({flag: getattr(args, flag) for flag in flags}, section=section, methods=method_names(args.methods),
-                weights=weights.hexdigest(), **more)
+    return weights.hexdigest()
 
 
 def shard_settings(section, images, targets):
@@ -250,9 +258,15 @@ def randomized_maps(args, model, cascade, part):
     model and after each step of the cascade; signed maps of signed methods only."""
     import itertools
     from sgrad.metrics import cascading_randomization
-    from sgrad.saliency import GradientEngine
-    progress = part.progress(len(cascade) + 1, 'models mapped (trained, then randomized)')
     models = itertools.chain([('trained', model)], cascading_randomization(model, cascade, args.seed))
+    return stage_maps(args, models, len(cascade) + 1, part, 'models mapped (trained, then randomized)')
+
+
+def stage_maps(args, models, count, part, unit):
+    """{('abs' or 'signed', stage, method): maps of the images of the Share ``part``} under each of the
+    ``count`` (stage, model) pairs of ``models``; signed maps of signed methods only."""
+    from sgrad.saliency import GradientEngine
+    progress = part.progress(count, unit)
     maps = {}
     for done, (stage, staged_model) in enumerate(models):
         progress(done)
@@ -262,7 +276,7 @@ def randomized_maps(args, model, cascade, part):
             maps['abs', stage, name] = absolute
             if signed is not None:
                 maps['signed', stage, name] = signed
-    progress(len(cascade) + 1)
+    progress(count)
     return maps
 
 
@@ -298,21 +312,11 @@ def sanity_check(args, model, share, report):
     if report is None:
         return
 
-    def similarity(stage, name):
-        """Means over images: Spearman(|map|), Spearman(signed map) (None if unsigned), SSIM(|map|)."""
-        signed = rows.get((name, stage, 'signed'))
-        return (np.mean(rows[name, stage, 'abs']), None if signed is None else np.mean(signed),
-                np.mean(rows[name, stage, 'ssim']))
-
     methods = method_names(args.methods)
-    curves = {name: [similarity(stage, name) for stage in stages] for name in methods}
-    # Control: the fully randomized model's map of another image. The same-image correlation
-    # beyond this level comes from the image; up to it, from a pattern the method draws everywhere.
-    other_image = {name: similarity('control', name) for name in methods}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, values in curves.items():
-        axes[0].plot(stages, [v[0] for v in values], marker='o', label=name)
-        axes[1].plot(stages, [v[2] for v in values], marker='o', label=name)
+    for name in methods:
+        for ax, measure in zip(axes, ('abs', 'ssim')):
+            ax.plot(stages, [np.mean(rows[name, stage, measure]) for stage in stages], marker='o', label=name)
     for ax, label in zip(axes, ('Spearman rank correlation of |map|', 'SSIM of |map|')):
         ax.set_xlabel('randomized from the logits down to')
         ax.set_ylabel(label)
@@ -321,12 +325,39 @@ def sanity_check(args, model, share, report):
         plt.setp(ax.get_xticklabels(), horizontalalignment='right')
     axes[1].legend(fontsize=8)
     fig.suptitle('Cascading randomization, %d images' % share.total)
-    cell = lambda v: '%.2f / %s / %.2f' % (v[0], '-' if v[1] is None else '%.2f' % v[1], v[2])
+    # Control: the fully randomized model's map of another image. The same-image correlation
+    # beyond this level comes from the image; up to it, from a pattern the method draws everywhere.
     report.table('Cascading randomization: Spearman |map| / Spearman signed / SSIM, mean over %d images'
                  % share.total, ['method'] + list(stages[1:]) + ['%s, next image (control)' % stages[-1]],
-                 [[name] + [cell(v) for v in values[1:]] + [cell(other_image[name])]
-                  for name, values in curves.items()])
+                 [[name] + [similarity_cell(rows, name, stage) for stage in stages[1:] + ('control',)]
+                  for name in methods])
     report.figure('sanity_randomization.png')
+
+
+def similarity_cell(rows, name, stage):
+    """'Spearman |map| / Spearman signed (- if unsigned) / SSIM', means over images, of rows[name, stage, ...]."""
+    signed = rows.get((name, stage, 'signed'))
+    return '%.2f / %s / %.2f' % (np.mean(rows[name, stage, 'abs']), '-' if signed is None else '%.2f' % np.mean(signed),
+                                 np.mean(rows[name, stage, 'ssim']))
+
+
+def data_randomization(args, model, share, report):
+    """Each method's maps of the model against those of the same network trained on random labels."""
+    random_labels = args.random_labels_link
+    stages = ('trained', 'random labels')
+
+    def similarities(part):
+        maps = part.gather(stage_maps(args, zip(stages, (model, random_labels)), len(stages), part,
+                                      'models mapped (true labels, then random)'))
+        return None if maps is None else similarity_rows(maps, stages)
+    rows = sharded(args, model, 'data', share, similarities, random_labels=weights_digest(random_labels))
+    if report is None:
+        return
+    report.table('Data randomization: the maps of the model trained on random labels against the real model\'s, '
+                 'Spearman |map| / Spearman signed / SSIM, mean over %d images' % share.total,
+                 ['method', 'random labels, same image', 'random labels, next image (control)'],
+                 [[name, similarity_cell(rows, name, 'random labels'), similarity_cell(rows, name, 'control')]
+                  for name in method_names(args.methods)])
 
 
 def mean_and_error(values):
@@ -640,9 +671,9 @@ def knobs(args, model, share, report):
 
 
 #: The sections, in the order they run, and the flag that sizes each.
-SECTIONS = {'sanity': sanity_check, 'deletion': deletion_insertion, 'road': road, 'robustness': robustness,
-            'knobs': knobs}
-SECTION_SIZES = {'sanity': 'images', 'deletion': 'deletion_images', 'road': 'road_images',
+SECTIONS = {'sanity': sanity_check, 'data': data_randomization, 'deletion': deletion_insertion, 'road': road,
+            'robustness': robustness, 'knobs': knobs}
+SECTION_SIZES = {'sanity': 'images', 'data': 'data_images', 'deletion': 'deletion_images', 'road': 'road_images',
                  'robustness': 'robustness_images', 'knobs': 'knob_images'}
 
 
@@ -661,12 +692,17 @@ def main(argv=None):
     p = OneLineErrorParser(prog='evaluate_saliency.py', description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--images', type=int, default=100, help='test images for the randomization check')
+    p.add_argument('--data-images', type=int, default=100, help='test images for the data randomization check')
+    p.add_argument('--random-labels-model', metavar='PATH',
+                   help='the data randomization check\'s CifarNet trained on random labels (default: the shipped '
+                   'sgrad/shipped/cifarnet_random_labels.npz)')
     p.add_argument('--deletion-images', type=int, default=500, help='test images for deletion/insertion')
     p.add_argument('--knob-images', type=int, default=50, help='test images for the noise and sample sweeps')
     p.add_argument('--road-images', type=int, default=500, help='test images for ROAD')
     p.add_argument('--robustness-images', type=int, default=50,
                    help='test images for max-sensitivity, infidelity and sparseness')
-    p.add_argument('--only', nargs='+', choices=tuple(SECTIONS), default=list(SECTIONS))
+    p.add_argument('--only', nargs='+', choices=tuple(SECTIONS),
+                   help='run these sections only (default: all; data only for CifarNet)')
     p.add_argument('--methods', nargs='+', choices=method_names(), metavar='NAME',
                    help='study these methods only (default: all of them: %s); a run of other methods into the '
                    'same --out-dir recomputes its shards' % ', '.join(method_names()))
@@ -706,8 +742,9 @@ def main(argv=None):
                    help='ChainerMN communicator under mpiexec, the images split over the ranks (default: naive '
                    'when mpiexec starts more than one process)')
     args = p.parse_args(argv)
-    for name in ('images', 'deletion_images', 'knob_images', 'road_images', 'robustness_images', 'samples', 'steps',
-                 'masks', 'perturbation_steps', 'batchsize', 'sensitivity_samples', 'infidelity_samples'):
+    for name in ('images', 'data_images', 'deletion_images', 'knob_images', 'road_images', 'robustness_images',
+                 'samples', 'steps', 'masks', 'perturbation_steps', 'batchsize', 'sensitivity_samples',
+                 'infidelity_samples'):
         if getattr(args, name) <= 0:
             p.error('--%s must be positive' % name.replace('_', '-'))
 
@@ -717,14 +754,20 @@ def main(argv=None):
         if getattr(args, name) < 0:
             p.error('--%s must not be negative' % name.replace('_', '-'))
     sections = {name: (SECTIONS[name], getattr(args, size)) for name, size in SECTION_SIZES.items()}
-    n_max = max(sections[name][1] for name in args.only)
     try:
         comm = parallel.create_communicator(args.communicator)
         ranks = 1 if comm is None else comm.size
         if args.random_weights and not args.arch:
             raise InputError('--random-weights is for --arch models')
         explained = load_explained(args.model, args.arch, args.random_weights)
-        images = load_images(explained, args.photos, n_max)
+        args.only = args.only or [name for name in SECTIONS if name != 'data' or explained.description == 'CifarNet']
+        if 'data' in args.only:
+            if explained.description != 'CifarNet':
+                raise InputError('--only data: the data randomization check has a random-label model for CifarNet '
+                                 'only (train.py --random-labels)')
+            from sgrad.cifarnet import RANDOM_LABELS_MODEL_PATH, load_model
+            args.random_labels_link = load_model(args.random_labels_model or RANDOM_LABELS_MODEL_PATH)
+        images = load_images(explained, args.photos, max(sections[name][1] for name in args.only))
         targets = probe(explained, GradientEngine(explained.link, batchsize=args.batchsize), images).argmax(
             axis=1).astype(np.int32)
         if 0 < args.shard_size < ranks:

@@ -23,6 +23,9 @@ from sgrad.pooling import global_max_pooling, max_pooling_2x2
 
 #: The shipped weights that smoothgrad.py explains by default (their record: cifarnet.json beside them).
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shipped', 'cifarnet.npz')
+#: The shipped CifarNet trained on randomly permuted labels (train.py --random-labels): the data randomization
+#: check's model (its record: cifarnet_random_labels.json beside it).
+RANDOM_LABELS_MODEL_PATH = os.path.join(os.path.dirname(DEFAULT_MODEL_PATH), 'cifarnet_random_labels.npz')
 
 #: CIFAR-10 training-set channel statistics (a test checks them on every fifth training image).
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
