@@ -46,6 +46,7 @@ from chainer import training  # noqa: E402
 from chainer.training import extensions  # noqa: E402
 
 from model import CLASS_NAMES, CifarNet, DEFAULT_MODEL_PATH, load_model  # noqa: E402
+from sgrad.cifarnet import RANDOM_LABELS_MODEL_PATH  # noqa: E402
 from sgrad.cli import (OneLineErrorParser, finite_float, get_device, keep_freed_memory,  # noqa: E402
                        write_atomic)
 from sgrad.errors import InputError, WEIGHTS_ERRORS  # noqa: E402
@@ -139,17 +140,26 @@ def save_npz_atomic(path, model):
     write_atomic(path, lambda f: chainer.serializers.save_npz(f, model))
 
 
-def ship(model, test, device, argv):
-    """Replace the shipped weights and their record (sgrad/shipped/cifarnet.json) with this model's,
-    the accuracy measured on the whole test set."""
-    accuracy, confusion = evaluate(model.inference_copy(), test, 500, device)
+def ship(model, test, device, argv, train=None):
+    """Replace the shipped weights and their record (the .json beside them) with this model's, the accuracy
+    measured on the whole test set: the real model's (sgrad/shipped/cifarnet.npz), or, given the training set
+    of a --random-labels run, the data randomization check's (cifarnet_random_labels.npz), whose record also
+    says how much of that training set it memorised."""
+    inference = model.inference_copy()
+    path = DEFAULT_MODEL_PATH if train is None else RANDOM_LABELS_MODEL_PATH
+    accuracy, confusion = evaluate(inference, test, 500, device)
     record = {'command': 'python train.py ' + ' '.join(shlex.quote(a) for a in argv),
               'test_accuracy': round(float(accuracy), 4), 'test_images': int(confusion.sum()),
-              'evaluated_with': 'python train.py --evaluate sgrad/shipped/cifarnet.npz'}
-    save_npz_atomic(DEFAULT_MODEL_PATH, model)
+              'evaluated_with': 'python train.py --evaluate %s' % os.path.relpath(path)}
+    if train is not None:
+        record.update(training_accuracy=round(float(evaluate(inference, train, 500, device)[0]), 4),
+                      training_images=len(train), training_labels='permuted (--random-labels)')
+    save_npz_atomic(path, model)
     text = json.dumps(record, indent=2) + '\n'
-    write_atomic(shipped_record_path(), lambda f: f.write(text.encode()))
-    print('replaced the shipped model %s (test accuracy %.2f%%)' % (DEFAULT_MODEL_PATH, 100 * accuracy))
+    write_atomic(shipped_record_path(path), lambda f: f.write(text.encode()))
+    print('replaced the shipped model %s (test accuracy %.2f%%%s)' % (
+        path, 100 * accuracy, '' if train is None else ', %.2f%% of its %d training labels memorised'
+        % (100 * record['training_accuracy'], len(train))))
 
 
 #: The trainer's snapshots in --out, one per epoch (the latest is kept).
@@ -209,8 +219,9 @@ def error_line(error):
     return 2
 
 
-def shipped_record_path():
-    return os.path.splitext(DEFAULT_MODEL_PATH)[0] + '.json'
+def shipped_record_path(path=None):
+    """The record beside shipped weights (default: the real model's)."""
+    return os.path.splitext(path or DEFAULT_MODEL_PATH)[0] + '.json'
 
 
 def evaluate(model, dataset, batchsize, device):
@@ -319,6 +330,7 @@ def main(argv=None):
         train = train[:args.train_size]
     if args.random_labels is not None:
         train = permuted_labels(train, args.random_labels)
+    learned = train  # the whole training set, which --ship of a --random-labels run measures
     first_rank = parallel.is_root(comm)
     batchsize = args.batchsize
     if comm is not None:
@@ -400,7 +412,7 @@ def main(argv=None):
         print('saved the trained weights to %s (explain them: python smoothgrad.py --model %s)'
               % (args.model_out, args.model_out))
         if args.ship:
-            ship(model, test, device, argv)  # the whole test set: --ship excludes --test-size
+            ship(model, test, device, argv, None if args.random_labels is None else learned)  # no --test-size
     return 0
 
 

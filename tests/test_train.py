@@ -229,6 +229,24 @@ def test_ship_replaces_the_shipped_model_and_its_record(tmp_path, monkeypatch):
     assert record['test_accuracy'] == pytest.approx(accuracy, abs=1e-4)
 
 
+@needs_cifar10
+def test_ship_of_a_random_labels_run_records_what_it_memorised(tmp_path, monkeypatch):
+    """--ship of a --random-labels run replaces the data randomization check's model, not the real one, and
+    its record says how many of its (permuted) training labels it gets right."""
+    shipped = str(tmp_path / 'models' / 'cifarnet_random_labels.npz')
+    monkeypatch.setattr(train, 'RANDOM_LABELS_MODEL_PATH', shipped)
+    monkeypatch.setattr(train, 'DEFAULT_MODEL_PATH', str(tmp_path / 'models' / 'untouched.npz'))
+    argv = ['--train-size', '64', '-e', '1', '-b', '32', '--width', '4', '-o', str(tmp_path / 'out'), '--ship',
+            '--random-labels', '2', '--no-augment']
+    assert train.main(argv) == 0
+    assert sorted(os.listdir(str(tmp_path / 'models'))) == ['cifarnet_random_labels.json', 'cifarnet_random_labels.npz']
+    record = json.load(open(str(tmp_path / 'models' / 'cifarnet_random_labels.json')))
+    model = load_model(shipped).inference_copy()
+    learned = train.permuted_labels(train.load_cifar10()[0][:64], 2)
+    assert record['training_accuracy'] == pytest.approx(train.evaluate(model, learned, 64, model.device)[0], abs=1e-4)
+    assert record['training_images'] == 64 and record['test_images'] == 10000
+
+
 @pytest.mark.parametrize('script, argv', [
     (train, ['--lr', 'nan']), (train, ['--weight-decay', 'inf']), (train, ['--label-smoothing', '-inf']),
     (train, ['--label-smoothing', '1']), (train, ['--ship', '--test-size', '100']),
