@@ -14,8 +14,9 @@ from sgrad.saliency import PathMethod
 EPS = 1e-10
 
 
-def _steep(delta):
-    """Where the difference from the baseline is too small to divide by, and the difference made safe to."""
+def _guarded(delta):
+    """Where the difference from the baseline is below EPS (the gradient serves there), and the difference with
+    those entries 1, safe to divide by."""
     small = np.abs(delta) < EPS
     return small, np.where(small, 1, delta)
 
@@ -24,7 +25,7 @@ def rescale_backward(node, z, z_ref):
     """The Rescale rule for an activation y = f(z) whose input is z here and z_ref on the baseline: the
     gradient gy times m = (f(z) - f(z_ref)) / (z - z_ref), or f'(z) where z - z_ref is below EPS."""
     f, slope = ACTIVATIONS[type(node)]
-    small, delta = _steep(z - z_ref)
+    small, delta = _guarded(z - z_ref)
     multiplier = np.where(small, slope(node, z), (f(node, z) - f(node, z_ref)) / delta).astype(z.dtype)
     return lambda indexes, grad_outputs: (grad_outputs[0] * multiplier,)
 
@@ -48,7 +49,7 @@ def max_backward(node, x, x_ref):
         y, y_ref = at(x, None), at(x_ref, None)
         top = np.maximum(y, y_ref)
         contributions = gradient(indexes, (gy * (top - y_ref),))[0] + at(x_ref, gy * (y - top))
-        small, delta = _steep(x - x_ref)
+        small, delta = _guarded(x - x_ref)
         return F.where(np.broadcast_to(small, x.shape), gradient(indexes, grad_outputs)[0], contributions / delta),
     return backward
 
