@@ -3,7 +3,8 @@ epsilon composite's with an epsilon of 1e-9) on a PyTorch port of the shipped Ci
 libraries need it: BatchNorm folded into the convolutions (our folded weights), each residual sum as a module of
 its own (zennit's Sum, Captum's Addition_Module), the input normalisation outside (the port gets (x - mean) /
 std, whose relevance is ours: sgrad.lrp passes relevance through the normalisation unchanged) and LOGIT_SCALE
-folded into the classifier. Skipped without torch and zennit (Captum)."""
+folded into the classifier; and zennit's on a port of EfficientNet-Lite0 on a photograph. Skipped without torch
+and zennit (Captum)."""
 import sys
 import types
 
@@ -163,6 +164,88 @@ def test_lrp_epsilon_equals_captums_lrp_on_cifar10(cifar):
     from captum.attr import LRP as CaptumLRP
     model, engine, xs, targets = cifar[DTYPES['epsilon']]
     port = torch_port(torch, model, 'captum')
-    theirs = CaptumLRP(port).attribute(normalized(torch, xs).requires_grad_(), target=torch.from_numpy(targets.astype(np.int64)))
+    theirs = CaptumLRP(port).attribute(normalized(torch, xs).requires_grad_(),
+                                       target=torch.from_numpy(targets.astype(np.int64)))
     ours = LRP(engine, 'epsilon', epsilon=1e-9, stabilizer=1e-9).attribute(xs, targets)
     assert relative_difference(ours, theirs.detach().numpy()) < 1e-4
+
+
+def torch_efficientnet(torch, model):
+    """A PyTorch port of EfficientNet-Lite0 ``model`` (folded, in its dtype) for zennit: each convolution a
+    Conv2d that pads its input the 'SAME' way inside its forward (so that zennit's rules see the padding as part
+    of the convolution, as on efficientnet_lite_pytorch's Conv2dStaticSamePadding), each residual sum zennit's
+    Sum, the [-1, 1] scaling outside."""
+    nn = torch.nn
+    from zennit.layer import Sum
+    from sgrad.efficientnet import same_pads
+    folded = model.inference_copy()
+    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[folded.fc.W.dtype]
+
+    class SameConv(nn.Conv2d):
+        def forward(self, x):
+            (top, bottom), (left, right) = same_pads(x.shape, self.kernel_size[0], self.stride[0])
+            return super().forward(torch.nn.functional.pad(x, (left, right, top, bottom)))
+
+    def conv(link):
+        W, b = link.folded
+        groups = link.conv.groups
+        layer = SameConv(W.shape[1] * groups, W.shape[0], link.ksize, link.stride, groups=groups, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(W))
+            layer.bias.copy_(torch.from_numpy(b))
+        return nn.Sequential(layer, nn.ReLU6()) if link.activation else layer
+
+    class Block(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.f = nn.Sequential(*([conv(block.expand)] if hasattr(block, 'expand') else []),
+                                   conv(block.depthwise), conv(block.project))
+            self.sum = Sum() if block.shortcut else None
+
+        def forward(self, x):
+            return self.f(x) if self.sum is None else self.sum(torch.stack([x, self.f(x)], dim=-1))
+
+    class Port(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv(folded.stem)
+            self.blocks = nn.Sequential(*[Block(block) for block in folded.blocks])
+            self.head = conv(folded.head)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(*folded.fc.W.shape[::-1], dtype=dtype)
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.from_numpy(folded.fc.W.array))
+                self.fc.bias.copy_(torch.from_numpy(folded.fc.b.array))
+
+        def forward(self, h):
+            return self.fc(torch.flatten(self.pool(self.head(self.blocks(self.stem(h)))), 1))
+
+    return Port().eval()
+
+
+@pytest.mark.parametrize('composite', ['epsilon_plus_flat', 'epsilon_gamma_box'])
+def test_lrp_equals_zennits_composites_on_efficientnet(composite, monkeypatch):
+    """EfficientNet-Lite0 (ReLU6: zennit's Pass; depthwise and 1x1 convolutions; the stem, ours a 1x1
+    convolution of its patches, gets the flat or box rule with the padding zero; global average pooling:
+    Norm) on a photograph, float32 on both sides: unlike the gradient (tests/test_efficientnet.py), LRP does not
+    depend on which side of 0 or 6 a ReLU6 input rounds to (its relevance passes)."""
+    torch, zennit = import_zennit(monkeypatch)
+    from zennit.attribution import Gradient
+    from sgrad.data import load_image_file
+    from sgrad.efficientnet import load_efficientnet_lite0
+    model = load_efficientnet_lite0()
+    x = load_image_file('data/photos/chelsea.png', 224)[0][None]
+    engine = GradientEngine(model)
+    target = engine.probabilities(x).argmax(axis=1)
+    scale = lambda image: torch.from_numpy(image * np.float32(255. / 128.) - np.float32(127. / 128.))
+    h = scale(x).requires_grad_()
+    if composite == 'epsilon_gamma_box':
+        composite_ = zennit.composites.EpsilonGammaBox(low=scale(np.zeros_like(x)), high=scale(np.ones_like(x)))
+    else:
+        composite_ = zennit.composites.EpsilonPlusFlat()
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(target.astype(np.int64)), 1000).to(h.dtype)
+    with Gradient(torch_efficientnet(torch, model), composite_) as attributor:
+        logits, theirs = attributor(h, attr_output=lambda output: onehot * output)
+    with chainer.using_config('train', False), chainer.no_backprop_mode():
+        assert relative_difference(model.inference_copy()(x).array, logits.detach().numpy()) < 1e-5
+    assert relative_difference(LRP(engine, composite).attribute(x, target), theirs.numpy()) < 1e-4
