@@ -299,10 +299,25 @@ class LRP(Method):
     with the rules of the module's docstring: ``epsilon`` is the epsilon rule's, ``stabilizer`` every other
     rule's (1e-6 both, as zennit's; Captum's is 1e-9), ``gamma`` the gamma rule's; ``low`` and ``high`` the box
     rule's bounds as images (scalars or arrays that broadcast to (C, H, W); the image range [0, 1] by default),
-    which the box layer sees through the model's input normalisation. The relevance starts at the class score
-    S_c(x) and, where no bias or stabilizer absorbs any, adds up to it (``conservation``). One forward pass and
-    one backward, whose rules apply each weighted node's function again: 1 to 5 times (epsilon, flat: 1; z+ and
-    box: 1 to 3; gamma: 3 to 5) and as many transposed.
+    which the box layer sees through the model's input normalisation: the nodes before it (elementwise maps by
+    constants and moves) applied to them, e.g. CifarNet's (0 - mean) / std and (1 - mean) / std per channel,
+    EfficientNet-Lite0's -127/128 and 1, padded with zeros and cut into patches as its stem's input (zennit's
+    ZBox with those bounds, as a zennit user normalises them). The flat rule's ones are ones before the moves
+    (a padding stays 0, as in a convolution that pads). The first layer is the first node of the forward pass
+    of the kinds the composite names (zennit: the first such module registered in the model).
+
+    The relevance starts at the class score S_c(x) and adds up to it where no bias absorbs any
+    (``conservation``): every rule but alpha-beta conserves it up to its stabilizer and, for z+, the relevance
+    of outputs with no positive contribution. The folded models' biases absorb much of it: on 8 CIFAR-10 test
+    images CifarNet's images keep 40-65% of S_c(x) with epsilon_plus_flat, 6-30% with epsilon_gamma_box; on a
+    photograph EfficientNet-Lite0's keeps 13% with epsilon, 1.3% with epsilon_gamma_box, under 0.1% with the
+    others (tests/test_lrp.py; with the biases zeroed, S_c(x) to 1e-4, and to 0.3% with z+ on EfficientNet).
+    Equal to zennit's composites (tests/test_lrp_peers.py: 1e-6 relative in float32) and, for 'epsilon' with
+    epsilon and stabilizer 1e-9, to Captum's LRP with its default rules where the max poolings are not modules.
+
+    One forward pass and one backward, whose rules apply each weighted node's function again: 1 to 5 times
+    (epsilon, flat: 1; z+ and box: 1 to 3; gamma: 3 to 5) and as many transposed (about 2 to 4 times the time of
+    a gradient).
     """
 
     signed = True
