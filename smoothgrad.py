@@ -59,6 +59,7 @@ def index_range(text):
 
 def parse_args(argv=None):
     from sgrad.models import EFFICIENTNET
+    from sgrad.lrp import COMPOSITES
     from sgrad.methods import METHODS
     from sgrad.saliency import AGGREGATIONS
     p = OneLineErrorParser(prog='smoothgrad.py', description=__doc__,
@@ -99,6 +100,10 @@ def parse_args(argv=None):
     p.add_argument('--layer', metavar='NAME',
                    help='gradcam, guided_gradcam, gradcam_plus_plus, score_cam: the link whose output is weighed, '
                    'a name from model.namedlinks() (default: the last link with a 4-D output; res3 for CifarNet)')
+    p.add_argument('--composite', choices=tuple(COMPOSITES), default='epsilon_plus_flat',
+                   help='lrp: the rules by layer, as zennit\'s composites: epsilon_plus_flat (z+ on convolutions, '
+                   'epsilon on linear layers, flat on the first; the default), epsilon_gamma_box (gamma, epsilon, '
+                   'box on the first convolution), epsilon_plus, epsilon_alpha2_beta1, epsilon (everywhere)')
     p.add_argument('--patch', type=int, help='occlusion: patch side in pixels (default: 1/8 of the image side)')
     p.add_argument('--stride', type=int, help='occlusion: patch stride in pixels (default: half the patch)')
     p.add_argument('--masks', type=int, help='rise: random masks per map (default: 4000; %d in a photograph\'s '
@@ -247,7 +252,7 @@ def load_baseline(args, explained, shape):
 def method_options(args, baseline):
     """The command line's options of the methods, by their constructors' names (None: the method's default)."""
     return dict(steps=args.steps, samples=args.samples, baseline=baseline, layer=args.layer, patch=args.patch,
-                stride=args.stride, masks=args.masks)
+                stride=args.stride, masks=args.masks, composite=args.composite)
 
 
 def top_regions(x, attribution, share):
@@ -261,11 +266,14 @@ def top_regions(x, attribution, share):
 def variants(args, engine, x, name, smooth, baseline=None):
     """One row's (heading, method) pairs: the plain method, or SmoothGrad of it at each noise level.
     A CAM's heading names the layer it weighs."""
+    from sgrad.lrp import LRP
     from sgrad.methods import make_method
     from sgrad.saliency import GradCAM, SmoothGrad
     base = make_method(name, engine, **method_options(args, baseline))
     if isinstance(base, GradCAM):
         name = '%s at %s' % (name, engine.layer_name(x, base.layer))
+    if isinstance(base, LRP):
+        name = '%s, %s' % (name, base.composite)
     if not smooth:
         return [(name, base)]
     return [('%s, noise %g%%' % ('SmoothGrad' if name == 'gradient' else 'smoothed', 100 * noise),
@@ -276,6 +284,7 @@ def variants(args, engine, x, name, smooth, baseline=None):
 def method_row(x, target, row):
     """Panels and attributions of one row of variants; a path method's completeness is printed."""
     from sgrad.saliency import PathMethod
+    from sgrad.lrp import LRP
     from sgrad.xrai import XRAI
     panels, attributions = [], []
     for heading, method in row:
@@ -285,6 +294,10 @@ def method_row(x, target, row):
             print('%s %s: sum of attributions %.4f, S_c(x) - S_c(reference) %.4f (%.2f%% off)'
                   % (heading, method.sums_to, total, difference,
                      100 * abs(total - difference) / max(abs(difference), 1e-12)))
+        if isinstance(method, LRP):
+            total, score = method.conservation(x, target, attribution)
+            print('%s conservation: sum of relevances %.4f, S_c(x) %.4f (%.1f%% of it; biases absorb the rest)'
+                  % (heading, total, score, 100 * total / score if score else float('nan')))
         panels.append((heading, 'abs', attribution))
         if method.signed:
             panels.append(('signed', 'signed', attribution))
@@ -446,7 +459,7 @@ def run_many(args, explained, comm):
         return
     settings = {name: getattr(args, name) for name in (
         'method', 'smooth', 'noise', 'samples', 'aggregate', 'steps', 'baseline', 'layer', 'patch', 'stride',
-        'masks', 'objective', 'label', 'seed', 'model', 'arch')}
+        'masks', 'composite', 'objective', 'label', 'seed', 'model', 'arch')}
     settings.update(model_description=explained.description, ranks=comm.size if comm else 1)
     saved = dict(rows, settings=json.dumps(settings))
     saved.update({'indices': keys} if files is None else {'files': np.array(files)})

@@ -4,6 +4,7 @@ import inspect
 
 from sgrad.cam import GradCAMPlusPlus, ScoreCAM
 from sgrad.deeplift import DeepLIFT, DeepLIFTSHAP
+from sgrad.lrp import LRP
 from sgrad.paths import BlurIG, GradientSHAP, GuidedIG
 from sgrad.rise import RISE
 from sgrad.saliency import (Deconvnet, GradCAM, Gradient, GradientXInput, GuidedBackprop, GuidedGradCAM,
@@ -19,6 +20,7 @@ METHODS = {
     'gradient_shap': GradientSHAP,
     'deeplift': DeepLIFT,
     'deeplift_shap': DeepLIFTSHAP,
+    'lrp': LRP,
     'blur_ig': BlurIG,
     'guided_ig': GuidedIG,
     'xrai': XRAI,
@@ -33,7 +35,7 @@ METHODS = {
 
 def make_method(name, engine, **options):
     """The method ``name`` on ``engine``, given those of ``options`` that its constructor takes (steps,
-    samples, baseline, layer, patch, stride, masks, ...); an option that is None keeps the method's default."""
+    samples, baseline, layer, patch, stride, masks, composite, ...); an option that is None keeps the method's default."""
     cls = METHODS[name]
     takes = inspect.signature(cls).parameters
     return cls(engine, **{key: value for key, value in options.items() if key in takes and value is not None})
