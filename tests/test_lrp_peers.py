@@ -6,13 +6,12 @@ std, whose relevance is ours: sgrad.lrp passes relevance through the normalisati
 folded into the classifier; and zennit's on a port of EfficientNet-Lite0 on a photograph. Skipped without torch
 and zennit (Captum)."""
 import sys
-import types
 
 import chainer
 import numpy as np
 import pytest
 
-from conftest import needs_cifar10, relative_difference
+from conftest import BENCHMARKS_DIR, needs_cifar10, relative_difference
 from model import CIFAR10_MEAN, CIFAR10_STD, load_model
 from sgrad.data import load_test_images
 from sgrad.lrp import LRP
@@ -20,20 +19,13 @@ from sgrad.saliency import GradientEngine
 
 
 def import_zennit(monkeypatch):
-    """zennit 0.5.1, or a skip. Its package imports torchvision for its ResNet canonizers (zennit/torchvision.py:
-    ``from torchvision.models.resnet import Bottleneck, BasicBlock``), which no torchvision built for this
-    torch provides: without one, a stub module with those two classes, for the duration of the test, lets it
-    import (the canonizers then match nothing, and none is used here)."""
+    """zennit 0.5.1, or a skip; without a torchvision that imports, with bench_rules.torchvision_stubs for the
+    duration of the test."""
     torch = pytest.importorskip('torch', reason='optional peer check: pip install torch==2.13.0')
-    try:
-        __import__('torchvision')  # a real one, if there is one that imports
-    except ImportError:
-        stubs = {name: types.ModuleType(name) for name in
-                 ('torchvision', 'torchvision.models', 'torchvision.models.resnet')}
-        stubs['torchvision.models.resnet'].Bottleneck = type('Bottleneck', (torch.nn.Module,), {})
-        stubs['torchvision.models.resnet'].BasicBlock = type('BasicBlock', (torch.nn.Module,), {})
-        for name, module in stubs.items():
-            monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.syspath_prepend(BENCHMARKS_DIR)
+    from bench_rules import torchvision_stubs  # the ports' builders live there too, for the benchmark
+    for name, module in torchvision_stubs(torch).items():
+        monkeypatch.setitem(sys.modules, name, module)
     zennit = pytest.importorskip('zennit', reason='optional peer check: pip install --no-deps zennit')
     import zennit.attribution  # noqa: F401
     import zennit.composites  # noqa: F401
@@ -41,60 +33,6 @@ def import_zennit(monkeypatch):
     import zennit.rules  # noqa: F401
     import zennit.types  # noqa: F401
     return torch, zennit
-
-
-def torch_port(torch, model, residual_sum):
-    """The PyTorch port of CifarNet ``model`` (folded) for LRP, in model's dtype: ``residual_sum`` 'zennit' (its
-    Sum module on the two summands stacked) or 'captum' (its Addition_Module)."""
-    nn = torch.nn
-    folded = model.inference_copy()
-    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[folded.fc.W.dtype]
-
-    def conv_relu(block):
-        W, b = block.folded
-        conv = nn.Conv2d(W.shape[1], W.shape[0], 3, padding=1, dtype=dtype)
-        with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(W))
-            conv.bias.copy_(torch.from_numpy(b))
-        return nn.Sequential(conv, nn.ReLU())
-
-    class Residual(nn.Module):
-        def __init__(self, res):
-            super().__init__()
-            self.f = nn.Sequential(conv_relu(res.block1), conv_relu(res.block2))
-            if residual_sum == 'zennit':
-                from zennit.layer import Sum
-                self.sum = Sum()
-            else:
-                from captum.attr._utils.custom_modules import Addition_Module
-                self.sum = Addition_Module()
-
-        def forward(self, x):
-            if residual_sum == 'zennit':
-                return self.sum(torch.stack([x, self.f(x)], dim=-1))
-            return self.sum(x, self.f(x))
-
-    class Port(nn.Module):
-        """The max poolings are functional: zennit gives them no rule, and Captum's epsilon rule for
-        nn.MaxPool2d (the relevance times m / (m + 1e-9), m the maximum) is not the gradient where m is small."""
-
-        def __init__(self):
-            super().__init__()
-            self.stages = nn.ModuleList([
-                conv_relu(folded.prep), conv_relu(folded.conv1), Residual(folded.res1), conv_relu(folded.conv2),
-                conv_relu(folded.conv3), Residual(folded.res3)])
-            self.fc = nn.Linear(*folded.fc.W.shape[::-1], dtype=dtype)
-            with torch.no_grad():
-                self.fc.weight.copy_(torch.from_numpy(folded.fc.W.array * folded.LOGIT_SCALE))
-                self.fc.bias.copy_(torch.from_numpy(folded.fc.b.array * folded.LOGIT_SCALE))
-
-        def forward(self, h):
-            pool = torch.nn.functional.max_pool2d
-            prep, conv1, res1, conv2, conv3, res3 = self.stages
-            h = pool(res3(pool(conv3(pool(conv2(res1(pool(conv1(prep(h)), 2))), 2)), 2)), 4)
-            return self.fc(torch.flatten(h, 1))
-
-    return Port().eval()
 
 
 def normalized(torch, xs):
@@ -142,7 +80,8 @@ def test_lrp_equals_zennits_composites_on_cifar10(cifar, composite, monkeypatch)
     torch, zennit = import_zennit(monkeypatch)
     from zennit.attribution import Gradient
     model, engine, xs, targets = cifar[DTYPES.get(composite, np.float32)]
-    port = torch_port(torch, model, 'zennit')
+    from bench_rules import lrp_cifarnet_port
+    port = lrp_cifarnet_port(torch, model, 'zennit')
     h = normalized(torch, xs).requires_grad_()
     onehot = torch.nn.functional.one_hot(torch.from_numpy(targets.astype(np.int64)), 10).to(h.dtype)
     with Gradient(port, zennit_composite(zennit, torch, composite, xs)) as attributor:
@@ -154,7 +93,7 @@ def test_lrp_equals_zennits_composites_on_cifar10(cifar, composite, monkeypatch)
 
 
 @needs_cifar10
-def test_lrp_epsilon_equals_captums_lrp_on_cifar10(cifar):
+def test_lrp_epsilon_equals_captums_lrp_on_cifar10(cifar, monkeypatch):
     """Captum's LRP with its default rules (epsilon 1e-9 on convolutions, linear layers and its Addition_Module;
     ReLU passes; the port's max poolings are functional, so their gradient) is our epsilon composite with epsilon
     and stabilizer 1e-9; in float64 (DTYPES)."""
@@ -163,64 +102,13 @@ def test_lrp_epsilon_equals_captums_lrp_on_cifar10(cifar):
     import torch
     from captum.attr import LRP as CaptumLRP
     model, engine, xs, targets = cifar[DTYPES['epsilon']]
-    port = torch_port(torch, model, 'captum')
+    monkeypatch.syspath_prepend(BENCHMARKS_DIR)
+    from bench_rules import lrp_cifarnet_port
+    port = lrp_cifarnet_port(torch, model, 'captum')
     theirs = CaptumLRP(port).attribute(normalized(torch, xs).requires_grad_(),
                                        target=torch.from_numpy(targets.astype(np.int64)))
     ours = LRP(engine, 'epsilon', epsilon=1e-9, stabilizer=1e-9).attribute(xs, targets)
     assert relative_difference(ours, theirs.detach().numpy()) < 1e-4
-
-
-def torch_efficientnet(torch, model):
-    """A PyTorch port of EfficientNet-Lite0 ``model`` (folded, in its dtype) for zennit: each convolution a
-    Conv2d that pads its input the 'SAME' way inside its forward (so that zennit's rules see the padding as part
-    of the convolution, as on efficientnet_lite_pytorch's Conv2dStaticSamePadding), each residual sum zennit's
-    Sum, the [-1, 1] scaling outside."""
-    nn = torch.nn
-    from zennit.layer import Sum
-    from sgrad.efficientnet import same_pads
-    folded = model.inference_copy()
-    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[folded.fc.W.dtype]
-
-    class SameConv(nn.Conv2d):
-        def forward(self, x):
-            (top, bottom), (left, right) = same_pads(x.shape, self.kernel_size[0], self.stride[0])
-            return super().forward(torch.nn.functional.pad(x, (left, right, top, bottom)))
-
-    def conv(link):
-        W, b = link.folded
-        groups = link.conv.groups
-        layer = SameConv(W.shape[1] * groups, W.shape[0], link.ksize, link.stride, groups=groups, dtype=dtype)
-        with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(W))
-            layer.bias.copy_(torch.from_numpy(b))
-        return nn.Sequential(layer, nn.ReLU6()) if link.activation else layer
-
-    class Block(nn.Module):
-        def __init__(self, block):
-            super().__init__()
-            self.f = nn.Sequential(*([conv(block.expand)] if hasattr(block, 'expand') else []),
-                                   conv(block.depthwise), conv(block.project))
-            self.sum = Sum() if block.shortcut else None
-
-        def forward(self, x):
-            return self.f(x) if self.sum is None else self.sum(torch.stack([x, self.f(x)], dim=-1))
-
-    class Port(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = conv(folded.stem)
-            self.blocks = nn.Sequential(*[Block(block) for block in folded.blocks])
-            self.head = conv(folded.head)
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(*folded.fc.W.shape[::-1], dtype=dtype)
-            with torch.no_grad():
-                self.fc.weight.copy_(torch.from_numpy(folded.fc.W.array))
-                self.fc.bias.copy_(torch.from_numpy(folded.fc.b.array))
-
-        def forward(self, h):
-            return self.fc(torch.flatten(self.pool(self.head(self.blocks(self.stem(h)))), 1))
-
-    return Port().eval()
 
 
 @pytest.mark.parametrize('composite', ['epsilon_plus_flat', 'epsilon_gamma_box'])
@@ -244,7 +132,8 @@ def test_lrp_equals_zennits_composites_on_efficientnet(composite, monkeypatch):
     else:
         composite_ = zennit.composites.EpsilonPlusFlat()
     onehot = torch.nn.functional.one_hot(torch.from_numpy(target.astype(np.int64)), 1000).to(h.dtype)
-    with Gradient(torch_efficientnet(torch, model), composite_) as attributor:
+    from bench_rules import lrp_efficientnet_port
+    with Gradient(lrp_efficientnet_port(torch, model), composite_) as attributor:
         logits, theirs = attributor(h, attr_output=lambda output: onehot * output)
     with chainer.using_config('train', False), chainer.no_backprop_mode():
         assert relative_difference(model.inference_copy()(x).array, logits.detach().numpy()) < 1e-5
