@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """The rule-based methods beside their anchors on the same network and images. DeepLIFT against Captum's DeepLift
-on CifarNet's PyTorch port (benchmarks/bench_peer.py), and on EfficientNet-Lite0, where Captum's DeepLift cannot
-run (the PyTorch reference applies one nn.ReLU6 module twice per block, and Captum's DeepLift keeps each module's
-input on the module; nor does it list ReLU6), against Captum's plain gradient (Saliency), which is less work.
-LRP against zennit's EpsilonPlusFlat on LRP ports of both networks (lrp_cifarnet_port, lrp_efficientnet_port,
-which tests/test_lrp_peers.py holds equal to ours) and, with its epsilon rules, against Captum's LRP on CifarNet
+on CifarNet's PyTorch port (benchmarks/bench_peer.py) and on EfficientNet-Lite0's LRP port (an nn.ReLU6 module
+per use: the PyTorch reference applies one twice per block, which Captum's DeepLift cannot take), with Captum's
+Rescale rule registered for nn.ReLU6, which it does not list. LRP against zennit's EpsilonPlusFlat on the LRP
+ports of both networks (lrp_cifarnet_port, lrp_efficientnet_port, which tests/test_lrp_peers.py and
+tests/test_rule_peers.py hold equal to ours) and, with its epsilon rules, against Captum's LRP on CifarNet
 (Captum's LRP refuses ReLU6).
 
     python benchmarks/bench_rules.py                 # 100 CIFAR-10 test images, the 4 photographs
@@ -219,23 +219,24 @@ def cifarnet_rows(images, repeats):
 
 
 def efficientnet_rows(repeats):
-    """The same on EfficientNet-Lite0 and the photographs: DeepLIFT beside Captum's gradient, LRP beside zennit."""
+    """The same on EfficientNet-Lite0 and the photographs, on the LRP port: DeepLIFT beside Captum's DeepLift with
+    its Rescale rule registered for nn.ReLU6, LRP beside zennit."""
     import captum.attr
+    import captum.attr._core.deep_lift as deep_lift
     import torch
-    from efficientnet_lite_pytorch import EfficientNet
-    from sgrad.efficientnet import IMAGE_SIZE, default_weights_path, load_efficientnet_lite0
+    from sgrad.efficientnet import IMAGE_SIZE, load_efficientnet_lite0
     from zennit.composites import EpsilonPlusFlat
-    reference = EfficientNet.from_name('efficientnet-lite0')
-    reference.load_state_dict(torch.load(default_weights_path(), map_location='cpu'))
-    reference.eval()
+    deep_lift.SUPPORTED_NON_LINEAR[torch.nn.ReLU6] = deep_lift.nonlinear
     xs = load_image_folder(PHOTOS_DIR, IMAGE_SIZE)[0]
     model = load_efficientnet_lite0()
+    port = lrp_efficientnet_port(torch, model)
     engine = GradientEngine(model)
     targets = engine.probabilities(xs).argmax(axis=1)
     xt, tt = torch.from_numpy(xs * (255. / 128.) - 127. / 128.), torch.from_numpy(targets.astype(np.int64))
-    zennit = zennit_lrp(torch, lrp_efficientnet_port(torch, model), EpsilonPlusFlat(), 1000)
-    runs = [('DeepLIFT', 'Captum gradient', lambda: captum.attr.Saliency(reference).attribute(xt, target=tt,
-                                                                                             abs=False),
+    zennit = zennit_lrp(torch, port, EpsilonPlusFlat(), 1000)
+    black = torch.full_like(xt, -127. / 128.)
+    runs = [('DeepLIFT', 'Captum DeepLift', lambda: captum.attr.DeepLift(port).attribute(xt, baselines=black,
+                                                                                          target=tt),
              lambda: DeepLIFT(engine).attribute(xs, targets)),
             ('LRP epsilon_plus_flat', 'zennit EpsilonPlusFlat', lambda: zennit(xt.clone(), tt),
              lambda: LRP(engine).attribute(xs, targets))]

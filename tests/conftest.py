@@ -3,6 +3,7 @@ of CifarNet and their measure of difference."""
 import sgrad  # noqa: F401  (before NumPy: picks OpenBLAS's kernels, as the scripts do)
 
 import os
+import sys
 
 import chainer
 import numpy as np
@@ -35,6 +36,23 @@ def torch_cifarnet(model, monkeypatch):
     monkeypatch.syspath_prepend(BENCHMARKS_DIR)
     from bench_peer import torch_peer
     return torch_peer(model)
+
+
+def import_zennit(monkeypatch):
+    """torch and zennit 0.5.1, or a skip; without a torchvision that imports, with bench_rules.torchvision_stubs
+    for the duration of the test (the LRP ports' builders live in benchmarks/bench_rules.py too)."""
+    torch = pytest.importorskip('torch', reason='optional peer check: pip install torch==2.13.0')
+    monkeypatch.syspath_prepend(BENCHMARKS_DIR)
+    from bench_rules import torchvision_stubs
+    for name, module in torchvision_stubs(torch).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    zennit = pytest.importorskip('zennit', reason='optional peer check: pip install --no-deps zennit')
+    import zennit.attribution  # noqa: F401
+    import zennit.composites  # noqa: F401
+    import zennit.layer  # noqa: F401
+    import zennit.rules  # noqa: F401
+    import zennit.types  # noqa: F401
+    return torch, zennit
 
 
 def random_cifarnet(width=4, seed=0, dtype=np.float32):

@@ -5,34 +5,16 @@ its own (zennit's Sum, Captum's Addition_Module), the input normalisation outsid
 std, whose relevance is ours: sgrad.lrp passes relevance through the normalisation unchanged) and LOGIT_SCALE
 folded into the classifier; and zennit's on a port of EfficientNet-Lite0 on a photograph. Skipped without torch
 and zennit (Captum)."""
-import sys
 
 import chainer
 import numpy as np
 import pytest
 
-from conftest import BENCHMARKS_DIR, needs_cifar10, relative_difference
+from conftest import BENCHMARKS_DIR, import_zennit, needs_cifar10, relative_difference
 from model import CIFAR10_MEAN, CIFAR10_STD, load_model
 from sgrad.data import load_test_images
 from sgrad.lrp import LRP
 from sgrad.saliency import GradientEngine
-
-
-def import_zennit(monkeypatch):
-    """zennit 0.5.1, or a skip; without a torchvision that imports, with bench_rules.torchvision_stubs for the
-    duration of the test."""
-    torch = pytest.importorskip('torch', reason='optional peer check: pip install torch==2.13.0')
-    monkeypatch.syspath_prepend(BENCHMARKS_DIR)
-    from bench_rules import torchvision_stubs  # the ports' builders live there too, for the benchmark
-    for name, module in torchvision_stubs(torch).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    zennit = pytest.importorskip('zennit', reason='optional peer check: pip install --no-deps zennit')
-    import zennit.attribution  # noqa: F401
-    import zennit.composites  # noqa: F401
-    import zennit.layer  # noqa: F401
-    import zennit.rules  # noqa: F401
-    import zennit.types  # noqa: F401
-    return torch, zennit
 
 
 def normalized(torch, xs):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from chainer.dataset import concat_examples
 
-from conftest import needs_cifar10, relative_difference, torch_cifarnet
+from conftest import import_zennit, needs_cifar10, relative_difference, torch_cifarnet
 from model import load_model
 from sgrad.data import load_cifar10, load_test_images
 from sgrad.deeplift import DeepLIFT, DeepLIFTSHAP
@@ -121,3 +121,34 @@ def test_deeplift_shap_equals_captums(shipped, captum_deeplift):
     reference = attr.DeepLiftShap(net).attribute(torch.from_numpy(xs), baselines=torch.from_numpy(baselines),
                                                  target=torch.from_numpy(targets.astype(np.int64)))
     assert relative_difference(mine, reference.detach().numpy()) < 1e-4
+
+
+@pytest.mark.parametrize('baseline', ['black', 'blurred'])
+def test_deeplift_equals_captums_on_efficientnet_with_its_rescale_rule_for_relu6(monkeypatch, baseline):
+    """EfficientNet-Lite0 on a photograph, against Captum's DeepLift on the LRP port (benchmarks/bench_rules.py:
+    an nn.ReLU6 module per use, unlike the PyTorch reference, which applies one twice per block; residual sums
+    as modules), with Captum's own Rescale rule (its ``nonlinear``) registered for nn.ReLU6, which it does not
+    list. DeepLIFT does not depend on the input's affine scaling, which the port takes outside. In float64: the
+    Rescale multipliers (f(z) - f(z')) / (z - z') amplify float32's rounding where z' is close to z (2.6e-4 from
+    the blurred baseline in float32; 1.6e-13 in float64)."""
+    torch, _ = import_zennit(monkeypatch)
+    pytest.importorskip('captum', reason='optional peer check: pip install captum')
+    import captum.attr
+    import captum.attr._core.deep_lift as deep_lift
+    import chainer
+    from bench_rules import lrp_efficientnet_port
+    from sgrad.data import load_image_file
+    from sgrad.efficientnet import load_efficientnet_lite0
+    from sgrad.paths import gaussian_blur
+    monkeypatch.setitem(deep_lift.SUPPORTED_NON_LINEAR, torch.nn.ReLU6, deep_lift.nonlinear)
+    with chainer.using_config('dtype', np.float64):
+        model = load_efficientnet_lite0()
+    engine = GradientEngine(model)
+    x = load_image_file('data/photos/chelsea.png', 224)[0][None].astype(np.float64)
+    target = engine.probabilities(x).argmax(axis=1)
+    image = np.zeros_like(x) if baseline == 'black' else gaussian_blur(x, 20)
+    mine = DeepLIFT(engine, image[0]).attribute(x, target)
+    scaled = lambda images: torch.from_numpy(images * (255. / 128.) - 127. / 128.)
+    reference = captum.attr.DeepLift(lrp_efficientnet_port(torch, model)).attribute(
+        scaled(x), baselines=scaled(image), target=torch.from_numpy(target.astype(np.int64)))
+    assert relative_difference(mine, reference.detach().numpy()) < 1e-8
