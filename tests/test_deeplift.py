@@ -1,6 +1,7 @@
 """DeepLIFT (Rescale) and DeepLIFT-SHAP: against a reference written with dense matrices on small models of
 standard links and of this project's nodes (ReLU, ReLU6, max and average pooling, a residual sum), and their
-summation-to-delta on real images through the shipped CifarNet and EfficientNet-Lite0."""
+summation-to-delta on real images through the shipped CifarNet and EfficientNet-Lite0; and how DeepLIFT and
+LRP refuse a function they have no rule for."""
 import chainer
 import chainer.functions as F
 import chainer.links as L
@@ -14,6 +15,7 @@ from sgrad.data import load_image_file, load_test_images
 from sgrad.deeplift import DeepLIFT, DeepLIFTSHAP
 from sgrad.depthwise import depthwise_convolution
 from sgrad.errors import InputError
+from sgrad.lrp import LRP
 from sgrad.saliency import GradientEngine, Gradient
 
 RNG = np.random.RandomState(0)
@@ -160,7 +162,8 @@ def test_deeplift_sums_to_the_difference_of_scores_on_a_photograph():
         assert_sums_to_delta(DeepLIFT(engine, baseline), x, target, 1e-3)
 
 
-def test_a_function_without_a_rule_is_an_error_naming_it():
+@pytest.mark.parametrize('method, name', [(DeepLIFT, 'DeepLIFT'), (LRP, 'LRP')])
+def test_a_function_without_a_rule_is_an_error_naming_it(method, name):
     class Gated(chainer.Chain):
         def __init__(self):
             super().__init__()
@@ -171,8 +174,8 @@ def test_a_function_without_a_rule_is_an_error_naming_it():
             h = F.reshape(x, (len(x), -1))
             return self.fc(h * F.sigmoid(h))   # a product of two variables, as in squeeze-excite
 
-    with pytest.raises(InputError, match='DeepLIFT has no rule for Mul'):
-        DeepLIFT(GradientEngine(Gated())).attribute(RNG.uniform(0, 1, (2, 3, 2, 2)).astype(np.float32), 0)
+    with pytest.raises(InputError, match='%s has no rule for Mul' % name):
+        method(GradientEngine(Gated())).attribute(RNG.uniform(0, 1, (2, 3, 2, 2)).astype(np.float32), 0)
 
 
 @needs_cifar10

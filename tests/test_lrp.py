@@ -263,21 +263,6 @@ def test_box_bounds_are_the_image_range_through_the_normalisation():
 
 
 # ------------------------------------------------------------------ errors, and nothing left behind
-def test_a_function_without_a_rule_is_an_error_naming_it():
-    class Gated(chainer.Chain):
-        def __init__(self):
-            super().__init__()
-            with self.init_scope():
-                self.fc = L.Linear(12, 2)
-
-        def forward(self, x):
-            h = F.reshape(x, (len(x), -1))
-            return self.fc(h * F.sigmoid(h))   # a product of two variables, as in squeeze-excite
-
-    with pytest.raises(InputError, match='LRP has no rule for Mul'):
-        LRP(GradientEngine(Gated())).attribute(RNG.uniform(0, 1, (2, 3, 2, 2)).astype(np.float32), 0)
-
-
 def test_batchnorm_must_be_folded_and_the_objective_be_the_score():
     class WithBatchNorm(chainer.Chain):
         def __init__(self):
