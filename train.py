@@ -150,7 +150,8 @@ def ship(model, test, device, argv, train=None):
     accuracy, confusion = evaluate(inference, test, 500, device)
     record = {'command': 'python train.py ' + ' '.join(shlex.quote(a) for a in argv),
               'test_accuracy': round(float(accuracy), 4), 'test_images': int(confusion.sum()),
-              'evaluated_with': 'python train.py --evaluate %s' % os.path.relpath(path)}
+              'evaluated_with': 'python train.py --evaluate %s' % os.path.relpath(path, os.path.dirname(
+                  os.path.abspath(__file__)))}
     if train is not None:
         record.update(training_accuracy=round(float(evaluate(inference, train, 500, device)[0]), 4),
                       training_images=len(train), training_labels='permuted (--random-labels)')
