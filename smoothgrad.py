@@ -345,7 +345,10 @@ def gallery(args, engine, x, baseline):
         setattr(args, name, value)
     args.samples = args.samples or DEFAULT_SAMPLES
     rows = []
+    skipped = [name for name, cls in METHODS.items() if cls.score_only and engine.objective != 'score']
     for name, cls in METHODS.items():
+        if name in skipped:
+            continue
         smoothed = not cls.not_smoothable and not (photo and name in FORWARD_ONLY)
         rows.append((variants(args, engine, x, name, False, baseline),
                      variants(args, engine, x, name, True, baseline) if smoothed else []))
@@ -355,6 +358,8 @@ def gallery(args, engine, x, baseline):
             x.shape[1], x.shape[2], ', '.join('%s %d' % item for item in lowered.items()), ', '.join(FORWARD_ONLY))
     elif photo:
         note += '; %s unsmoothed' % ', '.join(FORWARD_ONLY)
+    if skipped:
+        note += '; %s left out (they explain the class score, not the loss)' % ', '.join(skipped)
     return rows, note
 
 

@@ -91,6 +91,8 @@ class DeepLIFT(PathMethod):
 
     sums_to = 'summation-to-delta'
 
+    score_only = True  # the loss's softmax lies outside the model's nodes, with no rule
+
     def __init__(self, engine, baseline=None):
         super().__init__(engine)
         self.baseline = baseline

@@ -321,13 +321,11 @@ class LRP(Method):
     """
 
     signed = True
+    score_only = True
 
     def __init__(self, engine, composite='epsilon_plus_flat', epsilon=1e-6, gamma=0.25, low=None, high=None,
                  stabilizer=1e-6):
         super().__init__(engine)
-        if engine.objective != 'score':
-            raise InputError('LRP explains the class score: its engine\'s objective must be \'score\', got %r'
-                             % engine.objective)
         if composite not in COMPOSITES:
             raise InputError('LRP\'s composite must be one of %s, got %r' % (', '.join(COMPOSITES), composite))
         self.composite, self.epsilon, self.gamma, self.stabilizer = composite, epsilon, gamma, stabilizer

@@ -191,8 +191,13 @@ class Method:
     signed = True
     #: why SmoothGrad cannot wrap the method, or None if it can
     not_smoothable = None
+    #: whether the method explains the class score only (its rules stop at the model's output: not the loss)
+    score_only = False
 
     def __init__(self, engine):
+        if self.score_only and engine.objective != 'score':
+            raise InputError('%s explains the class score: its engine\'s objective must be \'score\', got %r'
+                             % (type(self).__name__, engine.objective))
         self.engine = engine
 
     def attribute(self, xs, target):

@@ -299,3 +299,16 @@ def test_the_readme_s_own_model_example_runs(tmp_path, capsys):
                               '--out', str(tmp_path / 'f.png')], capsys)
     assert code == 0, err
     assert 'Net from mynet.npz, coffee.png' in out and ('cat' in out or 'dog' in out)
+
+
+def test_a_gallery_of_the_loss_leaves_out_the_methods_of_the_class_score(model):
+    """DeepLIFT, DeepLIFT-SHAP and LRP explain the class score only: --method all --objective loss leaves them
+    out and its title says so; with the score they are in."""
+    from sgrad.saliency import GradientEngine
+    x = np.random.RandomState(0).uniform(0, 1, (3, 32, 32)).astype(np.float32)
+    for objective, expected in (('loss', False), ('score', True)):
+        args = smoothgrad.parse_args(['--method', 'all', '--objective', objective])
+        rows, note = smoothgrad.gallery(args, GradientEngine(model, objective), x, None)
+        headings = [plain[0][0] for plain, _ in rows]
+        assert [any(h.startswith(name) for h in headings) for name in ('deeplift', 'lrp')] == [expected] * 2
+        assert ('deeplift, deeplift_shap, lrp left out' in note) != expected

@@ -178,6 +178,13 @@ def test_a_function_without_a_rule_is_an_error_naming_it(method, name):
         method(GradientEngine(Gated())).attribute(RNG.uniform(0, 1, (2, 3, 2, 2)).astype(np.float32), 0)
 
 
+def test_deeplift_explains_the_score_not_the_loss():
+    """The loss's softmax cross-entropy lies outside the model's nodes: no rule, no summation-to-delta."""
+    for method in (DeepLIFT, DeepLIFTSHAP):
+        with pytest.raises(InputError, match="objective must be 'score'"):
+            method(GradientEngine(SmallNet(False), objective='loss'))
+
+
 @needs_cifar10
 def test_the_model_keeps_its_gradient_and_its_fused_nodes(cifar):
     """After DeepLIFT nothing of its rules is left: the gradient is the same array as before, and the folded
