@@ -7,7 +7,7 @@ import numpy as np
 
 from sgrad.errors import InputError
 from sgrad.paths import gaussian_blur, largest_blur
-from sgrad.rules import ACTIVATIONS, MAXIMA, NodeRecorder, is_linear, recorded_forward, unknown_node
+from sgrad.rules import ACTIVATIONS, MAXIMA, NodeRecorder, is_linear, recorded_forward
 from sgrad.saliency import PathMethod
 
 #: Where |z - z'| is below this, a multiplier is the gradient (Captum's DeepLift eps).
@@ -74,7 +74,7 @@ class DeepLIFTRules(NodeRecorder):
             elif type(node) in MAXIMA:
                 node.backward = max_backward(node, inputs[0], baseline_inputs[0])
             elif not is_linear(node):
-                raise unknown_node(node, 'DeepLIFT', 'activations (%s), max poolings and linear functions'
+                raise self.unknown(node, 'DeepLIFT', 'activations (%s), max poolings and linear functions'
                                    % ', '.join(sorted({cls.__name__ for cls in ACTIVATIONS})))
 
 

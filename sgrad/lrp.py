@@ -48,7 +48,7 @@ from sgrad.convolution import Convolution3x3
 from sgrad.depthwise import DepthwiseConvolution, PointwiseConvolution
 from sgrad.errors import InputError
 from sgrad.rules import (ACTIVATIONS, CONSTANT_AFFINE, FRESH_WEIGHTED, MAXIMA, MOVES, SUMS, NodeRecorder,
-                         constant_except_first, is_linear, unknown_node)
+                         constant_except_first, is_linear)
 from sgrad.saliency import Method
 
 #: The weighted nodes that zennit's composites treat as convolutions; the others (LinearFunction) as linear.
@@ -220,7 +220,7 @@ class LRPRules(NodeRecorder):
             return pass_backward
         if isinstance(node, SUMS) and is_linear(node):
             return norm_backward(node, inputs, self.lrp.stabilizer)
-        raise unknown_node(node, 'LRP', 'activations (%s), weighted nodes (%s), max poolings, sums, moves and '
+        raise self.unknown(node, 'LRP', 'activations (%s), weighted nodes (%s), max poolings, sums, moves and '
                            'elementwise affine maps by constants'
                            % (', '.join(sorted({cls.__name__ for cls in ACTIVATIONS})),
                               ', '.join(cls.__name__ for cls in FRESH_WEIGHTED)))

@@ -79,38 +79,61 @@ def is_linear(node):
     return isinstance(node, SUMS + CONSTANT_AFFINE + MOVES)
 
 
-def unknown_node(node, method, known):
-    """The InputError for a node of the forward pass that ``method`` has no rule for."""
-    return InputError('%s has no rule for %s (%s), a function of this model\'s forward pass; it knows %s'
-                      % (method, type(node).__name__, type(node).__module__, known))
+class CallingLinks(chainer.LinkHook):
+    """The links whose forward is running, outermost first: ``path()``, as 'res3/block1/conv'."""
+
+    name = 'CallingLinks'
+
+    def __init__(self):
+        self.stack = []
+
+    def forward_preprocess(self, args):
+        self.stack.append(args.link.name)
+
+    def forward_postprocess(self, args):
+        self.stack.pop()
+
+    def path(self):
+        return '/'.join(name for name in self.stack if name)
 
 
 class NodeRecorder(chainer.FunctionHook):
     """Inside its ``with`` block: the folded models' activations as nodes of their own, and ``nodes``, each
-    (node, input arrays) of the forward pass in the order they ran."""
+    (node, input arrays) of the forward pass in the order they ran, with the link each ran in (for messages)."""
 
     name = 'NodeRecorder'
 
     def __init__(self):
-        self.nodes = []
+        self.nodes, self.links = [], {}
         self._unfused = chainer.using_config('fuse_activations', False)
+        self._calling = CallingLinks()
 
     def __enter__(self):
         self._unfused.__enter__()
+        self._calling.__enter__()
         return super().__enter__()
 
     def __exit__(self, *args):
         super().__exit__(*args)
+        self._calling.__exit__(*args)
         self._unfused.__exit__(*args)
 
     def forward_postprocess(self, function, in_data):
         self.nodes.append((function, in_data))
+        self.links[id(function)] = self._calling.path()
 
     def on_path(self):
         """The recorded nodes that the gradient of the output reaches (some input a variable), after the forward
         pass: nodes on constants alone (a normalisation's mean, say) are not on it."""
         return [(node, inputs) for node, inputs in self.nodes
                 if node.inputs is not None and any(var.requires_grad for var in node.inputs)]
+
+    def unknown(self, node, method, known):
+        """The InputError for a node of the forward pass that ``method`` has no rule for, naming the link it ran in."""
+        link = self.links.get(id(node))
+        return InputError('%s has no rule for %s (%s)%s; it knows %s'
+                          % (method, type(node).__name__, type(node).__module__,
+                             ' in link %r' % link if link else ' in the model\'s own forward', known))
 
 
 def recorded_forward(model, x):

@@ -163,18 +163,22 @@ def test_deeplift_sums_to_the_difference_of_scores_on_a_photograph():
 
 
 @pytest.mark.parametrize('method, name', [(DeepLIFT, 'DeepLIFT'), (LRP, 'LRP')])
-def test_a_function_without_a_rule_is_an_error_naming_it(method, name):
+def test_a_function_without_a_rule_is_an_error_naming_it_and_its_link(method, name):
+    class Gate(chainer.Chain):
+        def forward(self, h):
+            return h * F.sigmoid(h)   # a product of two variables, as in squeeze-excite
+
     class Gated(chainer.Chain):
         def __init__(self):
             super().__init__()
             with self.init_scope():
+                self.gate = Gate()
                 self.fc = L.Linear(12, 2)
 
         def forward(self, x):
-            h = F.reshape(x, (len(x), -1))
-            return self.fc(h * F.sigmoid(h))   # a product of two variables, as in squeeze-excite
+            return self.fc(self.gate(F.reshape(x, (len(x), -1))))
 
-    with pytest.raises(InputError, match='%s has no rule for Mul' % name):
+    with pytest.raises(InputError, match="%s has no rule for Mul .* in link 'gate'" % name):
         method(GradientEngine(Gated())).attribute(RNG.uniform(0, 1, (2, 3, 2, 2)).astype(np.float32), 0)
 
 
