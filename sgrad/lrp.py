@@ -211,8 +211,8 @@ class LRPRules(NodeRecorder):
             return None
         if isinstance(node, FixedBatchNormalization):
             raise InputError('LRP: fold BatchNorm into the convolution before it (as sgrad.batchnorm.FoldsBatchNorm '
-                             'does: W\' = s W, b\' = beta - s mean, s = gamma / sqrt(var + eps)); found %s'
-                             % kind.__name__)
+                             'does: W\' = s W, b\' = beta - s mean, s = gamma / sqrt(var + eps)); found %s in '
+                             'link %r' % (kind.__name__, self.links.get(id(node))))
         if kind in FRESH_WEIGHTED and is_linear(node):
             return weighted_backward(node, inputs, self.weighted_rule(node))
         if is_linear(node) and (isinstance(node, CONSTANT_AFFINE)
