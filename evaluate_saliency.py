@@ -353,11 +353,26 @@ def data_randomization(args, model, share, report):
     rows = sharded(args, model, 'data', share, similarities, random_labels=weights_digest(random_labels))
     if report is None:
         return
+    import matplotlib.pyplot as plt
+    methods = method_names(args.methods)
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for offset, (stage, label) in enumerate((('random labels', 'random-label model, same image'),
+                                             ('control', 'random-label model, next image (control)'))):
+        ax.bar(np.arange(len(methods)) + 0.4 * offset - 0.2, [np.mean(rows[name, stage, 'abs']) for name in methods],
+               0.4, label=label)
+    ax.set_xticks(np.arange(len(methods)))
+    ax.set_xticklabels(methods, rotation=30, horizontalalignment='right')
+    ax.set_ylabel('Spearman rank correlation of |map|\nwith the real model\'s map')
+    ax.grid(True, axis='y', alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle('Data randomization, %d images: the further the first bar stands above the second, the more the '
+                 'map stays when the labels mean nothing' % share.total)
     report.table('Data randomization: the maps of the model trained on random labels against the real model\'s, '
                  'Spearman |map| / Spearman signed / SSIM, mean over %d images' % share.total,
                  ['method', 'random labels, same image', 'random labels, next image (control)'],
                  [[name, similarity_cell(rows, name, 'random labels'), similarity_cell(rows, name, 'control')]
-                  for name in method_names(args.methods)])
+                  for name in methods])
+    report.figure('data_randomization.png')
 
 
 def mean_and_error(values):

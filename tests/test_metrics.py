@@ -157,8 +157,9 @@ def test_evaluate_saliency_end_to_end(tmp_path, model_file):
                                    '--road-images', '2', '--robustness-images', '2', '--knob-images', '1',
                                    '--samples', '2', '--steps', '2', '--perturbation-steps', '4',
                                    '--sensitivity-samples', '2', '--infidelity-samples', '3', '-o', out]) == 0
-    assert sorted(os.listdir(out)) == ['deletion_insertion.png', 'knob_noise.png', 'knob_samples.png',
-                                       'results.md', 'road.png', 'sanity_randomization.png', 'sensitivity_noise.png']
+    assert sorted(os.listdir(out)) == ['data_randomization.png', 'deletion_insertion.png', 'knob_noise.png',
+                                       'knob_samples.png', 'results.md', 'road.png', 'sanity_randomization.png',
+                                       'sensitivity_noise.png']
     text = open(os.path.join(out, 'results.md')).read()
     for expected in ('Cascading randomization', 'next image (control)', 'random (baseline)', 'Data randomization',
                      'integrated_gradients (signed)', 'blurred deletion AUC', 'Sample count', 'LeRF - MoRF',
