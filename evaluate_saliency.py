@@ -756,7 +756,15 @@ def main(argv=None):
     p.add_argument('--communicator', metavar='NAME',
                    help='ChainerMN communicator under mpiexec, the images split over the ranks (default: naive '
                    'when mpiexec starts more than one process)')
+    p.add_argument('--cards', action='store_true',
+                   help='only write the saliency cards, docs/methods/NAME.md, from the code and the results stored '
+                   'in docs/evaluation* (no model is run)')
     args = p.parse_args(argv)
+    if args.cards:
+        from sgrad.cards import write_cards
+        paths = write_cards(os.path.dirname(os.path.abspath(__file__)))
+        print('wrote %d cards in %s' % (len(paths), os.path.dirname(paths[0])))
+        return 0
     for name in ('images', 'data_images', 'deletion_images', 'knob_images', 'road_images', 'robustness_images',
                  'samples', 'steps', 'masks', 'perturbation_steps', 'batchsize', 'sensitivity_samples',
                  'infidelity_samples'):

@@ -1,0 +1,129 @@
+"""Saliency cards (Boggust et al. 2023, arXiv:2206.02958): a page per method, by the cards' attributes
+(methodology, sensitivity, faithfulness, perceptibility), generated from the code (the method's docstring and
+constructor) and from the study's stored results (the results.md that evaluate_saliency.py writes in each output
+folder), never written by hand: ``python evaluate_saliency.py --cards`` writes docs/methods/NAME.md again.
+"""
+import inspect
+import os
+
+from sgrad.methods import METHODS
+from sgrad.saliency import SmoothGrad
+
+#: The stored results that the cards read: (what was measured on what, results folder from the project root).
+RESULT_SETS = (('CIFAR-10, CifarNet', os.path.join('docs', 'evaluation')),
+               ('CIFAR-10, CifarNet', os.path.join('docs', 'evaluation_rules')),
+               ('photographs, EfficientNet-Lite0', os.path.join('docs', 'evaluation_imagenet')))
+
+#: The cards' attributes: (title, the question, the study's sections that answer it).
+ATTRIBUTES = (('Sensitivity', 'does the map change with what the model learned (model and data randomization), '
+               'and little with what it did not (max-sensitivity, infidelity)?', ('sanity', 'data', 'robustness')),
+              ('Faithfulness', 'do the pixels it ranks first matter most to the model (deletion, insertion, '
+               'ROAD)?', ('deletion', 'road')),
+              ('Perceptibility', 'what the map looks like: the galleries docs/gallery.png (a CIFAR-10 image) and '
+               'docs/gallery_coffee.png (a photograph) show every method; SmoothGrad\'s noise level and sample '
+               'count below', ('knobs',)))
+
+#: Where the cards go, from the project root.
+CARDS_DIR = os.path.join('docs', 'methods')
+
+#: The study's name of SmoothGrad over the gradient, which wraps any method rather than being one of METHODS.
+SMOOTHGRAD = 'smoothgrad'
+
+
+def card_names():
+    """The methods that get a card: every one of METHODS and SmoothGrad."""
+    return list(METHODS) + [SMOOTHGRAD]
+
+
+def tables(text):
+    """The tables of a results.md: [(section, closing line, heading, header cells, rows of cells)]. Each table
+    follows a '### heading' line; each section's tables end with its closing line '_section: ..._'."""
+    found, pending, heading = [], [], None
+    for line in text.splitlines():
+        if line.startswith('### '):
+            heading = line[4:]
+        elif line.startswith('|') and heading is not None:
+            cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+            if pending and pending[-1][0] == heading:
+                if not set(''.join(cells)) <= set('-'):
+                    pending[-1][2].append(cells)
+            else:
+                pending.append((heading, cells, []))
+        elif line.startswith('_') and line.endswith('_') and ':' in line:
+            section = line[1:].split(':')[0]
+            found += [(section, line.strip('_')) + table for table in pending]
+            pending = []
+    return found
+
+
+def measured(root, name):
+    """{section: [(result set, closing line, heading, header, rows)]}: the rows of method ``name`` (its own and
+    its signed map's) in the results stored under the project root ``root``."""
+    found = {}
+    for label, folder in RESULT_SETS:
+        path = os.path.join(root, folder, 'results.md')
+        if os.path.isfile(path):
+            with open(path, encoding='utf-8') as f:
+                for section, closing, heading, header, rows in tables(f.read()):
+                    mine = [row for row in rows if row[0] in (name, name + ' (signed)')]
+                    if mine:
+                        found.setdefault(section, []).append((label, closing, heading, header, mine))
+    return found
+
+
+def markdown_table(header, rows):
+    return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(row) + ' |'
+                                                                             for row in rows]
+
+
+def methodology(name):
+    """The card's methodology: the class's docstring (its formula and reference), its hyperparameters and their
+    defaults, and what it needs of the model."""
+    cls = SmoothGrad if name == SMOOTHGRAD else METHODS[name]
+    parameters = [p for p in inspect.signature(cls).parameters.values() if p.name not in ('engine', 'base')]
+    needs = ['the gradient of the class score or of the loss' if cls.passes is not METHODS['occlusion'].passes
+             else 'forward passes only']
+    if cls.score_only:
+        needs = ['the class score, not the loss']
+    if 'layer' in inspect.signature(cls).parameters:
+        needs.append('a convolutional layer\'s output (`--layer`; by default the last link with a 4-D output)')
+    signed = 'no: the study\'s SmoothGrad is the blog\'s sum of |gradients|' if name == SMOOTHGRAD else \
+        ('yes' if cls.signed else 'no')
+    return ['```', inspect.getdoc(cls), '```', '',
+            '- Code: `%s.py`, `%s`.' % (cls.__module__.replace('.', '/'), cls.__name__),
+            '- Hyperparameters and their defaults: %s.' % (', '.join('`%s=%r`' % (p.name, p.default)
+                                                                    for p in parameters) or 'none'),
+            '- What it needs of the model: %s.' % '; '.join(needs),
+            '- SmoothGrad can wrap it (`--smooth`): %s.' % ('no, ' + cls.not_smoothable if cls.not_smoothable
+                                                          else 'yes'),
+            '- Signed maps: %s.' % signed]
+
+
+def card(root, name):
+    """The text of method ``name``'s card, from the code and the results stored under the project root ``root``."""
+    cls = SmoothGrad if name == SMOOTHGRAD else METHODS[name]
+    text = ['# `%s`: %s' % (name, inspect.getdoc(cls).split('\n')[0]), '',
+            '_Generated by `python evaluate_saliency.py --cards` from the code and the stored results; do not '
+            'edit._', '', '## Methodology', ''] + methodology(name) + ['']
+    results = measured(root, name)
+    for attribute, question, sections in ATTRIBUTES:
+        text += ['## %s' % attribute, '', '_%s_' % question, '']
+        entries = [entry for section in sections for entry in results.get(section, [])]
+        for label, closing, heading, header, rows in entries:
+            text += ['**%s** (%s; %s)' % (heading, label, closing), ''] + markdown_table(header, rows) + ['']
+        if not entries and sections != ('knobs',):
+            text += ['Not measured yet.', '']
+    return '\n'.join(text).rstrip() + '\n'
+
+
+def write_cards(root):
+    """Write every method's card into docs/methods under the project root ``root``; return their paths."""
+    from sgrad.cli import write_atomic
+    folder = os.path.join(root, CARDS_DIR)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name in card_names():
+        text = card(root, name).encode()
+        paths.append(os.path.join(folder, name + '.md'))
+        write_atomic(paths[-1], lambda f, text=text: f.write(text))
+    return paths
