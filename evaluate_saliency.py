@@ -31,6 +31,8 @@
    images; CifarNet only.
 6. SmoothGrad's two knobs: noise level (the deletion/insertion areas) and sample count (stability: the
    rank correlation of two maps from independent noise draws), with picture grids.
+7. Time per map of each method with the study's settings, over --timing-images images mapped at once
+   (on a quiet machine, or the times say little).
 
 Tables go to stdout and OUT_DIR/results.md, plots to OUT_DIR. The target class is the trained
 model's prediction. A 32x32 model (CifarNet) is measured on the CIFAR-10 test set, which needs a
@@ -375,6 +377,29 @@ def data_randomization(args, model, share, report):
     report.figure('data_randomization.png')
 
 
+def timing(args, model, share, report):
+    """Seconds per map of each method with the study's settings, timed on rank 0 over the section's images at once
+    (after a first map of one image: caches, folded kernels), and the passes through the model it counts."""
+    if report is None:
+        return
+    from sgrad.saliency import GradientEngine
+    engine = GradientEngine(model, batchsize=args.batchsize)
+    images, targets = share.study_images, share.study_targets
+    indices = np.arange(len(images))
+    engine(images, targets)  # the engine's caches for a batch of this shape
+    rows = []
+    for name, method in make_methods(engine, args.samples, args.steps, args.masks, args.methods).items():
+        maps_of(method, images[:1], targets[:1], indices[:1], args.seed)
+        start = time.perf_counter()
+        maps_of(method, images, targets, indices, args.seed)
+        seconds = (time.perf_counter() - start) / len(images)
+        gradients, forwards = method.passes(images[0])
+        rows.append([name, '%.3g' % seconds, '%d gradients, %d forward passes' % (gradients, forwards)])
+    report.table('Time per map, %dx%d images, %d at once (samples %d, steps %d, masks %d)'
+                 % (images.shape[2], images.shape[3], len(images), args.samples, args.steps, args.masks),
+                 ['method', 'seconds per map', 'passes through the model per map'], rows)
+
+
 def mean_and_error(values):
     """The mean of per-image values and its standard error."""
     return np.mean(values), np.std(values) / np.sqrt(len(values))
@@ -687,9 +712,9 @@ def knobs(args, model, share, report):
 
 #: The sections, in the order they run, and the flag that sizes each.
 SECTIONS = {'sanity': sanity_check, 'data': data_randomization, 'deletion': deletion_insertion, 'road': road,
-            'robustness': robustness, 'knobs': knobs}
+            'robustness': robustness, 'knobs': knobs, 'timing': timing}
 SECTION_SIZES = {'sanity': 'images', 'data': 'data_images', 'deletion': 'deletion_images', 'road': 'road_images',
-                 'robustness': 'robustness_images', 'knobs': 'knob_images'}
+                 'robustness': 'robustness_images', 'knobs': 'knob_images', 'timing': 'timing_images'}
 
 
 def load_images(explained, photos, n):
@@ -713,6 +738,8 @@ def main(argv=None):
                    'sgrad/shipped/cifarnet_random_labels.npz)')
     p.add_argument('--deletion-images', type=int, default=500, help='test images for deletion/insertion')
     p.add_argument('--knob-images', type=int, default=50, help='test images for the noise and sample sweeps')
+    p.add_argument('--timing-images', type=int, default=8,
+                   help='images for the time per map, mapped at once (default: %(default)s; run it on a quiet machine)')
     p.add_argument('--road-images', type=int, default=500, help='test images for ROAD')
     p.add_argument('--robustness-images', type=int, default=50,
                    help='test images for max-sensitivity, infidelity and sparseness')
@@ -766,6 +793,7 @@ def main(argv=None):
         print('wrote %d cards in %s' % (len(paths), os.path.dirname(paths[0])))
         return 0
     for name in ('images', 'data_images', 'deletion_images', 'knob_images', 'road_images', 'robustness_images',
+                 'timing_images',
                  'samples', 'steps', 'masks', 'perturbation_steps', 'batchsize', 'sensitivity_samples',
                  'infidelity_samples'):
         if getattr(args, name) <= 0:

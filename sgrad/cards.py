@@ -15,7 +15,8 @@ RESULT_SETS = (('CIFAR-10, CifarNet', os.path.join('docs', 'evaluation')),
                ('photographs, EfficientNet-Lite0', os.path.join('docs', 'evaluation_imagenet')))
 
 #: The cards' attributes: (title, the question, the study's sections that answer it).
-ATTRIBUTES = (('Sensitivity', 'does the map change with what the model learned (model and data randomization), '
+ATTRIBUTES = (('Cost', 'how long a map takes with the study\'s settings', ('timing',)),
+              ('Sensitivity', 'does the map change with what the model learned (model and data randomization), '
                'and little with what it did not (max-sensitivity, infidelity)?', ('sanity', 'data', 'robustness')),
               ('Faithfulness', 'do the pixels it ranks first matter most to the model (deletion, insertion, '
                'ROAD)?', ('deletion', 'road')),

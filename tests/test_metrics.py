@@ -153,7 +153,7 @@ def test_evaluate_saliency_rejects_bad_arguments():
 def test_evaluate_saliency_end_to_end(tmp_path, model_file):
     out = str(tmp_path / 'eval')
     assert evaluate_saliency.main(['--model', model_file, '--images', '2', '--deletion-images', '3',
-                                   '--data-images', '2', '--random-labels-model', model_file,
+                                   '--data-images', '2', '--random-labels-model', model_file, '--timing-images', '2',
                                    '--road-images', '2', '--robustness-images', '2', '--knob-images', '1',
                                    '--samples', '2', '--steps', '2', '--perturbation-steps', '4',
                                    '--sensitivity-samples', '2', '--infidelity-samples', '3', '-o', out]) == 0
@@ -162,6 +162,7 @@ def test_evaluate_saliency_end_to_end(tmp_path, model_file):
                                        'sensitivity_noise.png']
     text = open(os.path.join(out, 'results.md')).read()
     for expected in ('Cascading randomization', 'next image (control)', 'random (baseline)', 'Data randomization',
+                     'Time per map, 32x32 images, 2 at once', '| smoothgrad | ',
                      'integrated_gradients (signed)', 'blurred deletion AUC', 'Sample count', 'LeRF - MoRF',
                      'max-sensitivity (lower is better)', 'Gini', 'against the noise level', 'mean-colour deletion',
                      'zero map (control)', 'random map (control)', 'noisy baseline sd 0.2, as it is',
