@@ -17,6 +17,11 @@ def test_the_committed_card_is_the_one_the_stored_results_make(name):
         assert f.read() == cards.card(ROOT, name)
 
 
+def test_the_committed_comparison_is_the_one_the_stored_results_make():
+    with open(os.path.join(ROOT, cards.CARDS_DIR, 'README.md'), encoding='utf-8') as f:
+        assert f.read() == cards.comparison(ROOT)
+
+
 def test_a_card_shows_the_methods_rows_of_every_stored_table_by_section(tmp_path):
     folder = tmp_path / 'docs' / 'evaluation'
     folder.mkdir(parents=True)
@@ -32,6 +37,8 @@ def test_a_card_shows_the_methods_rows_of_every_stored_table_by_section(tmp_path
     assert 'gradient |' not in text and '`baseline=None`' in text and 'the class score, not the loss' in text
     assert 'Not measured yet.' not in sensitivity.split('**')[0] + faithfulness
     assert 'Not measured yet.' in cards.card(str(tmp_path / 'nothing'), 'deeplift')
+    row = next(line for line in cards.comparison(str(tmp_path)).splitlines() if line.startswith('| [deeplift]'))
+    assert row.startswith('| [deeplift](deeplift.md) | 0.7 (0.2) | - | - |')
 
 
 def test_the_readme_links_every_card():
