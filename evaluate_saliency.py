@@ -130,13 +130,14 @@ class Report:
 
 def results_blocks(text):
     """{section: its lines} of a results.md written by Report: each block runs up to its section's
-    closing line '_name: ..._'."""
+    closing line '_name: ..._', a section this version does not know included (a newer one wrote it: a run
+    keeps the blocks it did not compute)."""
     blocks, lines = {}, []
     for line in text.splitlines():
         if lines or line.strip():  # a block starts at its first non-blank line
             lines.append(line)
         name = line[1:].split(':')[0] if line.startswith('_') and line.endswith('_') and ':' in line else None
-        if name in SECTIONS:
+        if name is not None and name.isidentifier():
             blocks[name], lines = lines + [''], []
     return blocks
 

@@ -263,3 +263,16 @@ def test_cifarnet_s_mean_colour_is_the_training_set_s():
     train, _ = load_cifar10()
     images = np.stack([train[i][0] for i in range(0, len(train), 5)])  # every fifth: 10,000 images
     np.testing.assert_allclose(images.mean(axis=(0, 2, 3)), CifarNet.MEAN_COLOUR, atol=2e-3)
+
+
+def test_a_run_keeps_the_blocks_of_sections_it_does_not_know(tmp_path):
+    """A results.md block of a section that a newer version wrote ('_future: ..._') survives a run of this one,
+    which rewrites the file with its own sections."""
+    path = tmp_path / 'results.md'
+    path.write_text('### Later\n\n| a |\n|---|\n| 1 |\n\n_future: 1 images, 1 s_\n')
+    report = evaluate_saliency.Report(str(tmp_path))
+    report.table('Now', ['b'], [[2]])
+    report.end_section('sanity', '2 images, 1 s')
+    text = path.read_text()
+    assert evaluate_saliency.results_blocks(text).keys() == {'sanity', 'future'}
+    assert '| 1 |' in text and '_future: 1 images, 1 s_' in text and text.index('Now') < text.index('Later')
