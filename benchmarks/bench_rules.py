@@ -68,12 +68,17 @@ def torchvision_stubs(torch):
         return stubs
 
 
+def torch_dtype(torch, dtype):
+    """The torch dtype of a NumPy float32 or float64 dtype: a port's weights in the model's precision."""
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+
+
 def lrp_cifarnet_port(torch, model, residual_sum):
     """The PyTorch port of CifarNet ``model`` (folded) for LRP, in model's dtype: ``residual_sum`` 'zennit' (its
     Sum module on the two summands stacked) or 'captum' (its Addition_Module)."""
     nn = torch.nn
     folded = model.inference_copy()
-    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[folded.fc.W.dtype]
+    dtype = torch_dtype(torch, folded.fc.W.dtype)
 
     def conv_relu(block):
         W, b = block.folded
@@ -131,7 +136,7 @@ def lrp_efficientnet_port(torch, model):
     from zennit.layer import Sum
     from sgrad.efficientnet import same_pads
     folded = model.inference_copy()
-    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[folded.fc.W.dtype]
+    dtype = torch_dtype(torch, folded.fc.W.dtype)
 
     class SameConv(nn.Conv2d):
         def forward(self, x):
