@@ -25,6 +25,7 @@ import textwrap
 from sgrad import parallel
 from sgrad.cli import OneLineErrorParser, finite_float, get_device, keep_freed_memory, progress_bar, write_atomic
 from sgrad.errors import InputError
+from sgrad.methods import FORWARD_ONLY
 parallel.share_cores()  # under mpiexec: BLAS threads per rank, before NumPy loads
 
 import numpy as np  # noqa: E402
@@ -41,7 +42,6 @@ SETS_OF_BASELINES = ('gradient_shap', 'deeplift_shap')
 #: are forward passes alone (each noisy copy repeats all of them) left unsmoothed.
 PHOTO_GALLERY_SIDE = 64
 PHOTO_GALLERY = {'samples': 8, 'steps': 8, 'masks': 500}
-FORWARD_ONLY = ('occlusion', 'score_cam', 'rise')
 
 #: Work of more model passes than this gets a time estimate first (printed when above ESTIMATE_SECONDS).
 ESTIMATE_PASSES = 200

@@ -6,7 +6,7 @@ folder), never written by hand: ``python evaluate_saliency.py --cards`` writes d
 import inspect
 import os
 
-from sgrad.methods import METHODS
+from sgrad.methods import FORWARD_ONLY, METHODS
 from sgrad.saliency import SmoothGrad
 
 #: The stored results that the cards read: (what was measured on what, results folder from the project root).
@@ -128,8 +128,7 @@ def methodology(name):
     defaults, and what it needs of the model."""
     cls = SmoothGrad if name == SMOOTHGRAD else METHODS[name]
     parameters = [p for p in inspect.signature(cls).parameters.values() if p.name not in ('engine', 'base')]
-    needs = ['the gradient of the class score or of the loss' if cls.passes is not METHODS['occlusion'].passes
-             else 'forward passes only']
+    needs = ['forward passes only' if name in FORWARD_ONLY else 'the gradient of the class score or of the loss']
     if cls.score_only:
         needs = ['the class score, not the loss']
     if 'layer' in inspect.signature(cls).parameters:

@@ -33,6 +33,10 @@ METHODS = {
 }
 
 
+#: The methods that run forward passes only, no gradient.
+FORWARD_ONLY = ('occlusion', 'score_cam', 'rise')
+
+
 def make_method(name, engine, **options):
     """The method ``name`` on ``engine``, given those of ``options`` that its constructor takes (steps,
     samples, baseline, layer, patch, stride, masks, composite, ...); an option that is None keeps the method's default."""
