@@ -256,7 +256,7 @@ def test_gradcam_plus_plus_against_pytorch_grad_cam(cifarnet, cifar, grad_cam_pe
     xs, labels = cifar
     feats, grads = GradientEngine(cifarnet).layer_gradients(xs, labels)
     weights = GradCAMPlusPlus.weights(feats, grads)
-    cam = cams.GradCAMPlusPlus(net, [net.body[-1]])
+    cam = cams.GradCAMPlusPlus(net, [net.body[-3]])  # res3, before the pooling and flattening
     theirs = cam(torch.from_numpy(xs), [ClassifierOutputTarget(int(t)) for t in labels])
     their_feats, their_grads = (a[0].numpy() for a in (cam.activations_and_grads.activations,
                                                        cam.activations_and_grads.gradients))
@@ -280,7 +280,7 @@ def test_score_cam_against_pytorch_grad_cam(cifarnet, cifar, grad_cam_peer, monk
     engine = GradientEngine(cifarnet)
     feats = engine.layer_values(xs)
     weights = ScoreCAM(engine).weights(xs, labels, feats)
-    cam = cams.ScoreCAM(net, [net.body[-1]])
+    cam = cams.ScoreCAM(net, [net.body[-3]])  # res3
     cam.batch_size = 128  # masked images per forward pass (their default, 16, only takes longer)
     xt, targets = torch.from_numpy(xs), [ClassifierOutputTarget(int(t)) for t in labels]
     with torch.no_grad():
