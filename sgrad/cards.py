@@ -4,6 +4,7 @@ constructor) and from the study's stored results (the results.md that evaluate_s
 folder), never written by hand: ``python evaluate_saliency.py --cards`` writes docs/methods/NAME.md again.
 """
 import inspect
+import json
 import os
 
 from sgrad.methods import FORWARD_ONLY, METHODS
@@ -27,11 +28,15 @@ ATTRIBUTES = (('Cost', 'how long a map takes with the study\'s settings', ('timi
 #: What each method is held against, by which test (the measured differences: docs/exactness.md).
 CHECKS = {
     'gradient': 'Chainer\'s standard NCHW layers on the first 1,000 CIFAR-10 test images in float64 '
-                '(tests/test_exact_gradients.py); PyTorch + Captum\'s Saliency on the PyTorch port (benchmarks)',
-    'grad_x_input': 'the gradient\'s checks (the map is the image times it)',
-    'guided_backprop': 'Captum\'s GuidedBackprop on the PyTorch port of CifarNet (tests/test_rule_peers.py)',
-    'deconvnet': 'Captum\'s Deconvolution on the PyTorch port of CifarNet (tests/test_rule_peers.py)',
-    'integrated_gradients': 'PAIR saliency\'s IntegratedGradients with its points selected (tests/test_pair.py)',
+                '(tests/test_exact_gradients.py), a backward pass written by hand (tests/test_any_model.py), and '
+                'Captum\'s Saliency on the PyTorch port (tests/test_gradient_peers.py)',
+    'grad_x_input': 'Captum\'s InputXGradient on the PyTorch port (tests/test_gradient_peers.py)',
+    'guided_backprop': 'Captum\'s GuidedBackprop on the PyTorch port of CifarNet (tests/test_rule_peers.py); a '
+                       'backward pass written by hand through ReLU, ReLU6 and a skip (tests/test_any_model.py)',
+    'deconvnet': 'Captum\'s Deconvolution on the PyTorch port of CifarNet (tests/test_rule_peers.py); a backward '
+                 'pass written by hand through ReLU, ReLU6 and a skip (tests/test_any_model.py)',
+    'integrated_gradients': 'PAIR saliency\'s IntegratedGradients with its points selected (tests/test_pair.py); '
+                            'Captum\'s IntegratedGradients with its riemann_middle rule (tests/test_gradient_peers.py)',
     'gradient_shap': 'Captum\'s GradientShap given the same draws (tests/test_rule_peers.py)',
     'deeplift': 'a dense-matrix reference on small models and summation-to-delta on real images '
                 '(tests/test_deeplift.py); Captum\'s DeepLift on the PyTorch ports of CifarNet and, with its '
@@ -43,14 +48,20 @@ CHECKS = {
     'blur_ig': 'PAIR saliency\'s BlurIG (tests/test_pair.py)',
     'guided_ig': 'PAIR saliency\'s GuidedIG (tests/test_pair.py)',
     'xrai': 'PAIR saliency\'s XRAI (tests/test_pair.py)',
-    'gradcam': 'PAIR saliency\'s GradCam, at the layer\'s resolution (tests/test_pair.py)',
-    'guided_gradcam': 'its two factors\' checks (Guided Backprop, Grad-CAM)',
+    'gradcam': 'PAIR saliency\'s GradCam, at the layer\'s resolution (tests/test_pair.py); the formula on a '
+               'backward pass written by hand (tests/test_any_model.py)',
+    'guided_gradcam': 'Captum\'s GuidedGradCam with bilinear upsampling (tests/test_gradient_peers.py)',
     'gradcam_plus_plus': 'a NumPy reference (tests/test_cam_rise.py); pytorch-grad-cam\'s GradCAMPlusPlus',
     'score_cam': 'a NumPy reference (tests/test_cam_rise.py); pytorch-grad-cam\'s ScoreCAM',
-    'occlusion': 'the objective of each occluded image, recomputed (tests/test_methods.py)',
+    'occlusion': 'the objective of each occluded image, recomputed (tests/test_methods.py); Captum\'s Occlusion '
+                 '(tests/test_gradient_peers.py)',
     'rise': 'a plain reference loop over the same masks (tests/test_cam_rise.py)',
-    'smoothgrad': 'PAIR saliency\'s GetSmoothedMask (tests/test_pair.py); the blog\'s one tiled backward',
+    'smoothgrad': 'PAIR saliency\'s GetSmoothedMask (tests/test_pair.py); the blog\'s one tiled backward '
+                  '(tests/test_saliency.py)',
 }
+
+#: What the cross-check tests measured (tests/conftest.py writes it: ``pytest -m cross_check --record-checks PATH``).
+CROSS_CHECKS = os.path.join('docs', 'methods', 'cross_checks.json')
 
 #: What our figures and measurements show going wrong, by method.
 FAILURES = {
@@ -112,10 +123,37 @@ def measured(root, name):
         if os.path.isfile(path):
             with open(path, encoding='utf-8') as f:
                 for section, closing, heading, header, rows in tables(f.read()):
-                    mine = [row for row in rows if row[0] in (name, name + ' (signed)')]
+                    mine = [row for row in rows if row[0] == name or row[0].startswith(name + ' (')]
                     if mine:
                         found.setdefault(section, []).append((label, closing, heading, header, mine))
     return found
+
+
+def cross_checks(root, name):
+    """[(test, entry)]: the recorded cross checks of method ``name`` under the project root ``root``, by test."""
+    path = os.path.join(root, CROSS_CHECKS)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding='utf-8') as f:
+        record = json.load(f)
+    return sorted((test, entry) for test, entry in record.items() if name in entry['methods'])
+
+
+def exactness(root, name):
+    """The card's exactness: what the method is held against, and the differences the tests measured."""
+    checks = cross_checks(root, name)
+    rows = [['`%s`' % test.replace('::', ' :: '),
+             ', '.join('%s %s' % item for item in sorted(entry['references'].items())) or 'written in the test',
+             str(entry['cases']), '%.1e' % entry['difference'], '%.0e' % entry['bound'],
+             '%s, %s, Python %s' % (entry['date'], entry['machine'], entry['python'])] for test, entry in checks]
+    text = ['Held against %s; how, and why where a convention differs: [exactness.md](../exactness.md).'
+            % CHECKS[name], '']
+    if not rows:
+        return text + ['No measured difference recorded yet.']
+    return text + ['The largest relative difference each test measured, max |ours - reference| / max |reference| '
+                   'over its cases (recorded by `pytest -m cross_check --record-checks %s`; the test fails above '
+                   'its bound):' % CROSS_CHECKS.replace(os.sep, '/'), ''] + markdown_table(
+        ['test', 'reference', 'cases', 'difference', 'bound', 'measured'], rows)
 
 
 def markdown_table(header, rows):
@@ -151,8 +189,7 @@ def card(root, name):
     text = ['# `%s`: %s' % (name, inspect.getdoc(cls).split('\n')[0]), '',
             '_Generated by `python evaluate_saliency.py --cards` from the code and the stored results; do not '
             'edit._', '', '## Methodology', ''] + methodology(name) + ['']
-    text += ['## Exactness', '', 'Held against %s; the measured differences: [exactness.md](../exactness.md).'
-             % CHECKS[name], '', '## Known failure modes', '']
+    text += ['## Exactness', ''] + exactness(root, name) + ['', '## Known failure modes', '']
     failures = FAILURES.get(name, 'none seen yet')
     text += [failures[0].upper() + failures[1:] + '.', '']
     results = measured(root, name)
@@ -191,11 +228,21 @@ def compared_cell(results, label, section, columns, first):
     return '-'
 
 
+def largest_difference(root, name):
+    """The largest relative difference of the method's recorded cross checks, and against what."""
+    checks = cross_checks(root, name)
+    if not checks:
+        return '-'
+    test, entry = max(checks, key=lambda check: check[1]['difference'])
+    return '%.0e (%s)' % (entry['difference'], ', '.join(sorted(entry['references'])) or 'a reference in the test')
+
+
 def comparison(root):
     """The page that compares every method by every measure: docs/methods/README.md."""
-    header = ['method'] + [heading for heading, _, _, _, _ in COMPARED]
+    header = ['method'] + [heading for heading, _, _, _, _ in COMPARED] + ['largest difference from a reference']
     rows = [['[%s](%s.md)' % (name, name)] + [compared_cell(measured(root, name), *column[1:])
-                                             for column in COMPARED] for name in card_names()]
+                                             for column in COMPARED] + [largest_difference(root, name)]
+            for name in card_names()]
     return '\n'.join(['# The methods, side by side', '',
                       '_Generated by `python evaluate_saliency.py --cards` from the stored results; do not edit._',
                       '', 'Each method\'s card has the whole tables, with the number of images, the machine and the '

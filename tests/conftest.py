@@ -1,8 +1,18 @@
 """Shared fixtures: small CifarNets with random but non-trivial weights; the optional peer checks' PyTorch port
-of CifarNet and their measure of difference."""
+of CifarNet and their measure of difference; the record of what the cross checks measured.
+
+A test marked ``cross_check(method, ...)`` holds those methods' maps against a reference implementation, its
+bounds through ``within``. ``pytest --record-checks docs/methods/cross_checks.json`` writes the largest
+difference each such test measured, with the date, machine and the references' versions, into the file the
+method cards (sgrad/cards.py) read; a test that did not run in full keeps its earlier entry."""
 import sgrad  # noqa: F401  (before NumPy: picks OpenBLAS's kernels, as the scripts do)
 
+import datetime
+import importlib.metadata
+import json
 import os
+import platform
+import re
 import sys
 
 import chainer
@@ -10,6 +20,7 @@ import numpy as np
 import pytest
 
 from model import CifarNet
+from sgrad.cli import machine_name
 from sgrad.data import have_local_cifar10, load_test_image
 
 needs_cifar10 = pytest.mark.skipif(
@@ -26,6 +37,80 @@ def relative_difference(ours, reference):
     difference = float(np.abs(ours - reference).max() / np.abs(reference).max())
     print('relative difference %.1e' % difference)
     return difference
+
+
+#: The test running now (``within`` records into it).
+running = []
+
+
+def within(difference, bound):
+    """``difference < bound``; in a cross-check test the difference is also recorded for --record-checks."""
+    if running:
+        running[-1].user_properties.append(('difference', (difference, bound)))
+    return difference < bound
+
+
+@pytest.fixture(autouse=True)
+def _the_running_test(request):
+    running.append(request.node)
+    yield
+    running.pop()
+
+
+def pytest_addoption(parser):
+    parser.addoption('--record-checks', metavar='PATH',
+                     help="write the largest difference each cross-check test measured to PATH (JSON: the method "
+                          "cards' docs/methods/cross_checks.json), keeping the entries of tests that did not run "
+                          "in full")
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', "cross_check(*methods, against=distributions): the test holds these "
+                                       "methods against a reference implementation (in those installed "
+                                       "packages, whose versions are recorded; none: a reference in the test); "
+                                       "its measured differences go to the cards")
+    config.cross_checks = {}
+
+
+def record_id(item):
+    """A test's entry in the record: the test function's (its cases share it) where the marker is the function's,
+    the case's where a parameter carries it."""
+    marked_function = any(mark.name == 'cross_check' for mark in getattr(item.function, 'pytestmark', ()))
+    return re.sub(r'\[.*\]$', '', item.nodeid) if marked_function else item.nodeid
+
+
+def pytest_runtest_makereport(item, call):
+    """Keeps a cross-check case's recorded differences, or None where it failed or was skipped."""
+    marker = item.get_closest_marker('cross_check')
+    if marker is None or not (call.when == 'call' or call.excinfo):
+        return
+    test = item.config.cross_checks.setdefault(record_id(item), dict(
+        methods=list(marker.args), references=marker.kwargs.get('against', ()), cases=[]))
+    test['cases'].append(None if call.excinfo else [d for name, d in item.user_properties if name == 'difference'])
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption('--record-checks')
+    if not path:
+        return
+    record = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+    for test, measured in session.config.cross_checks.items():
+        cases = measured['cases']
+        if not cases or None in cases or not all(cases):
+            continue  # skipped, failed, or measured nothing: the earlier entry stays
+        differences = [d for case in cases for d in case]
+        worst = max(differences, key=lambda d: d[0] / d[1])
+        record[test] = dict(methods=measured['methods'], cases=len(cases), difference=float('%.2g' % worst[0]),
+                            bound=worst[1], date=datetime.date.today().isoformat(), machine=machine_name(),
+                            python=platform.python_version(),
+                            references={name: importlib.metadata.version(name) for name in measured['references']})
+    with open(path + '.tmp', 'w') as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write('\n')
+    os.replace(path + '.tmp', path)
 
 
 def torch_cifarnet(model, monkeypatch):

@@ -12,6 +12,7 @@ import chainer.links as L
 import numpy as np
 import pytest
 
+from conftest import relative_difference, within
 from sgrad.errors import InputError
 from sgrad.hooks import ReLURule
 from sgrad.methods import METHODS, make_method
@@ -100,10 +101,11 @@ def test_the_case_is_there(net, crop):
     assert ((z2 < 0) & (g_r[0] > 0)).any() and ((z2 > 6) & (g_r[0] > 0)).any()
 
 
+@pytest.mark.cross_check('gradient')
 def test_gradient_equals_the_hand_backward_and_finite_differences(net, crop):
     engine = GradientEngine(net)
     grad = engine(crop[None], TARGET)[0]
-    np.testing.assert_allclose(grad, hand_backward(net, crop)[0], rtol=1e-10, atol=1e-12)
+    assert within(relative_difference(grad, hand_backward(net, crop)[0]), 1e-10)
     rng, eps = np.random.RandomState(0), 1e-6
     for _ in range(5):
         c, i, j = rng.randint(3), rng.randint(12), rng.randint(18)
@@ -114,10 +116,11 @@ def test_gradient_equals_the_hand_backward_and_finite_differences(net, crop):
         assert grad[c, i, j] == pytest.approx((values[0] - values[1]) / (2 * eps), rel=1e-5, abs=1e-9)
 
 
+@pytest.mark.cross_check('guided_backprop', 'deconvnet')
 @pytest.mark.parametrize('method, rule', [(GuidedBackprop, 'guided'), (Deconvnet, 'deconvnet')])
 def test_relu_rules_on_relu_relu6_and_a_skip_connection(net, crop, method, rule):
     ruled = method(GradientEngine(net))(crop, TARGET)
-    np.testing.assert_allclose(ruled, hand_backward(net, crop, rule)[0], rtol=1e-10, atol=1e-12)
+    assert within(relative_difference(ruled, hand_backward(net, crop, rule)[0]), 1e-10)
     for other in {None, 'guided', 'deconvnet'} - {rule}:
         assert not np.allclose(ruled, hand_backward(net, crop, other)[0])
 
@@ -137,14 +140,15 @@ def test_relu_rules_without_relus_are_an_error(crop, method, name):
         method(GradientEngine(NoReLU()))(crop.astype(np.float32), 0)
 
 
+@pytest.mark.cross_check('gradcam')
 def test_gradcam_on_a_named_link_and_by_default_the_last_convolution(net, crop):
     _, z2, g_z2, _ = hand_backward(net, crop)
     # dS/dz2 is the gradient at conv2's output, i.e. before the ReLU6
     cam = np.maximum((g_z2.mean(axis=(1, 2), keepdims=True) * z2).sum(axis=0), 0)
     expected = upsample(cam[None], (12, 18))
     engine = GradientEngine(net)
-    np.testing.assert_allclose(GradCAM(engine, 'conv2')(crop, TARGET), expected, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(GradCAM(engine)(crop, TARGET), expected, rtol=1e-10, atol=1e-12)
+    assert within(relative_difference(GradCAM(engine, 'conv2')(crop, TARGET), expected), 1e-10)
+    assert within(relative_difference(GradCAM(engine)(crop, TARGET), expected), 1e-10)
     assert GradCAM(engine, 'conv1')(crop, TARGET).shape == (1, 12, 18)
 
 

@@ -1,5 +1,6 @@
 """The saliency cards (docs/methods/NAME.md): generated from the code and the stored results, and the committed
 ones are what the generator makes of the committed results."""
+import json
 import os
 
 import pytest
@@ -45,3 +46,23 @@ def test_the_readme_links_every_card():
     with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
         readme = f.read()
     assert all('(docs/methods/%s.md)' % name in readme for name in cards.card_names())
+
+
+def test_every_method_has_measured_cross_checks_of_tests_that_exist():
+    """The record that the cards read (docs/methods/cross_checks.json, written by `pytest -m cross_check
+    --record-checks`): every method has at least one measured difference within its bound, and each recorded
+    test is still in the test suite, still marked a cross check of those methods."""
+    for name in cards.card_names():
+        checks = cards.cross_checks(ROOT, name)
+        assert checks, '%s has no recorded cross check' % name
+        assert all(entry['difference'] < entry['bound'] for _, entry in checks)
+    with open(os.path.join(ROOT, cards.CROSS_CHECKS), encoding='utf-8') as f:
+        record = json.load(f)
+    for test, entry in record.items():
+        path, function = test.split('::')
+        with open(os.path.join(ROOT, path), encoding='utf-8') as f:
+            source = f.read()
+        function = function.split('[')[0]
+        assert 'def %s(' % function in source, test
+        head = source[:source.index('def %s(' % function)].rsplit('\n\n\n', 1)[-1]  # its decorators
+        assert all("'%s'" % method in head for method in entry['methods']), test

@@ -8,7 +8,7 @@ import chainer.links as L
 import numpy as np
 import pytest
 
-from conftest import needs_cifar10, relative_difference
+from conftest import needs_cifar10, relative_difference, within
 from model import load_model
 from sgrad.activations import clipped_relu
 from sgrad.data import load_image_file, load_test_images
@@ -98,6 +98,7 @@ def reference_deeplift(net, x, x_ref, target):
     return (steps[0][2] - steps[0][3]) * multipliers.reshape(steps[0][2].shape)
 
 
+@pytest.mark.cross_check('deeplift')
 @pytest.mark.parametrize('relu6', [False, True], ids=['ReLU', 'ReLU6'])
 def test_deeplift_equals_the_dense_reference_on_a_small_model(relu6):
     net = SmallNet(relu6)
@@ -106,7 +107,7 @@ def test_deeplift_equals_the_dense_reference_on_a_small_model(relu6):
     mine = DeepLIFT(GradientEngine(net), baseline=baseline).attribute(xs, 1)
     for x, attribution in zip(xs, mine):
         reference = reference_deeplift(net, x[None], baseline[None], 1)[0]
-        assert relative_difference(attribution, reference) < 1e-5
+        assert within(relative_difference(attribution, reference), 1e-5)
     assert relative_difference(mine, Gradient(GradientEngine(net)).attribute(xs, 1) * (xs - baseline)) > 0.01
 
 
@@ -138,13 +139,14 @@ def test_deeplift_sums_to_the_difference_of_scores_on_cifar10(cifar, baseline):
     assert np.isfinite(maps).all()
 
 
+@pytest.mark.cross_check('deeplift_shap')
 @needs_cifar10
 def test_deeplift_shap_is_the_mean_of_deeplift_over_its_baselines(cifar):
     engine, xs, targets = cifar
     baselines = load_test_images(100, 103)[0]
     shap = assert_sums_to_delta(DeepLIFTSHAP(engine, baselines), xs[:4], targets[:4], 1e-4)
     mean = np.mean([DeepLIFT(engine, b).attribute(xs[:4], targets[:4]) for b in baselines], axis=0)
-    assert relative_difference(shap, mean) < 1e-6
+    assert within(relative_difference(shap, mean), 1e-6)
     blurred = DeepLIFTSHAP(engine, samples=3)
     assert_sums_to_delta(blurred, xs[:2], targets[:2], 1e-4)
     assert blurred.passes(xs[0]) == (6, 0)

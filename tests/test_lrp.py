@@ -8,7 +8,7 @@ import chainer.links as L
 import numpy as np
 import pytest
 
-from conftest import needs_cifar10, relative_difference
+from conftest import needs_cifar10, relative_difference, within
 from model import CIFAR10_MEAN, load_model
 from sgrad.activations import clipped_relu, relu
 from sgrad.convolution import convolution_3x3
@@ -231,6 +231,7 @@ class ProjectNet(chainer.Chain):
 
 
 # ------------------------------------------------------------------ against the reference
+@pytest.mark.cross_check('lrp')
 @pytest.mark.parametrize('composite', sorted(COMPOSITES))
 @pytest.mark.parametrize('net', [StandardNet, ProjectNet], ids=['standard links', 'project nodes'])
 def test_each_composite_equals_the_numpy_reference(net, composite):
@@ -243,10 +244,11 @@ def test_each_composite_equals_the_numpy_reference(net, composite):
     targets = np.array([0, 1, 2])
     mine = LRP(GradientEngine(model), composite, epsilon=eps).attribute(xs, targets)
     reference = model.reference(xs, targets, composite, eps)
-    assert relative_difference(mine, reference) < 1e-10
+    assert within(relative_difference(mine, reference), 1e-10)
     assert relative_difference(mine, Gradient(GradientEngine(model)).attribute(xs, targets) * xs) > 0.01
 
 
+@pytest.mark.cross_check('lrp')
 def test_box_bounds_are_the_image_range_through_the_normalisation():
     """low and high are images, seen by the box layer through (x - mean) / std."""
     with chainer.using_config('dtype', np.float64):
@@ -257,7 +259,7 @@ def test_box_bounds_are_the_image_range_through_the_normalisation():
     REFERENCE['box_test'] = (r_gamma, lambda lo, hi: lambda *a: r_box(*a, (low - MEAN[:, None, None]) / STD[
         :, None, None], (high - MEAN[:, None, None]) / STD[:, None, None]))
     try:
-        assert relative_difference(mine, model.reference(xs, np.array([1, 1]), 'box_test')) < 1e-10
+        assert within(relative_difference(mine, model.reference(xs, np.array([1, 1]), 'box_test')), 1e-10)
     finally:
         del REFERENCE['box_test']
 

@@ -10,7 +10,7 @@ import chainer
 import numpy as np
 import pytest
 
-from conftest import BENCHMARKS_DIR, import_zennit, needs_cifar10, relative_difference
+from conftest import BENCHMARKS_DIR, import_zennit, needs_cifar10, relative_difference, within
 from model import CIFAR10_MEAN, CIFAR10_STD, load_model
 from sgrad.data import load_test_images
 from sgrad.lrp import LRP
@@ -53,6 +53,7 @@ def zennit_composite(zennit, torch, name, xs):
             'epsilon_alpha2_beta1': composites.EpsilonAlpha2Beta1}[name]()
 
 
+@pytest.mark.cross_check('lrp', against=('zennit', 'torch'))
 @needs_cifar10
 @pytest.mark.parametrize('composite', ['epsilon_plus_flat', 'epsilon_gamma_box', 'epsilon_plus',
                                        'epsilon_alpha2_beta1', 'epsilon'])
@@ -71,9 +72,10 @@ def test_lrp_equals_zennits_composites_on_cifar10(cifar, composite, monkeypatch)
     with chainer.using_config('train', False), chainer.no_backprop_mode():
         assert relative_difference(model.inference_copy()(xs).array, logits.detach().numpy()) < 1e-5
     ours = LRP(engine, composite).attribute(xs, targets)
-    assert relative_difference(ours, theirs.numpy()) < 1e-4
+    assert within(relative_difference(ours, theirs.numpy()), 1e-4)
 
 
+@pytest.mark.cross_check('lrp', against=('captum', 'torch'))
 @needs_cifar10
 def test_lrp_epsilon_equals_captums_lrp_on_cifar10(cifar, monkeypatch):
     """Captum's LRP with its default rules (epsilon 1e-9 on convolutions, linear layers and its Addition_Module;
@@ -90,9 +92,10 @@ def test_lrp_epsilon_equals_captums_lrp_on_cifar10(cifar, monkeypatch):
     theirs = CaptumLRP(port).attribute(normalized(torch, xs).requires_grad_(),
                                        target=torch.from_numpy(targets.astype(np.int64)))
     ours = LRP(engine, 'epsilon', epsilon=1e-9, stabilizer=1e-9).attribute(xs, targets)
-    assert relative_difference(ours, theirs.detach().numpy()) < 1e-4
+    assert within(relative_difference(ours, theirs.detach().numpy()), 1e-4)
 
 
+@pytest.mark.cross_check('lrp', against=('zennit', 'torch'))
 @pytest.mark.parametrize('composite', ['epsilon_plus_flat', 'epsilon_gamma_box'])
 def test_lrp_equals_zennits_composites_on_efficientnet(composite, monkeypatch):
     """EfficientNet-Lite0 (ReLU6: zennit's Pass; depthwise and 1x1 convolutions; the stem, ours a 1x1
@@ -119,4 +122,4 @@ def test_lrp_equals_zennits_composites_on_efficientnet(composite, monkeypatch):
         logits, theirs = attributor(h, attr_output=lambda output: onehot * output)
     with chainer.using_config('train', False), chainer.no_backprop_mode():
         assert relative_difference(model.inference_copy()(x).array, logits.detach().numpy()) < 1e-5
-    assert relative_difference(LRP(engine, composite).attribute(x, target), theirs.numpy()) < 1e-4
+    assert within(relative_difference(LRP(engine, composite).attribute(x, target), theirs.numpy()), 1e-4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import random_cifarnet
+from conftest import random_cifarnet, relative_difference, within
 from model import load_model
 from sgrad.activations import relu
 from sgrad.data import load_test_images
@@ -130,6 +130,7 @@ def gradient_shap_reference(engine, x, target, samples, baselines, stdev, seed):
     return total / samples
 
 
+@pytest.mark.cross_check('gradient_shap')
 @pytest.mark.parametrize('baselines', ['black', 'blurred', 'images'])
 def test_gradient_shap_equals_a_loop_over_its_draws(model, baselines):
     """Gradient SHAP of three real CIFAR-10 test images, their draws split over batches of 7 points, against
@@ -141,7 +142,7 @@ def test_gradient_shap_equals_a_loop_over_its_draws(model, baselines):
     ours = GradientSHAP(engine, 10, baselines if baselines != 'images' else images, 0.05, seed=4).attribute(xs, 3)
     for x, attribution in zip(xs, ours):
         expected = gradient_shap_reference(engine, x, 3, 10, images, 0.05, 4)
-        assert np.abs(attribution - expected).max() < 1e-5 * np.abs(expected).max()
+        assert within(relative_difference(attribution, expected), 1e-5)
 
 
 def test_gradient_shap_adds_up_to_the_mean_score_difference_in_expectation():
@@ -207,6 +208,7 @@ class PixelSum(chainer.Chain):
         return F.concat([F.sum(x * self.weights, axis=(1, 2, 3), keepdims=False)[:, None]] * 2, axis=1)
 
 
+@pytest.mark.cross_check('occlusion')
 @pytest.mark.parametrize('size, patch, stride, expected_patch, expected_stride', [
     (8, 4, 2, 4, 2), (64, None, None, 8, 4), (32, None, 3, 4, 3)])
 def test_occlusion_equals_mean_patch_drop(size, patch, stride, expected_patch, expected_stride):
@@ -223,7 +225,7 @@ def test_occlusion_equals_mean_patch_drop(size, patch, stride, expected_patch, e
             drops[a:a + expected_patch, b:b + expected_patch] += contribution[a:a + expected_patch,
                                                                            b:b + expected_patch].sum()
             covers[a:a + expected_patch, b:b + expected_patch] += 1
-    np.testing.assert_allclose(attribution, drops / np.maximum(covers, 1), rtol=1e-4, atol=1e-5)
+    assert within(relative_difference(attribution, drops / np.maximum(covers, 1)), 1e-5)
 
 
 class Doubling(Method):

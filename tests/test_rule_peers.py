@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from chainer.dataset import concat_examples
 
-from conftest import import_zennit, needs_cifar10, relative_difference, torch_cifarnet
+from conftest import import_zennit, needs_cifar10, relative_difference, torch_cifarnet, within
 from model import load_model
 from sgrad.data import load_cifar10, load_test_images
 from sgrad.deeplift import DeepLIFT, DeepLIFTSHAP
@@ -31,6 +31,7 @@ def captum(shipped, monkeypatch):
     return captum.attr, torch, net
 
 
+@pytest.mark.cross_check('deconvnet', 'guided_backprop', against=('captum', 'torch'))
 @pytest.mark.parametrize('ours, theirs', [(Deconvnet, 'Deconvolution'), (GuidedBackprop, 'GuidedBackprop')])
 def test_relu_rules_equal_captums(shipped, captum, ours, theirs):
     """Captum's Deconvolution gives every nn.ReLU's input the ReLU of its output gradient, its GuidedBackprop
@@ -40,10 +41,11 @@ def test_relu_rules_equal_captums(shipped, captum, ours, theirs):
     mine = ours(engine).attribute(xs, targets)
     reference = getattr(attr, theirs)(net).attribute(torch.from_numpy(xs),
                                                      target=torch.from_numpy(targets.astype(np.int64)))
-    assert relative_difference(mine, reference.numpy()) < 1e-4
+    assert within(relative_difference(mine, reference.numpy()), 1e-4)
     assert relative_difference(engine(xs, targets), reference.numpy()) > 0.1
 
 
+@pytest.mark.cross_check('gradient_shap', against=('captum', 'torch'))
 @pytest.mark.parametrize('distribution', ['blurred', pytest.param('training images', marks=needs_cifar10)])
 def test_gradient_shap_equals_captums_given_our_draws(shipped, captum, monkeypatch, distribution):
     """Captum's GradientShap with the same baselines, alphas and noise as ours. Captum draws them itself, the
@@ -82,7 +84,7 @@ def test_gradient_shap_equals_captums_given_our_draws(shipped, captum, monkeypat
     monkeypatch.setattr(torch, 'normal', normal)
     reference = attr.GradientShap(net).attribute(torch.from_numpy(xs), torch.from_numpy(pool), n_samples=n,
                                                  stdevs=0.03, target=torch.from_numpy(targets.astype(np.int64)))
-    assert relative_difference(mine, reference.detach().numpy()) < 1e-4
+    assert within(relative_difference(mine, reference.detach().numpy()), 1e-4)
 
 
 @pytest.fixture
@@ -97,6 +99,7 @@ def captum_deeplift(captum, monkeypatch):
     return attr, torch, copy_before_max_pools(torch, net)
 
 
+@pytest.mark.cross_check('deeplift', against=('captum', 'torch'))
 @needs_cifar10
 @pytest.mark.parametrize('baseline', ['black', 'grey', 'test image 100'])
 def test_deeplift_equals_captums(shipped, captum_deeplift, baseline):
@@ -109,9 +112,10 @@ def test_deeplift_equals_captums(shipped, captum_deeplift, baseline):
         torch.from_numpy(xs), baselines=torch.from_numpy(np.repeat(image[None], len(xs), axis=0)),
         target=torch.from_numpy(targets.astype(np.int64)), return_convergence_delta=True)
     assert float(delta.abs().max()) < 1e-4 * float(np.abs(mine).sum(axis=(1, 2, 3)).max())
-    assert relative_difference(mine, reference.detach().numpy()) < 1e-4
+    assert within(relative_difference(mine, reference.detach().numpy()), 1e-4)
 
 
+@pytest.mark.cross_check('deeplift_shap', against=('captum', 'torch'))
 @needs_cifar10
 def test_deeplift_shap_equals_captums(shipped, captum_deeplift):
     attr, torch, net = captum_deeplift
@@ -120,9 +124,10 @@ def test_deeplift_shap_equals_captums(shipped, captum_deeplift):
     mine = DeepLIFTSHAP(engine, baselines).attribute(xs, targets)
     reference = attr.DeepLiftShap(net).attribute(torch.from_numpy(xs), baselines=torch.from_numpy(baselines),
                                                  target=torch.from_numpy(targets.astype(np.int64)))
-    assert relative_difference(mine, reference.detach().numpy()) < 1e-4
+    assert within(relative_difference(mine, reference.detach().numpy()), 1e-4)
 
 
+@pytest.mark.cross_check('deeplift', against=('captum', 'torch'))
 @pytest.mark.parametrize('baseline', ['black', 'blurred'])
 def test_deeplift_equals_captums_on_efficientnet_with_its_rescale_rule_for_relu6(monkeypatch, baseline):
     """EfficientNet-Lite0 on a photograph, against Captum's DeepLift on the LRP port (benchmarks/bench_rules.py:
@@ -151,4 +156,4 @@ def test_deeplift_equals_captums_on_efficientnet_with_its_rescale_rule_for_relu6
     scaled = lambda images: torch.from_numpy(images * (255. / 128.) - 127. / 128.)
     reference = captum.attr.DeepLift(lrp_efficientnet_port(torch, model)).attribute(
         scaled(x), baselines=scaled(image), target=torch.from_numpy(target.astype(np.int64)))
-    assert relative_difference(mine, reference.detach().numpy()) < 1e-8
+    assert within(relative_difference(mine, reference.detach().numpy()), 1e-8)

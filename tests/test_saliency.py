@@ -8,6 +8,7 @@ import chainer
 import numpy as np
 import pytest
 
+from conftest import relative_difference, within
 from sgrad.errors import InputError
 from sgrad.saliency import (Gradient, GradientEngine, IntegratedGradients, SmoothGrad, channel_sum_abs, noise_stdev,
                             noisy_copies, smoothgrad)
@@ -100,6 +101,7 @@ def test_seed_reproduces_and_different_seeds_differ(model, image):
     assert not np.allclose(a, c)
 
 
+@pytest.mark.cross_check('smoothgrad')
 def test_loss_objective_equals_the_blogs_code(model, image):
     """The blog's lines (Chainer 2, global NumPy RNG, loss.backward()) as the reference."""
     N_sample, noise, t, seed = 20, 0.1, 3, 123
@@ -118,6 +120,7 @@ def test_loss_objective_equals_the_blogs_code(model, image):
 
     ours = smoothgrad(model, image, t, noise, N_sample, rng=np.random.RandomState(seed), objective='loss')
     np.testing.assert_allclose(ours, blog_map, rtol=1e-5)
+    assert within(relative_difference(ours, blog_map), 1e-5)  # and its largest difference, for the record
 
 
 def test_bad_arguments_raise_input_error(model, image):
