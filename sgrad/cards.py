@@ -13,7 +13,8 @@ from sgrad.saliency import SmoothGrad
 #: The stored results that the cards read: (what was measured on what, results folder from the project root).
 RESULT_SETS = (('CIFAR-10, CifarNet', os.path.join('docs', 'evaluation')),
                ('CIFAR-10, CifarNet', os.path.join('docs', 'evaluation_rules')),
-               ('photographs, EfficientNet-Lite0', os.path.join('docs', 'evaluation_imagenet')))
+               ('photographs, EfficientNet-Lite0', os.path.join('docs', 'evaluation_imagenet')),
+               ('photographs, EfficientNet-Lite0', os.path.join('docs', 'evaluation_imagenet_more')))
 
 #: The cards' attributes: (title, the question, the study's sections that answer it).
 ATTRIBUTES = (('Cost', 'how long a map takes with the study\'s settings', ('timing',)),
@@ -69,6 +70,19 @@ FAILURES = {
     'grad_x_input': 'the image\'s own bright pixels show through: its maps stay close under random labels',
     'guided_backprop': 'edges of the object whatever the weights: the map hardly changes when the logits layer '
                        'is re-drawn (Adebayo et al.\'s finding)',
+    'deconvnet': 'what the filters respond to, as Guided Backprop: 0.73 of its map (signed 0.81) stays when the '
+                 'logits layer is re-drawn',
+    'deeplift_shap': 'its blurred references follow the image, so the map keeps the image\'s magnitude under '
+                     'random labels (0.46 against a control of 0.04)',
+    'blur_ig': 'ROAD and blurred deletion, which remove pixels towards a blur as its path does, flatter its signed '
+               'map',
+    'gradcam': 'coarse: CifarNet\'s res3 is 4x4, so the map is 16 cells upsampled',
+    'guided_gradcam': 'its detail is Guided Backprop\'s, which fails the randomization check (signed 0.66 after '
+                      'the logits layer is re-drawn)',
+    'gradcam_plus_plus': 'a central blob it draws on every image: at full randomization its map is as close to '
+                         'another image\'s (0.48 against 0.46)',
+    'smoothgrad': 'diffuse; with fresh noise its own Monte Carlo error moves the map by 22% (max-sensitivity 0.221 '
+                  'against 0.121 seeded)',
     'integrated_gradients': 'the factor x - x\' keeps the image in the map: close under random labels',
     'gradient_shap': 'adds up only in expectation over its draws (275% off with 8 draws on a photograph)',
     'deeplift': 'the factor x - x\' keeps the image in the map, as Integrated Gradients\'',
