@@ -286,7 +286,8 @@ class LRPRules(NodeRecorder):
 
 
 class LRP(Method):
-    """Layer-wise Relevance Propagation with one of zennit's composites (``composite``):
+    """Layer-wise Relevance Propagation (Bach et al. 2015; Montavon et al. 2019) with one of zennit's composites
+    (``composite``):
 
         'epsilon_plus_flat'     (EpsilonPlusFlat): z+ on convolutions, epsilon on linear nodes, flat on the first
                                 weighted node

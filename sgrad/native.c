@@ -28,6 +28,10 @@
  * padding) and its input gradient (depthwise, depthwise_adjoint), and the gradient through a ReLU or
  * ReLU6 (relu_gradient).
  *
+ * For sgrad/segments.py (XRAI's segments): the merges of Felzenszwalb's graph segmentation over an image's
+ * sorted edges at several scales (felzenszwalb_segments), and each segment's mask dilated by a disk
+ * (dilate_labels).
+ *
  * The file is compiled twice over (float, then double) by including itself: one source, two types.
  */
 #ifndef REAL
@@ -92,6 +96,103 @@ int vector_bytes(void) { return VBYTES; }
  * [0, 1, -1, -1]] (winograd_output). */
 static const int WINOGRAD_ROWS[4][2] = {{0, 2}, {1, 2}, {2, 1}, {1, 3}};
 static const int WINOGRAD_SIGN[4] = {-1, 1, -1, -1};
+
+/* Felzenszwalb and Huttenlocher's graph segmentation (IJCV 2004) as scikit-image runs it, for sgrad/segments.py:
+ * the merges of the edges taken in increasing cost, for each of several scales, over one sorted edge list.
+ *
+ * The union-find forest keeps every component's smallest pixel as its root (a joined root points to the
+ * smaller one), as scikit-image's does, so the partition and the labels follow from the merges alone; finding
+ * a root here also halves the path to it (which leaves every root and the partition unchanged). */
+static inline long felzenszwalb_root(long *forest, long n)
+{
+    while (forest[n] < n) {
+        forest[n] = forest[forest[n]];
+        n = forest[n];
+    }
+    return n;
+}
+
+/* Joins the components with roots a != b; returns the new root (the smaller). */
+static inline long felzenszwalb_join(long *forest, long *size, long a, long b)
+{
+    long root = a < b ? a : b, other = a < b ? b : a;
+    forest[other] = root;
+    size[root] = size[a] + size[b];
+    return root;
+}
+
+/* labels[s * n_pixels + p] (s < n_scales) = the segment of pixel p at the scale scales[s] (already divided by
+ * 255, as scikit-image does): edge e joins pixels ends[2e] and ends[2e + 1] and costs costs[e], the edges
+ * sorted by cost. Two components merge when the edge's cost is below the smaller of their thresholds,
+ * internal cost + scale / size each, rounded to float (scikit-image keeps them as C floats); then a second
+ * pass over the edges merges any component smaller than min_size with its neighbour. Segments are numbered
+ * in the raster order of their first pixel. Returns nonzero if out of memory. */
+int felzenszwalb_segments(const int *ends, const double *costs, long n_edges, long n_pixels, const double *scales,
+                          int n_scales, long min_size, long *labels)
+{
+    long *forest = malloc(2 * n_pixels * sizeof(long));
+    double *internal = malloc(n_pixels * sizeof(double));
+    if (!forest || !internal) {
+        free(forest);
+        free(internal);
+        return 1;
+    }
+    long *size = forest + n_pixels;
+    for (int s = 0; s < n_scales; s++) {
+        double scale = scales[s];
+        for (long p = 0; p < n_pixels; p++) {
+            forest[p] = p;
+            size[p] = 1;
+            internal[p] = 0;
+        }
+        for (long e = 0; e < n_edges; e++) {
+            long a = felzenszwalb_root(forest, ends[2 * e]), b = felzenszwalb_root(forest, ends[2 * e + 1]);
+            if (a == b)
+                continue;
+            float threshold_a = internal[a] + scale / size[a], threshold_b = internal[b] + scale / size[b];
+            if (costs[e] < (threshold_a < threshold_b ? threshold_a : threshold_b))
+                internal[felzenszwalb_join(forest, size, a, b)] = costs[e];
+        }
+        for (long e = 0; e < n_edges; e++) {
+            long a = felzenszwalb_root(forest, ends[2 * e]), b = felzenszwalb_root(forest, ends[2 * e + 1]);
+            if (a != b && (size[a] < min_size || size[b] < min_size))
+                felzenszwalb_join(forest, size, a, b);
+        }
+        long *out = labels + s * n_pixels, count = 0;
+        for (long p = 0; p < n_pixels; p++) {
+            long root = felzenszwalb_root(forest, p);
+            out[p] = root == p ? count++ : out[root];
+        }
+    }
+    free(forest);
+    free(internal);
+    return 0;
+}
+
+/* masks[l - first, y, x] = 1 (masks zeroed, (count, H, W) bytes) where a pixel of label l lies in the
+ * footprint centred on (y, x): each segment's mask dilated by a footprint that is, on row dy of
+ * -radius..radius, the run of columns -half_widths[dy + radius]..half_widths[dy + radius] (a disk);
+ * labels (H, W) of first..first + count - 1. A run of equal labels along a row sets the rows of its dilation
+ * at once. */
+void dilate_labels(const long *labels, int H, int W, long first, const int *half_widths, int radius,
+                   unsigned char *masks)
+{
+    for (int y = 0; y < H; y++) {
+        const long *row = labels + (long)y * W;
+        for (int x0 = 0, x1; x0 < W; x0 = x1) {
+            for (x1 = x0 + 1; x1 < W && row[x1] == row[x0]; x1++)
+                ;
+            unsigned char *mask = masks + (row[x0] - first) * H * W;
+            for (int dy = -radius; dy <= radius; dy++) {
+                int r = half_widths[dy + radius], yy = y + dy;
+                if (r < 0 || yy < 0 || yy >= H)
+                    continue;
+                int begin = x0 - r < 0 ? 0 : x0 - r, end = x1 + r > W ? W : x1 + r;
+                memset(mask + (long)yy * W + begin, 1, end - begin);
+            }
+        }
+    }
+}
 
 #define REAL float
 #define LANE int /* an integer as wide as REAL, for vector masks */

@@ -1,11 +1,12 @@
 """The compiled 3x3 convolution, its gradients, BatchNorm + ReLU and 2x2 max pooling of sgrad/native.c,
-and EfficientNet-Lite0's depthwise convolution and ReLU6 gradient, through ctypes.
+EfficientNet-Lite0's depthwise convolution and ReLU6 gradient, and the merges and dilations of XRAI's
+Felzenszwalb segments (sgrad/segments.py), through ctypes.
 
 ``python -m sgrad.native`` (run by setup.sh) compiles native.c with the C compiler into _native.so
 beside it, for this machine's vector instructions (-march=native). Where it is not built (no
 compiler), or SGRAD_NATIVE=0 is set, ``library()`` is None and sgrad.convolution runs its NumPy + OpenBLAS
-convolution instead; the two agree to rounding (tests). ctypes releases the GIL during a call, so
-sgrad.blocks.for_blocks runs blocks of the work on every core.
+convolution instead; the two agree to rounding (tests); sgrad.segments calls PAIR's own segmentation. ctypes
+releases the GIL during a call, so sgrad.blocks.for_blocks runs blocks of the work on every core.
 """
 import ctypes
 import functools
@@ -85,6 +86,10 @@ def library():
         getattr(lib, 'depthwise_adjoint_' + kind).restype = ctypes.c_int
         getattr(lib, 'depthwise_adjoint_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] + [
             integer] * 4 + [pointer] + [integer] * 4
+    lib.felzenszwalb_segments.restype = ctypes.c_int
+    lib.felzenszwalb_segments.argtypes = [pointer] * 2 + [ctypes.c_long] * 2 + [pointer, integer, ctypes.c_long,
+                                                                                pointer]
+    lib.dilate_labels.argtypes = [pointer] + [integer] * 2 + [ctypes.c_long, pointer, integer, pointer]
     return lib
 
 
@@ -238,6 +243,32 @@ def winograd_kernels(W):
     if _kernel('winograd_kernels', W.dtype)(W.ctypes.data, o, c, transformed.ctypes.data):
         raise MemoryError("no memory for the Winograd kernels' transform")
     return transformed
+
+
+def felzenszwalb_segments(ends, costs, n_pixels, scales, min_size):
+    """Felzenszwalb's segments of n_pixels pixels at each of ``scales`` (float64, each divided by 255), from the
+    edges sorted by cost: ends (E, 2) int32 (the pixels each joins), costs (E,) float64. Returns the labels
+    (len(scales), n_pixels), C long: the segments numbered in the raster order of their first pixel."""
+    labels = numpy.empty((len(scales), n_pixels), numpy.dtype('l'))
+    ends, costs, scales = (numpy.ascontiguousarray(a, t) for a, t in
+                           ((ends, numpy.int32), (costs, numpy.float64), (scales, numpy.float64)))
+    if library().felzenszwalb_segments(ends.ctypes.data, costs.ctypes.data, len(costs), n_pixels, scales.ctypes.data,
+                                       len(scales), min_size, labels.ctypes.data):
+        raise MemoryError("no memory for the segmentation's union-find forest")
+    return labels
+
+
+def dilate_labels(labels, half_widths):
+    """One boolean mask (H, W) of each label from labels.min() to labels.max() (labels (H, W), C long),
+    dilated by the footprint whose row dy of -r..r (r = len(half_widths) // 2) is the run of columns
+    -half_widths[dy + r]..half_widths[dy + r] (negative: an empty row): (count, H, W) bool."""
+    labels = numpy.ascontiguousarray(labels, numpy.dtype('l'))
+    half_widths = numpy.ascontiguousarray(half_widths, numpy.intc)
+    first = int(labels.min())
+    masks = numpy.zeros((int(labels.max()) - first + 1,) + labels.shape, bool)
+    library().dilate_labels(labels.ctypes.data, labels.shape[0], labels.shape[1], first, half_widths.ctypes.data,
+                            len(half_widths) // 2, masks.ctypes.data)
+    return masks
 
 
 if __name__ == '__main__':

@@ -4,23 +4,24 @@ regions chosen before; a pixel's value is the density of the region that added i
 
 The attribution is this project's: Integrated Gradients from the image's darkest and brightest flat images
 (PAIR's default baselines, black and white for an image that spans [0, 1]), PAIR's rule for the path points,
-all images, both baselines and every step as one chunked batch. The segmentation and the greedy ranking are
-PAIR saliency's own (``saliency.core.xrai``, which uses scikit-image's ``felzenszwalb``): they do not touch
+all images, both baselines and every step as one chunked batch. The segments and the greedy ranking are
+PAIR saliency's (``saliency.core.xrai``, which uses scikit-image's ``felzenszwalb``): they do not touch
 the model, their choices (resizing to 224x224 before segmenting, the six scales, a 5-pixel dilation, regions
-adding fewer than 50 new pixels skipped) define XRAI's maps, and calling them keeps ours equal to PAIR's. They
-dominate XRAI's time on small images (0.4 s an image at 32x32, against 0.06 s for the IG), so the images are
-segmented and ranked on every core at once.
+adding fewer than 50 new pixels skipped) define XRAI's maps, and keeping them keeps ours equal to PAIR's. The
+ranking is PAIR's own function; the segments are sgrad.segments', PAIR's masks bit for bit in about a fifth of
+its time at 32x32 (its edges sorted once for the six scales, the merges in C). They dominate XRAI's time on
+small images, so the images are segmented and ranked on every core at once.
 """
 import numpy as np
 
 from sgrad.blocks import for_blocks
 from sgrad.errors import InputError
-from sgrad.pair import to_pair
 from sgrad.saliency import IntegratedGradients, Method
+from sgrad.segments import felzenszwalb_masks
 
 
 class XRAI(Method):
-    """XRAI's region map: for each region R_i in the greedy order, the pixels it adds get
+    """XRAI (Kapishnikov et al. 2019): the region map; for each region R_i in the greedy order, the pixels it adds get
     mean_{p in R_i \\ (R_1 u ... u R_{i-1})} max_c IG_c(p), IG averaged over the two baselines."""
 
     signed = False
@@ -56,8 +57,8 @@ class XRAI(Method):
         attributions = self.integrated_gradients(xs, target)
 
         def regions(i):
-            segments = xrai._get_segments_felzenszwalb(to_pair(xs[i]))
-            return xrai.XRAI._xrai(attributions[i], segments, area_perc_th=self.area_threshold,
+            return xrai.XRAI._xrai(attributions[i], felzenszwalb_masks(xs[i]), area_perc_th=self.area_threshold,
                                    min_pixel_diff=self.min_pixel_diff)[0]
-        # image by image on every core: the segmentation (scikit-image, SciPy) releases the GIL for most of its time
+        # image by image on every core: the segmentation (SciPy, NumPy, sgrad/native.c) releases the GIL for most
+        # of its time
         return np.stack(for_blocks(regions, list(range(len(xs)))))[:, None].astype(xs.dtype)
