@@ -145,8 +145,8 @@ def results_blocks(text):
 class Share:
     """This rank's share of the study's images (all of them in one process): their pixels,
     targets and indices in the study (the first image's being ``offset``); per-image results go back
-    to rank 0 through ``gather``. ``shards_loaded``: (shards loaded from earlier runs, shards) once
-    ``sharded`` has run over it."""
+    to rank 0 through ``gather``. ``shards_loaded``: (shards loaded from earlier runs, shards, the seconds
+    those runs took for them or None where a shard did not record them) once ``sharded`` has run over it."""
 
     shards_loaded = None
 
@@ -204,19 +204,22 @@ def shard_settings(section, images, targets):
 
 
 def load_shard(path, settings):
-    """{key: per-image rows} saved in ``path`` with these settings, or None."""
+    """({key: per-image rows}, the seconds they took or None) saved in ``path`` with these settings, or
+    (None, None)."""
     if not os.path.isfile(path):
-        return None
+        return None, None
     with np.load(path) as saved:
         if str(saved['settings']) != settings:
-            return None
-        return {tuple(json.loads(name)): saved[name] for name in saved.files if name != 'settings'}
+            return None, None
+        seconds = float(saved['seconds']) if 'seconds' in saved.files else None  # older shards did not say
+        return {tuple(json.loads(name)): saved[name] for name in saved.files
+                if name not in ('settings', 'seconds')}, seconds
 
 
-def save_shard(path, settings, rows):
+def save_shard(path, settings, rows, seconds):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     arrays = {json.dumps(list(key)): value for key, value in rows.items()}
-    write_atomic(path, lambda f: np.savez_compressed(f, settings=settings, **arrays))
+    write_atomic(path, lambda f: np.savez_compressed(f, settings=settings, seconds=seconds, **arrays))
 
 
 def sharded(args, model, section, share, compute, **settings):
@@ -231,26 +234,28 @@ def sharded(args, model, section, share, compute, **settings):
         return compute(share)
     bounds = shard_bounds(share.total, args.shard_size, 1 if comm is None else comm.size)
     common = section_settings(args, model, section, **settings)
-    done, loaded = [], 0
+    done, loaded, earlier = [], 0, 0.
     for number, (start, stop) in enumerate(bounds, 1):
         images, targets = share.study_images[start:stop], share.study_targets[start:stop]
         path = os.path.join(args.out_dir, 'shards', '%s-%06d-%06d.npz' % (section, start, stop))
         settings = shard_settings(common, images, targets)
-        rows = load_shard(path, settings) if parallel.is_root(comm) else None
+        rows, seconds = load_shard(path, settings) if parallel.is_root(comm) else (None, None)
         if parallel.broadcast(rows is not None, comm):
             done.append(rows)
             loaded += 1
+            earlier = None if seconds is None or earlier is None else earlier + seconds
             how = 'loaded from ' + path
         else:
+            began = time.time()
             rows = compute(Share(images, targets, comm, offset=start))
             if rows is not None:
-                save_shard(path, settings, rows)
+                save_shard(path, settings, rows, time.time() - began)
                 done.append(rows)
             how = 'computed, saved in ' + path
         if len(bounds) > 1 and parallel.is_root(comm):
             print('%s: shard %d/%d (images %d-%d) %s' % (section, number, len(bounds), start, stop - 1, how),
                   flush=True)  # a long run's log shows each shard as it ends
-    share.shards_loaded = (loaded, len(bounds))
+    share.shards_loaded = (loaded, len(bounds), earlier)
     if not parallel.is_root(comm):
         return None
     return {key: np.concatenate([rows[key] for rows in done]) for key in done[0]}
@@ -846,7 +851,9 @@ def main(argv=None):
             line = '%d images, %.0f s on %s%s' % (min(n, len(images)), time.time() - start, machine_name(),
                                                  ', %d ranks' % ranks if comm else '')
             if share.shards_loaded and share.shards_loaded[0]:
-                line += ' (%d of its %d shards done by earlier runs)' % share.shards_loaded
+                loaded, shards, earlier = share.shards_loaded
+                line += ' (%d of its %d shards done by earlier runs%s)' % (
+                    loaded, shards, '' if earlier is None else ', which took %.0f s' % earlier)
             print('%s: %s\n' % (name, line))
             report.end_section(name, line)  # writes results.md: a long run that is cut keeps what it finished
     if report is not None:

@@ -237,8 +237,15 @@ def test_a_sharded_section_resumes_and_equals_an_unsharded_run(tmp_path, model_f
     assert evaluate_saliency.main(args + ['-o', out, '--shard-size', '2']) == 0
     printed = capsys.readouterr().out
     assert printed.count('loaded from') == 2 and 'robustness: shard 2/3 (images 2-3) computed, saved' in printed
-    assert 'robustness: 5 images, ' in printed and '(2 of its 3 shards done by earlier runs)' in printed
+    earlier = sum(float(np.load(os.path.join(out, 'shards', shards[i]))['seconds']) for i in (0, 2))
+    assert 'robustness: 5 images, ' in printed
+    assert '(2 of its 3 shards done by earlier runs, which took %.0f s)' % earlier in printed
     assert tables(out) == tables(plain)
+    with np.load(os.path.join(out, 'shards', shards[0])) as saved:  # a shard from before shards kept their time
+        legacy = {name: saved[name] for name in saved.files if name != 'seconds'}
+    np.savez_compressed(os.path.join(out, 'shards', shards[0]), **legacy)
+    assert evaluate_saliency.main(args + ['-o', out, '--shard-size', '2']) == 0
+    assert '(3 of its 3 shards done by earlier runs)' in capsys.readouterr().out
     assert evaluate_saliency.main(args + ['-o', out, '--shard-size', '2', '--infidelity-noise', '0.2']) == 0
     printed = capsys.readouterr().out
     assert 'loaded from' not in printed and printed.count('computed, saved in') == 3
