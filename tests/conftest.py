@@ -19,7 +19,7 @@ import chainer
 import numpy as np
 import pytest
 
-from model import CifarNet
+from model import CifarNet, load_model
 from sgrad.cli import machine_name
 from sgrad.data import have_local_cifar10, load_test_image
 
@@ -176,6 +176,13 @@ def kernel_path(request, monkeypatch):
         skip_without_native()
     monkeypatch.setattr(convolution, 'WINOGRAD', request.param == 'winograd')
     return request.param
+
+
+@pytest.fixture(scope='module')
+def shipped64():
+    """The shipped CifarNet in float64 (a module's own copy)."""
+    with chainer.using_config('dtype', np.float64):
+        return load_model()
 
 
 @pytest.fixture(scope='session')

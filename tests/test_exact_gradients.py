@@ -18,20 +18,12 @@ import numpy as np
 import pytest
 
 from conftest import needs_cifar10, within
-from model import DEFAULT_MODEL_PATH, CifarNet, normalize
+from model import normalize
 from sgrad.data import load_cifar10, load_test_image
 from sgrad.reference import _conv_bn, plain_chainer_forward
 from sgrad.saliency import GradientEngine
 
 TOLERANCE = 1e-8   # float64 rounding is 1e-16; a wrong rule at one tie costs percents
-
-
-@pytest.fixture(scope='module')
-def shipped64():
-    with chainer.using_config('dtype', np.float64):
-        model = CifarNet()
-    chainer.serializers.load_npz(DEFAULT_MODEL_PATH, model)
-    return model
 
 
 def flat_regions_image():

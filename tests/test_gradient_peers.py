@@ -5,25 +5,20 @@ CIFAR-10 test images, each with the same settings as ours, in float64 on both si
 convolutions round a batch of path points differently from one point alone, enough to flip a ReLU or max pooling
 at its kink (on test image 4, one of IG's 16 points moved its gradient by 0.6%, the map by 1.5e-4 of its largest
 value; ours gives an image the same gradient in any batch, and equals PyTorch's for the point alone)."""
-import chainer
 import numpy as np
 import pytest
 
 from conftest import relative_difference, torch_cifarnet, within
-from model import DEFAULT_MODEL_PATH, CifarNet
 from sgrad.data import load_test_images
 from sgrad.saliency import (Gradient, GradientEngine, GradientXInput, GuidedGradCAM, IntegratedGradients,
                             Occlusion)
 
 @pytest.fixture(scope='module')
-def shipped():
+def shipped(shipped64):
     """The shipped CifarNet in float64, its engine, test images 0-7 and their predicted classes."""
-    with chainer.using_config('dtype', np.float64):
-        model = CifarNet()
-    chainer.serializers.load_npz(DEFAULT_MODEL_PATH, model)
-    engine = GradientEngine(model)
+    engine = GradientEngine(shipped64)
     xs = load_test_images(0, 8)[0].astype(np.float64)
-    return model, engine, xs, engine.probabilities(xs).argmax(axis=1)
+    return shipped64, engine, xs, engine.probabilities(xs).argmax(axis=1)
 
 
 @pytest.fixture
