@@ -30,7 +30,7 @@
  *
  * For sgrad/segments.py (XRAI's segments): the merges of Felzenszwalb's graph segmentation over an image's
  * sorted edges at several scales (felzenszwalb_segments), and each segment's mask dilated by a disk
- * (dilate_labels).
+ * (dilate_labels), and the cubic resize before it, as SciPy computes it (spline_zoom_3d).
  *
  * The file is compiled twice over (float, then double) by including itself: one source, two types.
  */
@@ -192,6 +192,42 @@ void dilate_labels(const long *labels, int H, int W, long first, const int *half
             }
         }
     }
+}
+
+/* The cubic-spline resampling of an (H, W, C) image's spline coefficients (SciPy's ndimage.zoom after its
+ * prefilter), with the arithmetic in SciPy's order so that the result is the same to the bit: output point
+ * (i, j, k) sums over the taps (a, b, c) of 0..3 each, c fastest, coefficients[rows[i] + a, cols[j] + b,
+ * channels[k] + c] * row_weights[4i + a] * column_weights[4j + b] * channel_weights[4k + c], multiplied left
+ * to right and added in that order (no fused multiply-adds, which round once where SciPy rounds twice).
+ * Every tap lies inside the coefficients (the caller pads them). out: (OH, OW, OC); acc: OW doubles. */
+#ifndef __clang__
+__attribute__((optimize("fp-contract=off")))
+#endif
+void spline_zoom_3d(const double *coefficients, long W, long C, const long *rows, const double *row_weights, long OH,
+                    const long *cols, const double *column_weights, long OW, const long *channels,
+                    const double *channel_weights, long OC, double *acc, double *out)
+{
+#ifdef __clang__
+#pragma clang fp contract(off)
+#endif
+    for (long i = 0; i < OH; i++)
+        for (long k = 0; k < OC; k++) {
+            for (long j = 0; j < OW; j++)
+                acc[j] = 0.0;
+            for (int a = 0; a < 4; a++) {
+                const double *row = coefficients + (rows[i] + a) * W * C;
+                double wa = row_weights[4 * i + a];
+                for (int b = 0; b < 4; b++)
+                    for (int c = 0; c < 4; c++) {
+                        const double *tap = row + channels[k] + c + b * C;
+                        double wc = channel_weights[4 * k + c];
+                        for (long j = 0; j < OW; j++)
+                            acc[j] += tap[cols[j] * C] * wa * column_weights[4 * j + b] * wc;
+                    }
+            }
+            for (long j = 0; j < OW; j++)
+                out[(i * OW + j) * OC + k] = acc[j];
+        }
 }
 
 #define REAL float

@@ -1,6 +1,6 @@
 """The compiled 3x3 convolution, its gradients, BatchNorm + ReLU and 2x2 max pooling of sgrad/native.c,
 EfficientNet-Lite0's depthwise convolution and ReLU6 gradient, and the merges and dilations of XRAI's
-Felzenszwalb segments (sgrad/segments.py), through ctypes.
+Felzenszwalb segments and the cubic resize before them (sgrad/segments.py), through ctypes.
 
 ``python -m sgrad.native`` (run by setup.sh) compiles native.c with the C compiler into _native.so
 beside it, for this machine's vector instructions (-march=native). Where it is not built (no
@@ -90,6 +90,7 @@ def library():
     lib.felzenszwalb_segments.argtypes = [pointer] * 2 + [ctypes.c_long] * 2 + [pointer, integer, ctypes.c_long,
                                                                                 pointer]
     lib.dilate_labels.argtypes = [pointer] + [integer] * 2 + [ctypes.c_long, pointer, integer, pointer]
+    lib.spline_zoom_3d.argtypes = [pointer] + [ctypes.c_long] * 2 + ([pointer] * 2 + [ctypes.c_long]) * 3 + [pointer] * 2
     return lib
 
 
@@ -269,6 +270,25 @@ def dilate_labels(labels, half_widths):
     library().dilate_labels(labels.ctypes.data, labels.shape[0], labels.shape[1], first, half_widths.ctypes.data,
                             len(half_widths) // 2, masks.ctypes.data)
     return masks
+
+
+def spline_zoom_3d(coefficients, starts, weights):
+    """Cubic-spline resampling of (H, W, C) float64 spline coefficients as SciPy's ndimage.zoom computes it
+    (sgrad/native.c): starts, one per axis, the first of the 4 taps of each output coordinate (every tap
+    inside the coefficients); weights, one per axis, (len(starts[axis]), 4) float64. Returns the
+    (len(starts[0]), len(starts[1]), len(starts[2])) float64 image."""
+    coefficients = numpy.ascontiguousarray(coefficients, numpy.float64)
+    starts = [numpy.ascontiguousarray(s, numpy.dtype('l')) for s in starts]
+    weights = [numpy.ascontiguousarray(w, numpy.float64) for w in weights]
+    for axis, (s, w) in enumerate(zip(starts, weights)):
+        if w.shape != (len(s), 4) or len(s) and (s.min() < 0 or s.max() + 4 > coefficients.shape[axis]):
+            raise ValueError('axis %d: the taps must lie inside the coefficients, 4 weights each' % axis)
+    shape = tuple(len(s) for s in starts)
+    out, acc = numpy.empty(shape), numpy.empty(shape[1])
+    axes = [arg for s, w in zip(starts, weights) for arg in (s.ctypes.data, w.ctypes.data, len(s))]
+    library().spline_zoom_3d(coefficients.ctypes.data, coefficients.shape[1], coefficients.shape[2], *axes,
+                             acc.ctypes.data, out.ctypes.data)
+    return out
 
 
 if __name__ == '__main__':

@@ -2,7 +2,8 @@
 for bit and in the same order, on real CIFAR-10 test images, on the shipped photographs (at 224x224 and one at
 its own, non-square size), on piecewise-constant images (exact ties among the edge costs), on saturated,
 grey and non-square images; and the label maps against scikit-image's ``felzenszwalb`` itself at other scales,
-sigmas and minimum sizes, including a merge that only the float rounding of its threshold decides."""
+sigmas and minimum sizes, including a merge that only the float rounding of its threshold decides; and the cubic
+resize before the segmentation against scikit-image's, bit for bit."""
 import os
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from sgrad import native
 from sgrad.data import PHOTOS_DIR, load_image_file, load_test_images
 from sgrad.pair import to_pair
-from sgrad.segments import _sorted_edges, felzenszwalb_masks
+from sgrad.segments import _sorted_edges, _zoom_agrees_with_scipy, felzenszwalb_masks, resize_cubic
 
 xrai = pytest.importorskip('saliency.core.xrai', reason="PAIR's saliency is in requirements.txt: sh setup.sh")
 
@@ -84,6 +85,49 @@ def test_saturated_grey_and_non_square_images():
     assert_same_masks(xs[3].mean(axis=0, keepdims=True))  # one channel
     assert_same_masks(np.ascontiguousarray(xs[4][:, 4:28, :]))  # 24x32
     assert_same_masks(xs[5][:, :, ::-1])  # not C-contiguous
+
+
+def assert_same_resize(image, shape):
+    """resize_cubic(image, shape) == scikit-image's resize with PAIR's arguments, to the bit and in the same type."""
+    from skimage.transform import resize
+    theirs = resize(image, shape, order=3, mode='constant', preserve_range=True, anti_aliasing=True)
+    ours = resize_cubic(image, shape)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs), 'largest difference %g' % np.abs(ours - theirs).max()
+
+
+@needs_native
+def test_the_compiled_zoom_runs_here():
+    """Where it did not give SciPy's bits, resize_cubic would call scikit-image and the tests below would not
+    test it."""
+    assert _zoom_agrees_with_scipy()
+
+
+@needs_native
+def test_resize_equals_scikit_image_s():
+    """PAIR's normalized images (float32, -1 to 1) of 100 CIFAR-10 test images resized up to 224x224, the
+    shipped photographs at 224x224 (unchanged), one at its own size (shrunk, Gaussian first), flat squares, a
+    grey image, and float64 noise shrunk and grown unequally along the two axes."""
+    def normalized(image_chw):
+        return xrai._normalize_image(to_pair(image_chw), xrai._FELZENSZWALB_IM_VALUE_RANGE)
+    for x in load_test_images(0, 100)[0]:
+        assert_same_resize(normalized(x), (224, 224))
+    for name in sorted(f for f in os.listdir(PHOTOS_DIR) if not f.endswith('.md')):
+        assert_same_resize(normalized(load_image_file(os.path.join(PHOTOS_DIR, name), 224)[0]), (224, 224))
+    assert_same_resize(normalized(load_image_file(os.path.join(PHOTOS_DIR, 'chelsea.png'), None)[0]), (224, 224))
+    assert_same_resize(normalized(piecewise_constant(4, 8, 0)), (224, 224))
+    assert_same_resize(normalized(load_test_images(0, 1)[0][0].mean(axis=0, keepdims=True)), (224, 224))
+    noise = np.random.RandomState(1).uniform(-1, 1, (230, 41, 3))
+    assert_same_resize(noise, (224, 224))
+    assert_same_resize(noise, (57, 300))
+
+
+@needs_native
+def test_the_compiled_zoom_refuses_taps_outside_the_coefficients():
+    weights = np.full((2, 4), 0.25)
+    with pytest.raises(ValueError, match='axis 1'):
+        native.spline_zoom_3d(np.zeros((8, 8, 4)), [np.array([0, 4]), np.array([0, 5]), np.array([0, 0])],
+                              [weights] * 3)
 
 
 def labels(image, scale, sigma, min_size):
