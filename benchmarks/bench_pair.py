@@ -10,8 +10,13 @@ as its documentation drives them: IG's and Blur IG's steps of one image as one b
 steps), Guided IG one path point a call (its path is sequential). Ours: every image and step through the
 engine's chunked batches at --batchsize (default: the engine's, 512 images at 32x32, 10 at 224x224).
 Each row: seconds for all images and images per second, PAIR first; the ratio is PAIR's time over ours
-(above 1: ours is faster); peak NumPy memory of ours (tracemalloc), which the batch size bounds. One round
-each (these runs take minutes): run it on a quiet machine.
+(above 1: ours is faster); peak NumPy memory of ours (tracemalloc), which the batch size bounds; the share of
+PAIR's time spent in its calls of the model (the engine's gradients, which ours computes too), and PAIR's
+time over those calls' time. Where PAIR's calls are already full batches (XRAI's IG, Blur IG: 100 path
+points a call) the engine computes those gradients as fast per image as in ours, and that last ratio is the
+most any method on the same engine can gain without computing fewer gradients; where PAIR's calls are small
+(Guided IG: one point) batching makes the gradients themselves cheaper. One round each (these runs take
+minutes): run it on a quiet machine.
 """
 import argparse
 import time
@@ -30,10 +35,17 @@ from sgrad.xrai import XRAI
 METHODS = ('XRAI', 'Blur IG', 'Guided IG')
 
 
-def pair_runs(engine):
-    """name -> (PAIR's mask of one image, this project's method)."""
+def pair_runs(engine, clock):
+    """name -> (PAIR's mask of one image, this project's method); clock[0] adds up the seconds PAIR's calls of
+    the model (the engine's gradients) take."""
     import saliency.core as pair
-    call = call_model_function(engine)
+    model = call_model_function(engine)
+
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        output = model(*args, **kwargs)
+        clock[0] += time.perf_counter() - start
+        return output
     return {
         'XRAI': (lambda x, t: pair.XRAI().GetMask(to_pair(x), call, {TARGET: t}, batch_size=100),
                  XRAI(engine)),
@@ -61,15 +73,18 @@ def peak_mb(fn):
 
 def compare(title, engine, images, targets, methods):
     print('\n%s: %d images, our batch size %s' % (title, len(images), engine.batch_step(len(images), images.shape)))
-    print('%-10s %12s %12s %8s %14s' % ('method', 'PAIR s', 'ours s', 'ratio', 'our peak MB'))
-    for name, (theirs, ours) in pair_runs(engine).items():
+    print('%-10s %12s %12s %8s %14s %12s' % ('method', 'PAIR s', 'ours s', 'ratio', 'our peak MB', 'PAIR model'))
+    clock = [0.0]
+    for name, (theirs, ours) in pair_runs(engine, clock).items():
         if name not in methods:
             continue
+        clock[0] = 0.0
         pair_s = timed(lambda: [theirs(x, t) for x, t in zip(images, targets)])
         ours_s = timed(lambda: ours.attribute(images, targets))
         peak = peak_mb(lambda: ours.attribute(images, targets))
-        print('%-10s %12.1f %12.1f %7.2fx %14.0f   (%.2f vs %.2f images/s)'
-              % (name, pair_s, ours_s, pair_s / ours_s, peak, len(images) / pair_s, len(images) / ours_s), flush=True)
+        print('%-10s %12.1f %12.1f %7.2fx %14.0f %11.0f%%   (%.2f vs %.2f images/s; PAIR over its model calls %.2fx)'
+              % (name, pair_s, ours_s, pair_s / ours_s, peak, 100 * clock[0] / pair_s, len(images) / pair_s,
+                 len(images) / ours_s, pair_s / clock[0]), flush=True)
 
 
 def main():
