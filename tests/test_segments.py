@@ -166,3 +166,4 @@ def test_without_the_compiled_library_pair_s_function_runs(monkeypatch):
     monkeypatch.setattr(native, 'library', lambda: None)
     ours, theirs = felzenszwalb_masks(x), xrai._get_segments_felzenszwalb(to_pair(x))
     assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    assert_same_resize(xrai._normalize_image(to_pair(x), xrai._FELZENSZWALB_IM_VALUE_RANGE), (224, 224))
