@@ -90,7 +90,8 @@ def library():
     lib.felzenszwalb_segments.argtypes = [pointer] * 2 + [ctypes.c_long] * 2 + [pointer, integer, ctypes.c_long,
                                                                                 pointer]
     lib.dilate_labels.argtypes = [pointer] + [integer] * 2 + [ctypes.c_long, pointer, integer, pointer]
-    lib.spline_zoom_3d.argtypes = [pointer] + [ctypes.c_long] * 2 + ([pointer] * 2 + [ctypes.c_long]) * 3 + [pointer] * 2
+    lib.spline_zoom_3d.argtypes = [pointer] + [ctypes.c_long] * 2 + ([pointer] * 2 + [ctypes.c_long]) * 3 + [
+        pointer] * 2
     return lib
 
 

@@ -8,9 +8,10 @@ all images, both baselines and every step as one chunked batch. The segments and
 PAIR saliency's (``saliency.core.xrai``, which uses scikit-image's ``felzenszwalb``): they do not touch
 the model, their choices (resizing to 224x224 before segmenting, the six scales, a 5-pixel dilation, regions
 adding fewer than 50 new pixels skipped) define XRAI's maps, and keeping them keeps ours equal to PAIR's. The
-ranking is PAIR's own function; the segments are sgrad.segments', PAIR's masks bit for bit in about a fifth of
-its time at 32x32 (its edges sorted once for the six scales, the merges in C). They dominate XRAI's time on
-small images, so the images are segmented and ranked on every core at once.
+ranking is PAIR's own function; the segments are sgrad.segments', PAIR's masks bit for bit in about an eighth of
+its time at 32x32 (its edges sorted once for the six scales; the cubic resize, the merges and the dilations in
+C). They still take much of XRAI's time on small images, so the images are segmented and ranked on every core
+at once.
 """
 import numpy as np
 

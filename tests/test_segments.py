@@ -31,6 +31,11 @@ def assert_same_masks(image):
         assert np.array_equal(a, b), 'mask %d of %d differs' % (k, len(theirs))
 
 
+def normalized(image_chw, resize_shape=None):
+    """PAIR's image before its segmentation: (H, W, C), -1 to 1, resized to resize_shape by PAIR's own code."""
+    return xrai._normalize_image(to_pair(image_chw), xrai._FELZENSZWALB_IM_VALUE_RANGE, resize_shape)
+
+
 def piecewise_constant(blocks, cell, seed):
     """A (3, blocks * cell, blocks * cell) image of cell x cell squares, each of one of three grey levels per
     channel."""
@@ -67,9 +72,7 @@ def test_flat_regions(blocks, cell, ties):
     squares flat and over a fifth of the edges tie at a nonzero cost; resized up from 32x32, fewer."""
     for seed in range(3):
         image = piecewise_constant(blocks, cell, seed)
-        normalized = xrai._normalize_image(to_pair(image), xrai._FELZENSZWALB_IM_VALUE_RANGE,
-                                           xrai._FELZENSZWALB_IM_RESIZE)
-        costs = _sorted_edges(normalized, xrai._FELZENSZWALB_SIGMA_VALUES[0])[1]
+        costs = _sorted_edges(normalized(image, xrai._FELZENSZWALB_IM_RESIZE), xrai._FELZENSZWALB_SIGMA_VALUES[0])[1]
         nonzero = costs[costs > 0]
         assert len(nonzero) - len(np.unique(nonzero)) > ties * len(costs)
         assert_same_masks(image)
@@ -108,8 +111,6 @@ def test_resize_equals_scikit_image_s():
     """PAIR's normalized images (float32, -1 to 1) of 100 CIFAR-10 test images resized up to 224x224, the
     shipped photographs at 224x224 (unchanged), one at its own size (shrunk, Gaussian first), flat squares, a
     grey image, and float64 noise shrunk and grown unequally along the two axes."""
-    def normalized(image_chw):
-        return xrai._normalize_image(to_pair(image_chw), xrai._FELZENSZWALB_IM_VALUE_RANGE)
     for x in load_test_images(0, 100)[0]:
         assert_same_resize(normalized(x), (224, 224))
     for name in sorted(f for f in os.listdir(PHOTOS_DIR) if not f.endswith('.md')):
@@ -166,4 +167,4 @@ def test_without_the_compiled_library_pair_s_function_runs(monkeypatch):
     monkeypatch.setattr(native, 'library', lambda: None)
     ours, theirs = felzenszwalb_masks(x), xrai._get_segments_felzenszwalb(to_pair(x))
     assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
-    assert_same_resize(xrai._normalize_image(to_pair(x), xrai._FELZENSZWALB_IM_VALUE_RANGE), (224, 224))
+    assert_same_resize(normalized(x), (224, 224))
