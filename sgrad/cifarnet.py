@@ -19,6 +19,7 @@ from sgrad.activations import fusing_activations, relu
 from sgrad.batchnorm import FoldsBatchNorm, batch_normalization_relu, folded_copy
 from sgrad.convolution import convolution_3x3
 from sgrad.errors import WEIGHTS_ERRORS, InputError, weights_error
+from sgrad.linear import Linear
 from sgrad.pooling import global_max_pooling, max_pooling_2x2
 
 #: The shipped weights that smoothgrad.py explains by default (their record: cifarnet.json beside them).
@@ -113,7 +114,7 @@ class CifarNet(chainer.Chain):
             self.conv2 = ConvBN(2 * w, 4 * w)
             self.conv3 = ConvBN(4 * w, 8 * w)
             self.res3 = Residual(8 * w)
-            self.fc = L.Linear(8 * w, n_class)
+            self.fc = Linear(8 * w, n_class)
 
     def features(self, x):
         """The last convolutional block's activations, (N, 8w, 4, 4)."""

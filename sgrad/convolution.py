@@ -25,6 +25,7 @@ from chainer.backend import get_array_module
 
 from sgrad import native
 from sgrad.activations import relu_gradient
+from sgrad.blas import blas_threads
 from sgrad.blocks import channel_blocks, column_blocks, for_blocks, gemm, worker_count
 
 
@@ -163,25 +164,70 @@ _WINOGRAD_COLUMNS = 128
 
 def winograd_tiles(shape, dtype):
     """2x2 output tiles per block of sgrad.native's Winograd convolution of (C, H, W, N) inputs, or 0 where
-    the direct kernel is the better one: odd H or W; fewer than 8 input channels, where the transforms
-    cost more than the multiplies saved; a batch that fills its last vector of lanes by less than 3/4
-    (each tile computes whole vectors: N = 1 would waste 15 of 16 float32 lanes)."""
+    the direct kernel is the better one: odd H or W, or fewer than 8 input channels, where the transforms
+    cost more than the multiplies saved. The choice is the layer's, never the batch's: Winograd's sums
+    round otherwise than the direct kernel's, and an image must get the same result in a batch of any
+    size (a batch that does not fill its last vector of lanes computes the empty lanes for nothing)."""
     c, h, w, n = shape
     lanes = native.vector_lanes(dtype)
     width = -(-n // lanes) * lanes
-    if not WINOGRAD or h % 2 or w % 2 or c < 8 or 3 * width > 4 * n:
+    if not WINOGRAD or h % 2 or w % 2 or c < 8:
         return 0
     return max(1, _WINOGRAD_COLUMNS // width)
+
+
+def by_image(convolve, x, channels):
+    """convolve(image) for each image (C, H, W, 1) of x (C, H, W, N) on its own, on every core, into one
+    (channels, H, W, N) array, float32 images convolved in float64 and rounded once. An image's products
+    then have one shape in any batch and run on one BLAS thread, so that they sum in one order: OpenBLAS
+    picks its kernels and threads by the matrices' sizes, and the same column summed otherwise in another
+    batch. Even so its float32 kernels round equal columns differently by their position (the edges of its
+    register tiles): two pixels with the same 3x3 patch, in a flat region, then differ in the last bit, and a
+    max pooling's tie went to the other pixel than the compiled kernel's. Summed in float64, they round to
+    the same float32 (unless their sums straddle a float32 rounding boundary, ~1e-9 of the time)."""
+    xp = get_array_module(x)
+    y = xp.empty((channels,) + x.shape[1:], dtype=x.dtype)
+    wide = xp.float64 if x.dtype == xp.float32 else x.dtype
+
+    def image(n):
+        y[..., n:n + 1] = convolve(xp.ascontiguousarray(x[..., n:n + 1], dtype=wide))
+    with blas_threads(1):
+        for_blocks(image, range(x.shape[3]))
+    return y
+
+
+def _widened(image, *arrays):
+    """arrays (None stays None) in the type of ``image``, which by_image may have widened."""
+    return tuple(None if a is None else a.astype(image.dtype, copy=False) for a in arrays)
+
+
+def _gemm_convolution(x, W, b, relu):
+    """The convolution of (C, H, W, N) x by GEMMs: y[:, h] = sum over ky of W_ky (O, 3C) @ the row_patches
+    of row h + ky, three GEMMs accumulated in place on each column block of y, bias and ReLU applied to the
+    block while it is fresh."""
+    xp = get_array_module(x)
+    c, h, w, n = x.shape
+    rows, kernels = row_patches(x), _kernels_by_row(W)
+    y = xp.empty((W.shape[0], h * w * n), dtype=x.dtype)
+
+    def block(columns):
+        start, stop = _column_range(columns, y.shape[1])
+        out = y[:, start:stop]
+        for ky in range(3):
+            gemm(kernels[ky], rows[:, ky * w * n + start:ky * w * n + stop], out, accumulate=ky > 0)
+        if b is not None:
+            out += b[:, None]
+        if relu:
+            xp.maximum(out, 0, out=out)
+    for_blocks(block, column_blocks(y))
+    return y.reshape((W.shape[0],) + x.shape[1:])
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):
     """y = W * x (+ b) (then ReLU if ``relu``), 3x3 kernel, pad 1, stride 1, (C, H, W, N) layout.
 
-    By sgrad.native's compiled kernel where it is built (direct_convolution); else y[:, h] = sum over
-    ky of W_ky (O, 3C) @ the row_patches of row h + ky, three GEMMs accumulated in place on each column
-    block of y, bias and ReLU applied to the block while it is fresh, and the row_patches buffer, which
-    the GEMM weight gradient needs, is kept in training mode (otherwise built if that gradient is asked
-    for).
+    By sgrad.native's compiled kernel where it is built (direct_convolution); else by GEMMs
+    (_gemm_convolution), image by image (by_image).
     """
 
     def __init__(self, relu=False, cache=None):
@@ -199,28 +245,11 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         self.retain_inputs((0, 1))
         if self.relu:
             self.retain_outputs((0,))
-        y = direct_convolution(x, W, inputs[2] if len(inputs) == 3 else None, self.relu,
-                               cache=self._cache('forward'))
-        if y is not None:
-            self.rows = None  # the weight gradient has its own compiled kernel
-            return y,
-        xp = get_array_module(x)
-        c, h, w, n = x.shape
-        rows, kernels = row_patches(x), _kernels_by_row(W)
-        y = xp.empty((W.shape[0], h * w * n), dtype=x.dtype)
-
-        def block(columns):
-            start, stop = _column_range(columns, y.shape[1])
-            out = y[:, start:stop]
-            for ky in range(3):
-                gemm(kernels[ky], rows[:, ky * w * n + start:ky * w * n + stop], out, accumulate=ky > 0)
-            if len(inputs) == 3:
-                out += inputs[2][:, None]
-            if self.relu:
-                xp.maximum(out, 0, out=out)
-        for_blocks(block, column_blocks(y))
-        self.rows = rows if chainer.config.train else None
-        return y.reshape((W.shape[0],) + x.shape[1:]),
+        b = inputs[2] if len(inputs) == 3 else None
+        y = direct_convolution(x, W, b, self.relu, cache=self._cache('forward'))
+        if y is None:
+            y = by_image(lambda image: _gemm_convolution(image, *_widened(image, W, b), self.relu), x, W.shape[0])
+        return y,
 
     def backward(self, indexes, grad_outputs):
         x, W = self.get_retained_inputs()
@@ -234,7 +263,7 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         if 0 in indexes:
             ret.append(Convolution3x3InputGrad(self.x_shape, cache=self._cache('input')).apply((W, gy))[0])
         if 1 in indexes:
-            ret.append(Convolution3x3WeightGrad(x.array, self.rows, W.shape).apply((gy,))[0])
+            ret.append(Convolution3x3WeightGrad(x.array, W.shape).apply((gy,))[0])
         if 2 in indexes:
             ret.append(F.sum(gy, axis=(1, 2, 3)))
         return ret
@@ -244,9 +273,7 @@ class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
     """Gradient with respect to the input, of the convolution, or given ``relu_output`` (the output of
     ReLU(convolution)) of the convolution and its ReLU: the adjoint of a 3x3 convolution is the
     convolution with kernels transposed and flipped, which sgrad.native computes (the ReLU's mask
-    applied as it pads gy). Without it: the row_patches gradient, sum over ky of W_ky^T gy placed ky
-    rows down (each column block of it summed from the gy columns that reach it), then
-    row_patches_adjoint."""
+    applied as it pads gy). Without it: by GEMMs (_gemm_input_gradient), image by image (by_image)."""
 
     def __init__(self, x_shape, relu_output=None, cache=None):
         self.x_shape = x_shape
@@ -260,42 +287,47 @@ class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
             return g,
         if self.relu_output is not None:
             gy = gy * (self.relu_output > 0)
-        xp = get_array_module(gy)
-        c, h, w, n = self.x_shape
-        gy = gy.reshape(gy.shape[0], -1)
-        kernels, shift = _kernels_by_row(W, transposed=True), w * n
-        g_rows = xp.empty((3 * c, (h + 2) * shift), dtype=gy.dtype)
+        return by_image(lambda image: _gemm_input_gradient(image, *_widened(image, W), self.x_shape[:3] + (1,)), gy,
+                        self.x_shape[0]),
 
-        def block(columns):
-            start, stop = _column_range(columns, g_rows.shape[1])
-            # kernel row 1 reaches every row but the two padding rows: it writes, the other two add
-            g_rows[:, start:max(start, min(stop, shift))] = 0
-            g_rows[:, min(stop, max(start, g_rows.shape[1] - shift)):stop] = 0
-            for ky in (1, 0, 2):
-                first, last = max(start, ky * shift), min(stop, ky * shift + gy.shape[1])
-                if first < last:
-                    gemm(kernels[ky], gy[:, first - ky * shift:last - ky * shift], g_rows[:, first:last],
-                         accumulate=ky != 1)
-        for_blocks(block, column_blocks(g_rows))
-        return row_patches_adjoint(g_rows, self.x_shape),
+
+def _gemm_input_gradient(gy, W, x_shape):
+    """The input gradient of the convolution of x (x_shape) whose output gradient is gy (O, H, W, N), by
+    GEMMs: the row_patches gradient, sum over ky of W_ky^T gy placed ky rows down (each column block of it
+    summed from the gy columns that reach it), then row_patches_adjoint."""
+    xp = get_array_module(gy)
+    c, h, w, n = x_shape
+    gy = gy.reshape(gy.shape[0], -1)
+    kernels, shift = _kernels_by_row(W, transposed=True), w * n
+    g_rows = xp.empty((3 * c, (h + 2) * shift), dtype=gy.dtype)
+
+    def block(columns):
+        start, stop = _column_range(columns, g_rows.shape[1])
+        # kernel row 1 reaches every row but the two padding rows: it writes, the other two add
+        g_rows[:, start:max(start, min(stop, shift))] = 0
+        g_rows[:, min(stop, max(start, g_rows.shape[1] - shift)):stop] = 0
+        for ky in (1, 0, 2):
+            first, last = max(start, ky * shift), min(stop, ky * shift + gy.shape[1])
+            if first < last:
+                gemm(kernels[ky], gy[:, first - ky * shift:last - ky * shift], g_rows[:, first:last],
+                     accumulate=ky != 1)
+    for_blocks(block, column_blocks(g_rows))
+    return row_patches_adjoint(g_rows, x_shape)
 
 
 class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):
     """Gradient with respect to the weights, of the convolution of x: by sgrad.native where it is built
-    (direct_weight_gradient); else gW_ky = gy row_patches_ky^T, summed over column blocks (``rows``: the
-    forward's row_patches of x, or None to build them)."""
+    (direct_weight_gradient); else gW_ky = gy row_patches_ky^T, summed over column blocks."""
 
-    def __init__(self, x, rows, W_shape):
-        self.x, self.rows = x, rows
-        self.W_shape = W_shape
+    def __init__(self, x, W_shape):
+        self.x, self.W_shape = x, W_shape
 
     def forward(self, inputs):
         gy, = inputs
         gW = direct_weight_gradient(self.x, gy)
         if gW is not None:
             return gW,
-        if self.rows is None:
-            self.rows = row_patches(self.x)
+        rows = row_patches(self.x)
         xp = get_array_module(gy)
         o, c = self.W_shape[:2]
         shift = gy.shape[2] * gy.shape[3]  # W*N: one row of the image
@@ -305,7 +337,7 @@ class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):
             start, stop = _column_range(columns, gy.shape[1])
             part = xp.empty((3, o, 3 * c), dtype=gy.dtype)
             for ky in range(3):
-                gemm(gy[:, start:stop], self.rows[:, ky * shift + start:ky * shift + stop], part[ky],
+                gemm(gy[:, start:stop], rows[:, ky * shift + start:ky * shift + stop], part[ky],
                      transpose_b=True)
             return part
         parts = for_blocks(block, column_blocks(gy))

@@ -1,7 +1,7 @@
 """EfficientNet-Lite0's depthwise-separable convolution on (N, C, H, W) images, as Chainer FunctionNodes: the
 depthwise convolution (``depthwise_convolution``: any kernel size, stride and zero padding, with no padded copy
 or im2col buffer; sgrad.native's compiled kernel where it is built, else band matrices or windows in NumPy) and
-the 1x1 convolution (``pointwise_convolution``: one matrix product per image), each with the bias and an
+the 1x1 convolution (``pointwise_convolution``: one matrix product per image, the same in any batch), each with the bias and an
 optional ReLU6 fused in (sgrad.activations.ClipsOutput). Their gradients are nodes too, so every order of
 derivative exists; all work block by block (sgrad.blocks.for_blocks).
 """
@@ -12,6 +12,7 @@ from chainer.backend import get_array_module
 
 from sgrad import native
 from sgrad.activations import ClipsOutput, _clip_in_place
+from sgrad.blas import blas_threads
 from sgrad.blocks import _ranges, for_blocks, plane_blocks
 
 
@@ -323,26 +324,38 @@ def depthwise_convolution(x, W, stride=1, b=None, cap=None, pads=NO_PADDING, cac
 class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
     """1x1 convolution of (N, C, H, W) images with W (O, C, 1, 1) (and a bias b (O,)): for each image
     one matrix product W (O, C) @ x (C, H*W), with none of the im2col copy and transposes of Chainer's
-    convolution_2d; with ``cap``, then F.clipped_relu(., cap) in place (``rule`` as for ReLU). The
-    input gradient is the 1x1 convolution of gy with W transposed, so every order of derivative exists."""
+    convolution_2d, by sgrad.native's product kernel where it is built (the bias and clip inside), else
+    OpenBLAS; with ``cap``, then F.clipped_relu(., cap) in place (``rule`` as for ReLU). The input
+    gradient is the 1x1 convolution of gy with W transposed, so every order of derivative exists."""
 
     def __init__(self, cap=None):
         self.set_cap(cap)
 
     def forward(self, inputs):
         x, W = inputs[:2]
+        b = inputs[2] if len(inputs) == 3 else None
         n, c, h, w = x.shape
         xp = get_array_module(x)
         images, weights = x.reshape(n, c, h * w), W.reshape(W.shape[:2])
         y = xp.empty((n, W.shape[0], h * w), dtype=x.dtype)
+        compiled = native.supports(x, W, *(() if b is None else (b,)), contiguous=False)
+        if compiled:
+            images, weights = numpy.ascontiguousarray(images), numpy.ascontiguousarray(weights)
 
         def block(index):
+            if compiled:
+                for i in range(n)[index[0]]:
+                    native.product(weights, images[i], y[i], range(W.shape[0])[index[1]], row_bias=b, cap=self.cap)
+                return
             out = y[index]
             xp.matmul(weights[index[1]], images[index[0]], out=out)
-            if len(inputs) == 3:
-                out += inputs[2][index[1], None]
+            if b is not None:
+                out += b[index[1], None]
             self.clip_block(out)
-        for_blocks(block, plane_blocks(y))
+        # an image's product the same in every batch: the compiled kernel's sums run in one order; OpenBLAS's
+        # do for one shape of product on one thread, and the blocks' shapes depend on the image's size only
+        with blas_threads(1):
+            for_blocks(block, plane_blocks(y))
         self.retain_inputs((0, 1))
         if self.cap is not None:
             self.retain_outputs((0,))

@@ -25,6 +25,7 @@ from sgrad.activations import clipped_relu, fusing_activations
 from sgrad.batchnorm import FoldsBatchNorm, folded_copy
 from sgrad.depthwise import depthwise_convolution, pointwise_convolution
 from sgrad.errors import InputError
+from sgrad.linear import Linear
 from sgrad.torch_weights import load_state_dict
 
 #: (repeats, kernel, stride, expansion, input channels, output channels) of the seven stages
@@ -149,7 +150,7 @@ class EfficientNetLite0(chainer.Chain):
                 MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e)
                 for r, k, s, e, cin, cout in STAGES for i in range(r)])
             self.head = ConvBNReLU6(320, 1280, 1)
-            self.fc = L.Linear(1280, n_class)
+            self.fc = Linear(1280, n_class)
 
     def inference_copy(self):
         """A copy for saliency maps: BatchNorm folded into the convolutions (same outputs, faster)."""

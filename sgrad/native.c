@@ -25,8 +25,14 @@
  * every transform is elementwise on vectors.
  *
  * For EfficientNet-Lite0's (N, C, H, W) activations: the depthwise k x k convolution (any stride and
- * padding) and its input gradient (depthwise, depthwise_adjoint), and the gradient through a ReLU or
- * ReLU6 (relu_gradient).
+ * padding) and its input gradient (depthwise, depthwise_adjoint), the gradient through a ReLU or
+ * ReLU6 (relu_gradient), and the matrix product of its 1x1 convolutions and of both models' linear
+ * layers (product).
+ *
+ * Every kernel computes a number of one image by the same operations in the same order whatever the
+ * batch: a vector's lanes are images (or pixels of one image) that each run the same multiply-adds, a
+ * partial vector computes its lanes as a whole one does, and no sum over one image's numbers is split by
+ * the batch's size (the sums over a batch, of the weight gradient and training's BatchNorm, are training's).
  *
  * For sgrad/segments.py (XRAI's segments): the merges of Felzenszwalb's graph segmentation over an image's
  * sorted edges at several scales (felzenszwalb_segments), and each segment's mask dilated by a disk
@@ -74,6 +80,17 @@
 #endif
 
 int tile_channels(void) { return OB; }
+
+#ifndef TARGET
+#define TARGET "unnamed"
+#endif
+/* the -march it was built for (sgrad/native.py passes it), and whether its multiply-adds round once */
+const char *target(void) { return TARGET; }
+#ifdef __FMA__
+int fused_multiply_add(void) { return 1; }
+#else
+int fused_multiply_add(void) { return 0; }
+#endif
 
 /* TILE(nv) for the nv <= VB vectors of a tile, with a constant count in each branch, so that the
  * tile unrolls fully (a count above VB is dead code) */
@@ -973,6 +990,89 @@ int NAME(depthwise_adjoint)(const REAL *gy, int C, int oH, int oW, const REAL *w
     }
     free(buf);
     return 0;
+}
+
+/* The matrix product of EfficientNet-Lite0's 1x1 convolutions (one image at a time) and of any model's
+ * linear layers (a batch's rows), written out so that each number's sum runs in one order whatever the
+ * shapes around it: BLAS libraries pick their kernels, blocking and threads by the matrices' sizes, so the
+ * same row could sum in another order in a batch of another size. Here
+ *
+ *     out[m, p] = sum over k, in order, of a[m, k] * b[k, p]   (then + bias[m] or bias[p], clipped to [0, cap])
+ *
+ * computed for one lane of one vector by the same multiply-adds in every tile: a tile holds OB rows of
+ * out times VB vectors of its columns in registers while k runs. A row's last vector may be partial: its
+ * loads read on into the next row of b (the last row of b only its own numbers), its store stops at the
+ * row's end. Rows [m_begin, m_end). */
+static inline __attribute__((always_inline)) void
+NAME(product_tile)(const REAL *a, size_t lda, int rows, const REAL *b, size_t ldb, int K, int nv, int left,
+                   const REAL *row_bias, const REAL *column_bias, REAL cap, REAL *out, size_t ldo)
+{
+    vec acc[OB][VB];
+#pragma GCC unroll 8
+    for (int o = 0; o < OB; o++)
+#pragma GCC unroll 8
+        for (int v = 0; v < VB; v++)
+            acc[o][v] = (vec){0};
+    int whole = left >= nv * VL ? K : K - 1; /* rows of b read as whole vectors */
+    for (int k = 0; k < K; k++) {
+        vec x[VB];
+#pragma GCC unroll 8
+        for (int v = 0; v < VB; v++)
+            if (v < nv)
+                x[v] = k < whole || left - v * VL >= VL ? *(const vec *)(b + k * ldb + v * VL)
+                                                        : NAME(partial)(b + k * ldb + v * VL, left - v * VL);
+#pragma GCC unroll 8
+        for (int o = 0; o < OB; o++) {
+            REAL scale = a[(o < rows ? o : 0) * lda + k];
+#pragma GCC unroll 8
+            for (int v = 0; v < VB; v++)
+                if (v < nv)
+                    acc[o][v] += scale * x[v];
+        }
+    }
+    for (int o = 0; o < rows; o++)
+        for (int v = 0; v < nv; v++) {
+            vec r = acc[o][v];
+            if (row_bias)
+                r += row_bias[o];
+            if (column_bias) {
+                int n = left - v * VL < VL ? left - v * VL : VL;
+                r += NAME(partial)(column_bias + v * VL, n);
+            }
+            if (cap > 0) {
+                r = NAME(select)(r > 0, r, (vec){0});
+                r = NAME(select)(r > cap, (vec){0} + cap, r);
+            }
+            REAL *to = out + o * ldo + v * VL;
+            if (left - v * VL >= VL)
+                *(vec *)to = r;
+            else
+                memcpy(to, &r, (left - v * VL) * sizeof(REAL));
+        }
+}
+
+#ifndef PRODUCT_BYTES
+#define PRODUCT_BYTES 16384
+#endif
+void NAME(product)(const REAL *a, int lda, const REAL *b, int ldb, int K, int P, const REAL *row_bias,
+                   const REAL *column_bias, double cap, REAL *out, int ldo, int m_begin, int m_end)
+{
+    /* strips of columns whose part of b stays in the L1 cache while every tile of rows passes over it */
+    int strip = (int)(PRODUCT_BYTES / sizeof(REAL)) / (K > 0 ? K : 1) / (VB * VL) * (VB * VL);
+    strip = strip > VB * VL ? strip : VB * VL;
+    for (int s0 = 0; s0 < P; s0 += strip)
+    for (int m0 = m_begin; m0 < m_end; m0 += OB) {
+        int rows = m_end - m0 < OB ? m_end - m0 : OB;
+        for (int p0 = s0; p0 < P && p0 < s0 + strip; p0 += VB * VL) {
+            int nv = (P - p0 + VL - 1) / VL;
+            nv = nv < VB ? nv : VB;
+#define TILE(n) NAME(product_tile)(a + (size_t)m0 * lda, lda, rows, b + p0, ldb, K, n, P - p0,          \
+                                   row_bias ? row_bias + m0 : NULL, column_bias ? column_bias + p0 : NULL, \
+                                   (REAL)cap, out + (size_t)m0 * ldo + p0, ldo)
+            BY_VECTORS(nv);
+#undef TILE
+        }
+    }
 }
 
 /* g = gy where a ReLU passed the gradient, read off its output y: floor < y (floor 0, or -inf under

@@ -1,9 +1,11 @@
 """The compiled 3x3 convolution, its gradients, BatchNorm + ReLU and 2x2 max pooling of sgrad/native.c,
-EfficientNet-Lite0's depthwise convolution and ReLU6 gradient, and the merges and dilations of XRAI's
+EfficientNet-Lite0's depthwise convolution and ReLU6 gradient, the matrix product of the 1x1 convolutions and
+linear layers (each number summed in one order whatever the batch), and the merges and dilations of XRAI's
 Felzenszwalb segments and the cubic resize before them (sgrad/segments.py), through ctypes.
 
 ``python -m sgrad.native`` (run by setup.sh) compiles native.c with the C compiler into _native.so
-beside it, for this machine's vector instructions (-march=native). Where it is not built (no
+beside it, for this machine's vector instructions (-march=native; ``--target x86-64-v3`` builds for
+AVX2 + FMA, ``--target x86-64`` for the baseline, to see on this machine what another CPU computes). Where it is not built (no
 compiler), or SGRAD_NATIVE=0 is set, ``library()`` is None and sgrad.convolution runs its NumPy + OpenBLAS
 convolution instead; the two agree to rounding (tests); sgrad.segments calls PAIR's own segmentation. ctypes
 releases the GIL during a call, so sgrad.blocks.for_blocks runs blocks of the work on every core.
@@ -22,7 +24,11 @@ import numpy
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, 'native.c')
 LIBRARY = os.path.join(HERE, '_native.so')
-FLAGS = ['-O3', '-march=native', '-shared', '-fPIC', '-lm']
+FLAGS = ['-O3', '-shared', '-fPIC', '-lm']
+
+#: The instruction set that ``build`` compiles for by default (GCC's -march): this machine's. Others run the
+#: same code on other CPUs' instructions: 'x86-64-v3' (AVX2 + FMA), 'x86-64' (SSE2, no FMA), ...
+DEFAULT_TARGET = 'native'
 
 #: Numbers past the end of an array that the kernel may read (one vector of its widest kind, 64 bytes)
 SLACK_BYTES = 64
@@ -30,14 +36,16 @@ SLACK_BYTES = 64
 _TYPES = {numpy.dtype(numpy.float32): 'float', numpy.dtype(numpy.float64): 'double'}
 
 
-def build(compiler=None):
-    """Compile native.c into LIBRARY (through a temporary file: never a half-written library).
-    Returns LIBRARY; raises CalledProcessError or OSError if the compiler fails or is missing."""
+def build(compiler=None, target=DEFAULT_TARGET):
+    """Compile native.c into LIBRARY for the instruction set ``target`` (see DEFAULT_TARGET), through a
+    temporary file: never a half-written library. Returns LIBRARY; raises CalledProcessError or OSError if
+    the compiler fails or is missing."""
     compiler = compiler or os.environ.get('CC') or (sysconfig.get_config_var('CC') or 'cc').split()[0]
     handle, partial = tempfile.mkstemp(suffix='.so', dir=HERE)
     os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, SOURCE, '-o', partial], check=True)
+        subprocess.run([compiler, *FLAGS, '-march=' + target, '-DTARGET="%s"' % target, SOURCE, '-o', partial],
+                       check=True)
         os.chmod(partial, 0o755)
         os.replace(partial, LIBRARY)
     finally:
@@ -58,7 +66,8 @@ def library():
         return None
     lib = ctypes.CDLL(LIBRARY)
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    lib.tile_channels.restype = lib.vector_bytes.restype = ctypes.c_int
+    lib.tile_channels.restype = lib.vector_bytes.restype = lib.fused_multiply_add.restype = ctypes.c_int
+    lib.target.restype = ctypes.c_char_p
     for kind in _TYPES.values():
         getattr(lib, 'convolution_3x3_' + kind).argtypes = [pointer] + [integer] * 4 + [pointer] * 2 + [
             integer, pointer] + [integer] * 5
@@ -83,6 +92,8 @@ def library():
         getattr(lib, 'depthwise_' + kind).restype = ctypes.c_int
         getattr(lib, 'depthwise_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] + [integer] * 4 + [
             pointer, ctypes.c_double, pointer] + [integer] * 4
+        getattr(lib, 'product_' + kind).argtypes = [pointer, integer, pointer] + [integer] * 3 + [pointer] * 2 + [
+            ctypes.c_double, pointer] + [integer] * 3
         getattr(lib, 'depthwise_adjoint_' + kind).restype = ctypes.c_int
         getattr(lib, 'depthwise_adjoint_' + kind).argtypes = [pointer] + [integer] * 3 + [pointer] + [
             integer] * 4 + [pointer] + [integer] * 4
@@ -215,6 +226,27 @@ def depthwise_adjoint(gy, W, stride, pads, gx, planes):
         raise MemoryError("no memory for the depthwise convolution's buffer")
 
 
+def product(a, b, out, rows, row_bias=None, column_bias=None, cap=None):
+    """out[rows] = a[rows] @ b (2-D arrays whose rows are contiguous), plus row_bias (a's rows) or column_bias
+    (b's columns) if given, clipped to [0, cap] unless cap is None; each number summed over k in order, in
+    any tile, so that a row of out is the same whatever the matrices' sizes (see native.c)."""
+    (m, k), p = a.shape, b.shape[1]
+    stride = lambda matrix: matrix.strides[0] // matrix.itemsize
+    _kernel('product', a.dtype)(
+        a.ctypes.data, stride(a), b.ctypes.data, stride(b), k, p,
+        None if row_bias is None else row_bias.ctypes.data, None if column_bias is None else column_bias.ctypes.data,
+        cap or 0., out.ctypes.data, stride(out), rows.start, min(rows.stop, m))
+
+
+def build_description():
+    """What the loaded library was built for, as 'x86-64-v3: 32-byte vectors, fused multiply-add', or None
+    where none is loaded."""
+    if library() is None:
+        return None
+    return '%s: %d-byte vectors, %s' % (library().target().decode(), library().vector_bytes(),
+                                        'fused multiply-add' if library().fused_multiply_add() else 'no FMA')
+
+
 def tile_channels():
     """Output channels per tile of the kernel (OB in native.c)."""
     return library().tile_channels()
@@ -293,7 +325,12 @@ def spline_zoom_3d(coefficients, starts, weights):
 
 
 if __name__ == '__main__':
+    import argparse
+    parser = argparse.ArgumentParser(prog='python -m sgrad.native', description='Compiles sgrad/native.c.')
+    parser.add_argument('--target', default=os.environ.get('SGRAD_TARGET', DEFAULT_TARGET),
+                        help="the instruction set, as GCC's -march names it: native (the default, this CPU's), "
+                             "x86-64-v3 (AVX2 + FMA), x86-64 (the baseline, no FMA); or $SGRAD_TARGET")
     try:
-        print('built', build())
+        print('built', build(target=parser.parse_args().target), 'for', build_description())
     except (OSError, subprocess.CalledProcessError) as error:
         print(f'sgrad.native: not built ({error}); the NumPy + OpenBLAS convolution will be used', file=sys.stderr)

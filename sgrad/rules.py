@@ -23,6 +23,7 @@ from chainer.functions.pooling.average_pooling_2d import AveragePooling2D
 from chainer.functions.pooling.average_pooling_nd import AveragePoolingND
 from chainer.functions.pooling.max_pooling_nd import MaxPoolingND
 
+from sgrad import linear
 from sgrad.activations import ClippedReLU, ReLU
 from sgrad.convolution import Convolution3x3
 from sgrad.depthwise import DepthwiseConvolution, PointwiseConvolution
@@ -152,4 +153,5 @@ FRESH_WEIGHTED = {
     Convolution2DFunction: lambda node: Convolution2DFunction(
         (node.sy, node.sx), (node.ph, node.pw), node.cover_all, dilate=(node.dy, node.dx), groups=node.groups),
     LinearFunction: lambda node: LinearFunction(),
+    linear.LinearFunction: lambda node: linear.LinearFunction(),
 }

@@ -15,6 +15,7 @@ import numpy as np
 
 from sgrad.errors import InputError
 from sgrad.hooks import LinkOutput, ReLURule
+from sgrad.linear import row_products
 
 OBJECTIVES = ('score', 'loss')
 
@@ -120,7 +121,11 @@ class GradientEngine:
     def _layer_array(self, array):
         """A layer's output or gradient as a host array (N, C, h, w), whatever the model's activation layout."""
         array = chainer.backend.CpuDevice().send(array)
-        return array.transpose(3, 0, 1, 2) if getattr(self.model, 'ACTIVATION_LAYOUT', 'NCHW') == 'CHWN' else array
+        if getattr(self.model, 'ACTIVATION_LAYOUT', 'NCHW') == 'CHWN':
+            # contiguous, so that NumPy's reductions over an image's numbers run in one order for any batch
+            # (on a strided view it sums otherwise than on a contiguous one, and one image's view is contiguous)
+            array = np.ascontiguousarray(array.transpose(3, 0, 1, 2))
+        return array
 
     def layer_gradients(self, x, target, layer=None):
         """The output of the link named ``layer`` (default: the last link with a 4-D output, the
@@ -360,7 +365,8 @@ def upsample(maps, size):
 
 def channel_weighted_map(feats, weights):
     """ReLU(sum_k w_k A_k) of a layer's output A (N, C, h, w) and channel weights w (N, C): (N, 1, h, w)."""
-    return np.maximum(np.einsum('nchw,nc->nhw', feats, weights.astype(feats.dtype)), 0)[:, None]
+    # a sum over the channel axis, in channel order for every image (einsum orders its loops by the shapes)
+    return np.maximum((feats * weights.astype(feats.dtype)[:, :, None, None]).sum(axis=1, keepdims=True), 0)
 
 
 class GradCAM(Method):
@@ -438,7 +444,9 @@ class Occlusion(Method):
         drops = (self.engine.objective_values(xs, target)[:, None]
                  - self.engine.objective_values(occluded.reshape((-1,) + xs.shape[1:]), targets)
                  .reshape(n, len(corners)))
-        attribution = np.tensordot(drops, cover, axes=1) / np.maximum(cover.sum(axis=0), 1)
+        # each image's sum over patches in one order whatever the batch (a BLAS product's order depends on N)
+        covers = cover.reshape(len(corners), -1).astype(drops.dtype)
+        attribution = row_products(drops, covers).reshape(n, h, w) / np.maximum(cover.sum(axis=0), 1)
         return attribution[:, None].astype(np.float32)
 
 

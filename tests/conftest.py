@@ -69,6 +69,9 @@ def pytest_configure(config):
                                        "methods against a reference implementation (in those installed "
                                        "packages, whose versions are recorded; none: a reference in the test); "
                                        "its measured differences go to the cards")
+    config.addinivalue_line('markers', "numerical: the test computes with the engine's kernels; .ci/run runs these "
+                                       "again under each build of sgrad/native.c (AVX2, baseline x86-64) and "
+                                       "under SGRAD_NATIVE=0: `pytest -m numerical`")
     config.cross_checks = {}
 
 

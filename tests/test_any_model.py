@@ -18,6 +18,8 @@ from sgrad.hooks import ReLURule
 from sgrad.methods import METHODS, make_method
 from sgrad.saliency import Deconvnet, GradCAM, Gradient, GradientEngine, GuidedBackprop, SmoothGrad, upsample
 
+pytestmark = pytest.mark.numerical
+
 TARGET = 1
 
 

@@ -9,6 +9,8 @@ import pytest
 
 import sgrad
 
+pytestmark = pytest.mark.numerical
+
 AVX512 = 'fpu sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni'
 
 

@@ -20,6 +20,8 @@ from sgrad.efficientnet import IMAGE_SIZE, load_efficientnet_lite0
 from sgrad.rise import RISE
 from sgrad.saliency import GradientEngine, upsample
 
+pytestmark = pytest.mark.numerical
+
 EGYPTIAN_CAT = 285  # the photograph chelsea.png's top-1 ImageNet class
 
 

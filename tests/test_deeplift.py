@@ -18,6 +18,8 @@ from sgrad.errors import InputError
 from sgrad.lrp import LRP
 from sgrad.saliency import GradientEngine, Gradient
 
+pytestmark = pytest.mark.numerical
+
 RNG = np.random.RandomState(0)
 
 

@@ -24,6 +24,8 @@ from sgrad.models import imagenet_class_names
 from sgrad.saliency import Deconvnet, GradCAM, GradientEngine, GuidedBackprop
 from sgrad.torch_weights import LEGACY_MAGIC, load_state_dict
 
+pytestmark = pytest.mark.numerical
+
 #: photograph -> classes of which the top-1 prediction must be one
 EXPECTED = {'chelsea.png': {'tabby', 'tiger cat', 'Egyptian cat'}, 'coffee.png': {'espresso'},
             'rocket.jpg': {'missile', 'projectile'}}

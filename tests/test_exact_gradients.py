@@ -23,6 +23,8 @@ from sgrad.data import load_cifar10, load_test_image
 from sgrad.reference import _conv_bn, plain_chainer_forward
 from sgrad.saliency import GradientEngine
 
+pytestmark = pytest.mark.numerical
+
 TOLERANCE = 1e-8   # float64 rounding is 1e-16; a wrong rule at one tie costs percents
 
 

@@ -18,6 +18,8 @@ from sgrad.errors import InputError
 from sgrad.lrp import COMPOSITES, LRP
 from sgrad.saliency import Gradient, GradientEngine
 
+pytestmark = pytest.mark.numerical
+
 RNG = np.random.RandomState(0)
 MEAN, STD = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.3, 0.25])
 

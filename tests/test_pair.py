@@ -1,31 +1,22 @@
 """This project's batched methods against Google PAIR's ``saliency`` library (the SmoothGrad authors'), PAIR's
 methods driven through sgrad.pair's adapter over the same engine, on real CIFAR-10 test images with the
 shipped CifarNet and on a photograph with EfficientNet-Lite0. PAIR computes one image at a time, a few path
-points per call; ours many images and steps per batch.
-
-The engine runs with direct 3x3 convolutions here: by default it takes Winograd's F(2x2, 3x3) for some batch
-sizes, whose float32 rounding differs from the direct kernel's by ~1e-6, so a ReLU or max-pooling input that
-sits within rounding of its kink can go the other way in a batch of another size. That is the engine's choice
-of kernel, not the methods' arithmetic (with Winograd, IG's maps differed from PAIR's by up to 4e-4 of their
-largest value on the same images); with direct kernels an image's gradient is the same in any batch."""
+points per call; ours many images and steps per batch: the engine gives an image the same gradient in a batch
+of any size (tests/test_batch_invariance.py), so the two differ by the methods' arithmetic alone."""
 import numpy as np
 import pytest
 
 from conftest import relative_difference, within
 from model import load_model
-from sgrad import convolution
 from sgrad.data import PHOTOS_DIR, load_image_file, load_test_images
 from sgrad.pair import TARGET, call_model_function, from_pair, to_pair
 from sgrad.paths import BlurIG, GuidedIG
 from sgrad.saliency import GradCAM, Gradient, GradientEngine, IntegratedGradients, SmoothGrad
 from sgrad.xrai import XRAI
 
+pytestmark = pytest.mark.numerical
+
 pair = pytest.importorskip('saliency.core', reason="PAIR's saliency is in requirements.txt: sh setup.sh")
-
-
-@pytest.fixture(autouse=True)
-def direct_convolutions(monkeypatch):
-    monkeypatch.setattr(convolution, 'WINOGRAD', False)
 
 
 def close(ours, theirs, rtol=1e-5):

@@ -13,6 +13,8 @@ from sgrad.errors import InputError
 from sgrad.saliency import (Gradient, GradientEngine, IntegratedGradients, SmoothGrad, channel_sum_abs, noise_stdev,
                             noisy_copies, smoothgrad)
 
+pytestmark = pytest.mark.numerical
+
 
 @pytest.mark.parametrize('objective', ['score', 'loss'])
 def test_batched_gradients_equal_the_per_sample_loop(model, image, objective):

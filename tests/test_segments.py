@@ -14,6 +14,8 @@ from sgrad.data import PHOTOS_DIR, load_image_file, load_test_images
 from sgrad.pair import to_pair
 from sgrad.segments import _sorted_edges, _zoom_agrees_with_scipy, felzenszwalb_masks, resize_cubic
 
+pytestmark = pytest.mark.numerical
+
 xrai = pytest.importorskip('saliency.core.xrai', reason="PAIR's saliency is in requirements.txt: sh setup.sh")
 
 needs_native = pytest.mark.skipif(
