@@ -3,18 +3,15 @@
 fused in, and the node has the backward ``rule`` of a ReLU (sgrad.activations.RULES) that sgrad.hooks.ReLURule sets.
 
 Why this layout: with activations laid out (C, H, W, N), one image row of all
-channels is a contiguous run of W*N values (the batch is innermost). A 3x3
-convolution then needs no im2col: three copies of the input, shifted by -1, 0
-and +1 pixels along W (``row_patches``, (3C, (H+2)*W*N)), hold every patch, the
-kernel row ky being an offset of ky*W*N columns into the same buffer; three
-GEMMs, W_ky (O, 3C) @ those columns, accumulate in place in the (O, H*W*N)
-result, which is already the next layer's (C, H, W, N) input. None of the large
-transposes that Chainer's NCHW ``convolution_2d`` pays for (about a quarter of
-its CPU time), a third of im2col's copies, and a third of its buffer.
-Where sgrad.native's compiled kernel is built (setup.sh does), it computes the convolution and its
-input and weight gradients directly instead (``direct_convolution``, ``direct_weight_gradient``: no
-patches, no GEMM; Winograd F(2x2, 3x3) where it pays, ``winograd_tiles``; see native.c); the GEMM path
-stays for CuPy arrays and where no C compiler was at hand.
+channels is a contiguous run of W*N values (the batch is innermost), and a 3x3
+convolution needs no im2col: the padded input's runs, shifted by kx*N numbers,
+hold every tap. sgrad.native's compiled kernels (setup.sh builds them) compute the
+convolution and its input and weight gradients so, directly (``direct_convolution``,
+``direct_weight_gradient``; Winograd F(2x2, 3x3) where it pays, ``winograd_tiles``;
+see native.c). Where they are not built, and for CuPy arrays, the convolution and its
+input gradient run as GEMMs image by image (``gemm_convolution``, the same in any
+batch), and the weight gradient as GEMMs over three copies of the whole batch shifted
+by -1, 0 and +1 pixels along W (``row_patches``), in column blocks.
 Every node passes ``chainer.gradient_check`` (tests) and works with NumPy or
 CuPy arrays, block by block on every core (sgrad.blocks.for_blocks).
 """
@@ -26,7 +23,7 @@ from chainer.backend import get_array_module
 from sgrad import native
 from sgrad.activations import relu_gradient
 from sgrad.blas import blas_threads
-from sgrad.blocks import channel_blocks, column_blocks, for_blocks, gemm, worker_count
+from sgrad.blocks import _ranges, channel_blocks, column_blocks, for_blocks, gemm, worker_count
 
 
 def row_patches(x):
@@ -48,23 +45,6 @@ def row_patches(x):
         out[:, 2, 1:-1, :-1] = source[:, :, 1:]
     for_blocks(block, channel_blocks(x))
     return rows.reshape(3 * c, (h + 2) * w * n)
-
-
-def row_patches_adjoint(rows, shape):
-    """The adjoint of :func:`row_patches`: (3C, (H+2)*W*N) -> (C, H, W, N), the shifted copies summed
-    back (the padding rows dropped), in channel blocks."""
-    xp = get_array_module(rows)
-    c, h, w, n = shape
-    rows = rows.reshape(c, 3, h + 2, w, n)
-    x = xp.empty(shape, dtype=rows.dtype)
-
-    def block(channels):
-        source, out = rows[channels, :, 1:-1], x[channels]
-        out[...] = source[:, 1]
-        out[:, :, :-1] += source[:, 0, :, 1:]
-        out[:, :, 1:] += source[:, 2, :, :-1]
-    for_blocks(block, channel_blocks(x))
-    return x
 
 
 def _kernels_by_row(W, transposed=False):
@@ -176,58 +156,84 @@ def winograd_tiles(shape, dtype):
     return max(1, _WINOGRAD_COLUMNS // width)
 
 
-def by_image(convolve, x, channels):
-    """convolve(image) for each image (C, H, W, 1) of x (C, H, W, N) on its own, on every core, into one
-    (channels, H, W, N) array, float32 images convolved in float64 and rounded once. An image's products
-    then have one shape in any batch and run on one BLAS thread, so that they sum in one order: OpenBLAS
-    picks its kernels and threads by the matrices' sizes, and the same column summed otherwise in another
-    batch. Even so its float32 kernels round equal columns differently by their position (the edges of its
-    register tiles): two pixels with the same 3x3 patch, in a flat region, then differ in the last bit, and a
-    max pooling's tie went to the other pixel than the compiled kernel's. Summed in float64, they round to
-    the same float32 (unless their sums straddle a float32 rounding boundary, ~1e-9 of the time)."""
-    xp = get_array_module(x)
-    y = xp.empty((channels,) + x.shape[1:], dtype=x.dtype)
-    wide = xp.float64 if x.dtype == xp.float32 else x.dtype
+def _image_blocks(x):
+    """Slices of the images of (C, H, W, N) x, about BLOCK_BYTES of float64 row patches each, at least one per
+    thread."""
+    c, h, w, n = x.shape
+    return _ranges(n, 8 * 3 * c * (h + 2) * w)
 
-    def image(n):
-        y[..., n:n + 1] = convolve(xp.ascontiguousarray(x[..., n:n + 1], dtype=wide))
+
+def _wide(a):
+    """float32 as float64 (the GEMM path's sums, rounded once at the end; see gemm_convolution)."""
+    xp = get_array_module(a)
+    return a.astype(xp.float64) if a.dtype == xp.float32 else a
+
+
+def gemm_convolution(x, W, b=None, relu=False):
+    """The 3x3 convolution (pad 1) of (C, H, W, N) x by GEMMs, the path where the compiled kernels are not
+    built: each image's row patches (C, kx = 0..2 rows shifted by kx - 1 pixels, H+2 padded rows of W) times
+    the kernels of each kernel row ky, y_n = sum over ky of W_ky (O, 3C) @ its patches from row ky on, one
+    stacked matmul per ky over a block of images.
+
+    An image's products have one shape in any batch and run on one BLAS thread, so that they sum in one order:
+    OpenBLAS picks its kernels and threads by the matrices' sizes. Even so its kernels round equal columns of a
+    product differently by their position (the edges of its register tiles): two pixels with the same 3x3
+    patch, in a flat region, differed in the last bit, and a max pooling's tie went to the other pixel than
+    the compiled kernel's. float32 images are therefore convolved in float64 and rounded once: equal patches
+    then round to the same float32 (unless a float32 rounding boundary falls between their float64 sums, a
+    chance of the order of 1e-8)."""
+    xp = get_array_module(x)
+    c, h, w, n = x.shape
+    kernels, bias = _wide(_kernels_by_row(W)), None if b is None else _wide(b)
+    y = xp.empty((W.shape[0], h, w, n), dtype=x.dtype)
+
+    def block(images):
+        image = _wide(x[..., images]).transpose(3, 0, 1, 2)               # (n, C, H, W)
+        rows = xp.zeros((image.shape[0], c, 3, h + 2, w), dtype=image.dtype)
+        rows[:, :, 1, 1:-1] = image
+        rows[:, :, 0, 1:-1, 1:] = image[..., :-1]
+        rows[:, :, 2, 1:-1, :-1] = image[..., 1:]
+        rows = rows.reshape(image.shape[0], 3 * c, (h + 2) * w)
+        out = sum(kernels[ky] @ rows[:, :, ky * w:(ky + h) * w] for ky in range(3))  # (n, O, H*W)
+        if bias is not None:
+            out += bias[:, None]
+        if relu:
+            xp.maximum(out, 0, out=out)
+        y[..., images] = out.reshape(-1, W.shape[0], h, w).transpose(1, 2, 3, 0)
     with blas_threads(1):
-        for_blocks(image, range(x.shape[3]))
+        for_blocks(block, _image_blocks(x))
     return y
 
 
-def _widened(image, *arrays):
-    """arrays (None stays None) in the type of ``image``, which by_image may have widened."""
-    return tuple(None if a is None else a.astype(image.dtype, copy=False) for a in arrays)
+def gemm_input_gradient(gy, W, x_shape):
+    """The input gradient of the 3x3 convolution of x (x_shape) whose output gradient is gy (O, H, W, N), by
+    GEMMs as gemm_convolution: each image's row-patch gradient, sum over ky of W_ky^T gy placed ky rows down,
+    its three shifted copies summed back."""
+    xp = get_array_module(gy)
+    c, h, w, n = x_shape
+    kernels = _wide(_kernels_by_row(W, transposed=True))
+    gx = xp.empty(x_shape, dtype=gy.dtype)
 
-
-def _gemm_convolution(x, W, b, relu):
-    """The convolution of (C, H, W, N) x by GEMMs: y[:, h] = sum over ky of W_ky (O, 3C) @ the row_patches
-    of row h + ky, three GEMMs accumulated in place on each column block of y, bias and ReLU applied to the
-    block while it is fresh."""
-    xp = get_array_module(x)
-    c, h, w, n = x.shape
-    rows, kernels = row_patches(x), _kernels_by_row(W)
-    y = xp.empty((W.shape[0], h * w * n), dtype=x.dtype)
-
-    def block(columns):
-        start, stop = _column_range(columns, y.shape[1])
-        out = y[:, start:stop]
+    def block(images):
+        g = xp.ascontiguousarray(_wide(gy[..., images]).transpose(3, 0, 1, 2)).reshape(-1, gy.shape[0], h * w)
+        rows = xp.zeros((g.shape[0], 3 * c, (h + 2) * w), dtype=g.dtype)
         for ky in range(3):
-            gemm(kernels[ky], rows[:, ky * w * n + start:ky * w * n + stop], out, accumulate=ky > 0)
-        if b is not None:
-            out += b[:, None]
-        if relu:
-            xp.maximum(out, 0, out=out)
-    for_blocks(block, column_blocks(y))
-    return y.reshape((W.shape[0],) + x.shape[1:])
+            rows[:, :, ky * w:(ky + h) * w] += kernels[ky] @ g
+        rows = rows.reshape(g.shape[0], c, 3, h + 2, w)[:, :, :, 1:-1]
+        out = rows[:, :, 1].copy()
+        out[..., :-1] += rows[:, :, 0, :, 1:]
+        out[..., 1:] += rows[:, :, 2, :, :-1]
+        gx[..., images] = out.transpose(1, 2, 3, 0)
+    with blas_threads(1):
+        for_blocks(block, _image_blocks(gx))
+    return gx
 
 
 class Convolution3x3(chainer.function_node.FunctionNode):
     """y = W * x (+ b) (then ReLU if ``relu``), 3x3 kernel, pad 1, stride 1, (C, H, W, N) layout.
 
     By sgrad.native's compiled kernel where it is built (direct_convolution); else by GEMMs
-    (_gemm_convolution), image by image (by_image).
+    (gemm_convolution).
     """
 
     def __init__(self, relu=False, cache=None):
@@ -248,7 +254,7 @@ class Convolution3x3(chainer.function_node.FunctionNode):
         b = inputs[2] if len(inputs) == 3 else None
         y = direct_convolution(x, W, b, self.relu, cache=self._cache('forward'))
         if y is None:
-            y = by_image(lambda image: _gemm_convolution(image, *_widened(image, W, b), self.relu), x, W.shape[0])
+            y = gemm_convolution(x, W, b, self.relu)
         return y,
 
     def backward(self, indexes, grad_outputs):
@@ -273,7 +279,7 @@ class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
     """Gradient with respect to the input, of the convolution, or given ``relu_output`` (the output of
     ReLU(convolution)) of the convolution and its ReLU: the adjoint of a 3x3 convolution is the
     convolution with kernels transposed and flipped, which sgrad.native computes (the ReLU's mask
-    applied as it pads gy). Without it: by GEMMs (_gemm_input_gradient), image by image (by_image)."""
+    applied as it pads gy). Without it: by GEMMs (gemm_input_gradient)."""
 
     def __init__(self, x_shape, relu_output=None, cache=None):
         self.x_shape = x_shape
@@ -287,32 +293,7 @@ class Convolution3x3InputGrad(chainer.function_node.FunctionNode):
             return g,
         if self.relu_output is not None:
             gy = gy * (self.relu_output > 0)
-        return by_image(lambda image: _gemm_input_gradient(image, *_widened(image, W), self.x_shape[:3] + (1,)), gy,
-                        self.x_shape[0]),
-
-
-def _gemm_input_gradient(gy, W, x_shape):
-    """The input gradient of the convolution of x (x_shape) whose output gradient is gy (O, H, W, N), by
-    GEMMs: the row_patches gradient, sum over ky of W_ky^T gy placed ky rows down (each column block of it
-    summed from the gy columns that reach it), then row_patches_adjoint."""
-    xp = get_array_module(gy)
-    c, h, w, n = x_shape
-    gy = gy.reshape(gy.shape[0], -1)
-    kernels, shift = _kernels_by_row(W, transposed=True), w * n
-    g_rows = xp.empty((3 * c, (h + 2) * shift), dtype=gy.dtype)
-
-    def block(columns):
-        start, stop = _column_range(columns, g_rows.shape[1])
-        # kernel row 1 reaches every row but the two padding rows: it writes, the other two add
-        g_rows[:, start:max(start, min(stop, shift))] = 0
-        g_rows[:, min(stop, max(start, g_rows.shape[1] - shift)):stop] = 0
-        for ky in (1, 0, 2):
-            first, last = max(start, ky * shift), min(stop, ky * shift + gy.shape[1])
-            if first < last:
-                gemm(kernels[ky], gy[:, first - ky * shift:last - ky * shift], g_rows[:, first:last],
-                     accumulate=ky != 1)
-    for_blocks(block, column_blocks(g_rows))
-    return row_patches_adjoint(g_rows, x_shape)
+        return gemm_input_gradient(gy, W, self.x_shape),
 
 
 class Convolution3x3WeightGrad(chainer.function_node.FunctionNode):

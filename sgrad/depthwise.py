@@ -13,7 +13,7 @@ from chainer.backend import get_array_module
 from sgrad import native
 from sgrad.activations import ClipsOutput, _clip_in_place
 from sgrad.blas import blas_threads
-from sgrad.blocks import _ranges, for_blocks, plane_blocks
+from sgrad.blocks import _ranges, for_blocks, plane_blocks, worker_count
 
 
 NO_PADDING = ((0, 0), (0, 0))
@@ -354,8 +354,14 @@ class PointwiseConvolution(ClipsOutput, chainer.function_node.FunctionNode):
             self.clip_block(out)
         # an image's product the same in every batch: the compiled kernel's sums run in one order; OpenBLAS's
         # do for one shape of product on one thread, and the blocks' shapes depend on the image's size only
+        blocks = plane_blocks(y)
+        if compiled and len(blocks) < worker_count():  # fewer images than cores: each image's rows shared out
+            parts = -(-worker_count() // n)
+            o = W.shape[0]
+            blocks = [(slice(i, i + 1), slice(o * k // parts, o * (k + 1) // parts)) for i in range(n)
+                      for k in range(parts)]
         with blas_threads(1):
-            for_blocks(block, plane_blocks(y))
+            for_blocks(block, blocks)
         self.retain_inputs((0, 1))
         if self.cap is not None:
             self.retain_outputs((0,))
