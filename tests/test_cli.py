@@ -191,6 +191,16 @@ def test_cli_explains_a_photograph_with_efficientnet(tmp_path, capsys):
     assert np.load(npy).shape == (1, 224, 224)
 
 
+def test_cli_says_that_guided_ig_on_a_photograph_depends_on_the_kernels_rounding(tmp_path, capsys):
+    """docs/exactness.md: Guided IG amplifies float32 rounding on photographs; a CIFAR-10 image gets no note."""
+    photo = ['--model', 'efficientnet-lite0', '--image', os.path.join(ROOT, 'data', 'photos', 'coffee.png')]
+    for argv, noted in ((photo, True), ([], False)):
+        code, out, err = run_cli(argv + ['--method', 'guided_ig', '--steps', '2', '--out', str(tmp_path / 'g.png')],
+                                 capsys)
+        assert code == 0, err
+        assert ("note: Guided IG's float32 map of a 224x224 image depends on the rounding" in out) == noted
+
+
 USER_MODEL = '''
 import chainer, chainer.functions as F, chainer.links as L
 
