@@ -373,7 +373,7 @@ def run(args, comm=None):
     if args.many:
         return run_many(args, explained, comm)
     x, true_label, name = load_input(args, explained)
-    if args.method in ('guided_ig', 'all') and min(x.shape[1:]) >= PHOTO_GALLERY_SIDE and x.dtype == np.float32:
+    if args.method in ('guided_ig', 'all') and min(x.shape[1:]) >= PHOTO_GALLERY_SIDE:
         print("note: Guided IG's float32 map of a %dx%d image depends on the rounding of the machine's kernels "
               '(another CPU or SGRAD_NATIVE=0 gives another map): docs/exactness.md, "Guided IG on photographs"'
               % x.shape[1:])

@@ -12,7 +12,6 @@ import ctypes
 import functools
 import math
 import os
-import threading
 
 import numpy
 
@@ -40,7 +39,6 @@ def worker_count():
 
 
 _pool = None
-_inside = threading.local()  # whether this thread runs a share of for_blocks' work
 
 
 def for_blocks(work, blocks):
@@ -49,17 +47,13 @@ def for_blocks(work, blocks):
     matrix products, which OpenBLAS runs on one thread each, then use every core."""
     global _pool
     workers = min(worker_count(), len(blocks))
-    if workers == 1 or getattr(_inside, 'blocks', False):  # a block's own blocks run on its thread
+    if workers == 1:
         return [work(block) for block in blocks]
     if _pool is None:
         _pool = concurrent.futures.ThreadPoolExecutor(worker_count())
 
     def share(k):
-        _inside.blocks = True
-        try:
-            return [work(block) for block in blocks[k::workers]]
-        finally:
-            _inside.blocks = False
+        return [work(block) for block in blocks[k::workers]]
     # the calling thread takes a share itself: one hand-off to a pool thread fewer (each costs tens of
     # microseconds here, the order of a small layer's work in chunks of 25 images)
     with blas_threads(1):  # each block's products on its own thread

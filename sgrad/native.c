@@ -540,6 +540,13 @@ static inline vec NAME(select)(NAME(lanes) where, vec a, vec b)
     return (vec)(((NAME(lanes))a & where) | ((NAME(lanes))b & ~where));
 }
 
+/* min(max(a, 0), cap), lane by lane: ReLU6 inside the depthwise and 1x1 convolutions */
+static inline vec NAME(clip)(vec a, REAL cap)
+{
+    a = NAME(select)(a > 0, a, (vec){0});
+    return NAME(select)(a > cap, (vec){0} + cap, a);
+}
+
 /* gw (O, C, 9) = the weight gradient of the convolution: gw[o, c, ky*3 + kx] = sum over h, j of
  * gy[o, h, j] * xpad[c, h + ky, j + kx*N], for output channels [o_begin, o_end) and input channels
  * [c_begin, c_end). A tile of WB output channels x the three kx of one (c, ky)
@@ -882,10 +889,8 @@ NAME(depthwise_tile)(const REAL *rows, size_t step, const size_t *off, const REA
         for (int v = 0; v < DV; v++)
             if (r < nr && v < nv) {
                 vec a = acc[r][v];
-                if (cap > 0) { /* min(max(a, 0), cap) */
-                    a = NAME(select)(a > 0, a, (vec){0});
-                    a = NAME(select)(a > cap, (vec){0} + cap, a);
-                }
+                if (cap > 0)
+                    a = NAME(clip)(a, cap);
                 REAL *to = out + (size_t)r * oW + v * VL;
                 if (left - v * VL >= VL)
                     *(vec *)to = a;
@@ -1039,10 +1044,8 @@ NAME(product_tile)(const REAL *a, size_t lda, int rows, const REAL *b, size_t ld
                 int n = left - v * VL < VL ? left - v * VL : VL;
                 r += NAME(partial)(column_bias + v * VL, n);
             }
-            if (cap > 0) {
-                r = NAME(select)(r > 0, r, (vec){0});
-                r = NAME(select)(r > cap, (vec){0} + cap, r);
-            }
+            if (cap > 0)
+                r = NAME(clip)(r, cap);
             REAL *to = out + o * ldo + v * VL;
             if (left - v * VL >= VL)
                 *(vec *)to = r;
@@ -1061,18 +1064,18 @@ void NAME(product)(const REAL *a, int lda, const REAL *b, int ldb, int K, int P,
     int strip = (int)(PRODUCT_BYTES / sizeof(REAL)) / (K > 0 ? K : 1) / (VB * VL) * (VB * VL);
     strip = strip > VB * VL ? strip : VB * VL;
     for (int s0 = 0; s0 < P; s0 += strip)
-    for (int m0 = m_begin; m0 < m_end; m0 += OB) {
-        int rows = m_end - m0 < OB ? m_end - m0 : OB;
-        for (int p0 = s0; p0 < P && p0 < s0 + strip; p0 += VB * VL) {
-            int nv = (P - p0 + VL - 1) / VL;
-            nv = nv < VB ? nv : VB;
+        for (int m0 = m_begin; m0 < m_end; m0 += OB) {
+            int rows = m_end - m0 < OB ? m_end - m0 : OB;
+            for (int p0 = s0; p0 < P && p0 < s0 + strip; p0 += VB * VL) {
+                int nv = (P - p0 + VL - 1) / VL;
+                nv = nv < VB ? nv : VB;
 #define TILE(n) NAME(product_tile)(a + (size_t)m0 * lda, lda, rows, b + p0, ldb, K, n, P - p0,          \
                                    row_bias ? row_bias + m0 : NULL, column_bias ? column_bias + p0 : NULL, \
                                    (REAL)cap, out + (size_t)m0 * ldo + p0, ldo)
-            BY_VECTORS(nv);
+                BY_VECTORS(nv);
 #undef TILE
+            }
         }
-    }
 }
 
 /* g = gy where a ReLU passed the gradient, read off its output y: floor < y (floor 0, or -inf under

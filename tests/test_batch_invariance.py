@@ -8,6 +8,7 @@ EfficientNet-Lite0."""
 import numpy as np
 import pytest
 
+from conftest import skip_without_native
 from model import load_model
 from sgrad import native
 from sgrad.data import PHOTOS_DIR, load_image_file, load_test_images
@@ -113,8 +114,7 @@ def test_linear_computes_a_row_alone_as_in_any_batch(dtype):
 def test_the_product_kernel_sums_each_number_in_one_order(dtype, m, k, p):
     """sgrad/native.c's product against float64 NumPy, with the row bias and clip of a 1x1 convolution and
     the column bias of a linear layer, and each row equal computed alone or in another block of rows."""
-    if native.library() is None:
-        pytest.skip('sgrad/_native.so is not built (python -m sgrad.native) or SGRAD_NATIVE=0')
+    skip_without_native()
     rng = np.random.RandomState(k)
     a, b, row_bias, column_bias = (rng.randn(*shape).astype(dtype) for shape in ((m, k), (k, p), (m,), (p,)))
     exact = a.astype(np.float64) @ b.astype(np.float64)
